@@ -1,0 +1,320 @@
+"""Tests of tfp_resflow.lipschitz: norms against independent numpy ground truth."""
+
+import json
+import re
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from tfp_resflow.lipschitz import (
+    SpectralConv2D,
+    SpectralDense,
+    spectral_layers,
+    update_lipschitz,
+)
+
+# Tight tolerance for "after convergence": far below the 1% the issue asks for.
+CONVERGE = dict(atol=1e-7, rtol=1e-7, max_iterations=3000)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    keras.utils.set_random_seed(0)
+
+
+def dense(n_in, units, *, stddev=1.0, dtype="float64", **kwargs):
+    init = keras.initializers.RandomNormal(stddev=stddev, seed=1)
+    layer = SpectralDense(units, kernel_initializer=init, dtype=dtype, **kwargs)
+    layer.build((None, n_in))
+    return layer
+
+
+def conv(in_shape, filters, kernel_size, *, stddev=1.0, dtype="float64", **kwargs):
+    init = keras.initializers.RandomNormal(stddev=stddev, seed=1)
+    layer = SpectralConv2D(filters, kernel_size, kernel_initializer=init, dtype=dtype, **kwargs)
+    layer.build((None, *in_shape))
+    return layer
+
+
+def operator_matrix(fn, in_shape, dtype=tf.float64):
+    """Explicit matrix A [n_out, n_in] of the affine map fn, from its response to impulses."""
+    n = int(np.prod(in_shape))
+    impulses = tf.reshape(tf.eye(n, dtype=dtype), [n, *in_shape])
+    response = fn(impulses) - fn(tf.zeros_like(impulses[:1]))  # remove the bias
+    return tf.reshape(response, [n, -1]).numpy().T
+
+
+def induced_norm(a, p, q):
+    """Closed forms of ||A||_{p->q} for p = 1 or q = inf (numpy, on the explicit matrix)."""
+    if p == 1:
+        return np.max(np.linalg.norm(a, q, axis=0))
+    p_dual = np.inf if p == 1 else 1.0 if p == np.inf else p / (p - 1)
+    return np.max(np.linalg.norm(a, p_dual, axis=1))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize(("n_in", "units"), [(5, 3), (3, 7), (16, 16)])
+def test_dense_sigma_matches_numpy(dtype, n_in, units):
+    layer = dense(n_in, units, dtype=dtype, lipschitz_constant=0.9)
+    sigma = float(layer.update_lipschitz(**CONVERGE))
+    true = np.linalg.norm(layer.kernel.numpy().astype(np.float64), 2)
+    assert sigma == pytest.approx(true, rel=1e-2)
+    assert float(layer.sigma()) == pytest.approx(sigma, rel=1e-5)
+
+
+CONV_CASES = {
+    "3x3": dict(in_shape=(5, 5, 2), kernel_size=3),
+    "3x3-stride2": dict(in_shape=(5, 5, 2), kernel_size=3, strides=2),
+    "3x3-valid": dict(in_shape=(5, 6, 2), kernel_size=3, padding="valid"),
+    "3x1": dict(in_shape=(5, 4, 2), kernel_size=(3, 1)),
+    "1x1": dict(in_shape=(4, 4, 3), kernel_size=1),
+    "1x1-stride2": dict(in_shape=(4, 4, 3), kernel_size=1, strides=2),
+}
+
+
+@pytest.mark.parametrize("case", CONV_CASES.values(), ids=CONV_CASES.keys())
+def test_conv_sigma_matches_impulse_matrix(case):
+    case = dict(case)
+    in_shape = case.pop("in_shape")
+    layer = conv(in_shape, 3, lipschitz_constant=0.9, **case)
+    kernel = layer.kernel.numpy()
+    # Bring the kernel inside the bound (||A|| <= sqrt(kh * kw) * ||W||_F), so that the
+    # layer's response to impulses is the raw operator.
+    layer.kernel.assign(kernel * 0.5 / (np.sqrt(kernel[..., 0, 0].size) * np.linalg.norm(kernel)))
+    sigma = float(layer.update_lipschitz(**CONVERGE))
+    a = operator_matrix(layer, in_shape)
+    true = np.linalg.norm(a, 2)
+    assert sigma == pytest.approx(true, rel=1e-2)
+    if kernel.shape[:2] != (1, 1):  # the reshaped-kernel shortcut would fail this test
+        reshaped = np.linalg.norm(layer.kernel.numpy().reshape(-1, 3), 2)
+        assert abs(reshaped - true) > 0.04 * true
+
+
+@pytest.mark.parametrize(
+    ("make", "shape"),
+    [
+        (lambda: dense(6, 4, stddev=3.0, lipschitz_constant=0.7), (6,)),
+        (lambda: conv((4, 4, 2), 3, 3, stddev=3.0, lipschitz_constant=0.7), (4, 4, 2)),
+        (lambda: conv((4, 4, 2), 3, 3, stddev=3.0, strides=2, lipschitz_constant=0.7), (4, 4, 2)),
+    ],
+    ids=["dense", "conv", "conv-stride2"],
+)
+def test_normalized_operator_is_bounded_and_kernel_kept(make, shape):
+    layer = make()
+    kernel = layer.kernel.numpy().copy()
+    layer(tf.ones((2, *shape), tf.float64), training=True)
+    layer.update_lipschitz(**CONVERGE)
+    norm = np.linalg.norm(operator_matrix(layer, shape), 2)
+    c = layer.lipschitz_constant
+    assert norm <= c * (1 + 1e-3)
+    assert norm >= c * (1 - 1e-2)  # the raw norm is about 10x larger: the rule did bind
+    np.testing.assert_array_equal(layer.kernel.numpy(), kernel)
+
+
+def test_layer_inside_bound_is_unchanged():
+    layer = dense(4, 3, stddev=0.05, lipschitz_constant=0.9)
+    x = tf.random.stateless_normal((5, 4), seed=(1, 2), dtype=tf.float64)
+    expected = x.numpy() @ layer.kernel.numpy() + layer.bias.numpy()
+    np.testing.assert_array_equal(layer.effective_kernel().numpy(), layer.kernel.numpy())
+    np.testing.assert_allclose(layer(x).numpy(), expected, rtol=1e-14)
+
+
+def _brute_force_norm(w, p, q):
+    """max ||A v||_q / ||v||_p over 2-D v on a grid of 400000 angles (A = W^T)."""
+    theta = np.linspace(0, 2 * np.pi, 400_000, endpoint=False)  # contains the axes
+    v = np.stack([np.cos(theta), np.sin(theta)])
+    return np.max(np.linalg.norm(w.T @ v, q, axis=0) / np.linalg.norm(v, p, axis=0))
+
+
+# The issue's four cases (closed forms except (2, 2)), two more closed forms, and two cases
+# of the generalized power method with p <= q, where it finds the global maximum here.
+MIXED = [(1, 2), (2, np.inf), (1, np.inf), (2, 2), (1, 1), (np.inf, np.inf), (1.5, 3), (3, 3)]
+
+
+@pytest.mark.parametrize(("p", "q"), MIXED)
+@pytest.mark.parametrize("units", [3, 4])
+def test_mixed_norm_matches_brute_force(p, q, units):
+    layer = dense(2, units, domain=p, codomain=q)
+    sigma = float(layer.update_lipschitz(**CONVERGE))
+    # The grid resolution (1.6e-5 rad) bounds the brute force's own error far below 1e-3.
+    assert sigma == pytest.approx(_brute_force_norm(layer.kernel.numpy(), p, q), rel=1e-3)
+
+
+CONV_MIXED = {
+    "3x3": dict(in_shape=(4, 4, 2), kernel_size=3),
+    "3x3-stride2-valid": dict(in_shape=(5, 5, 2), kernel_size=3, strides=2, padding="valid"),
+    # Only 2 of 3 kernel rows and columns meet a 2x2 image with stride 2: checks the tap mask.
+    "3x3-partial-taps": dict(in_shape=(2, 2, 1), kernel_size=3, strides=2),
+    "1x1": dict(in_shape=(3, 3, 2), kernel_size=1),
+}
+
+
+@pytest.mark.parametrize(("p", "q"), [(1, 2), (2, np.inf), (1, np.inf), (1, 1), (3, np.inf)])
+@pytest.mark.parametrize("case", CONV_MIXED.values(), ids=CONV_MIXED.keys())
+def test_conv_closed_forms_match_explicit_matrix(case, p, q):
+    case = dict(case)
+    in_shape = case.pop("in_shape")
+    layer = conv(in_shape, 3, domain=p, codomain=q, lipschitz_constant=0.99, stddev=3e-3, **case)
+    kernel = layer.kernel.numpy()
+    kernel[-1, -1] *= 30.0  # the largest entries sit on a tap the partial case never uses
+    layer.kernel.assign(kernel)
+    a = operator_matrix(layer, in_shape)  # inside the bound: the raw operator
+    assert float(layer.sigma()) == pytest.approx(induced_norm(a, p, q), rel=1e-10)
+
+
+@pytest.mark.parametrize(
+    ("kernel_size", "p", "q"),
+    [(3, 3, 3), (3, 1.5, 3), (3, 2, 1), (3, np.inf, 2), (1, 3, 1.5), (1, 1.5, 3)],
+)
+def test_conv_power_method_gives_a_certified_lower_bound(kernel_size, p, q):
+    in_shape = (4, 4, 2)
+    layer = conv(in_shape, 3, kernel_size, domain=p, codomain=q)
+    sigma = float(layer.update_lipschitz(**CONVERGE))
+    a = operator_matrix(lambda x: tf.nn.conv2d(x, layer.kernel, 1, "SAME"), in_shape)
+    # sigma is attained by the stored v on the explicit operator...
+    if kernel_size == 1 and p <= q:  # matrix path: v is one pixel; any pixel attains it
+        v = np.zeros(in_shape)
+        v[0, 0] = layer.v.numpy()[0]
+        v = v.ravel()
+    else:
+        v = layer.v.numpy().ravel()
+    assert sigma == pytest.approx(np.linalg.norm(a @ v, q) / np.linalg.norm(v, p), rel=1e-9)
+    # ...and beats 2000 random directions (the power method climbs from any start).
+    vs = np.random.default_rng(0).standard_normal((a.shape[1], 2000))
+    assert sigma >= np.max(np.linalg.norm(a @ vs, q, axis=0) / np.linalg.norm(vs, p, axis=0))
+
+
+def test_power_iteration_is_warm_started_and_call_is_pure():
+    layer = dense(8, 8, lipschitz_constant=0.5)
+    # Close top singular values (1, 0.98, ...) make the power method slow from a cold start.
+    rng = np.random.default_rng(0)
+    left, _ = np.linalg.qr(rng.standard_normal((8, 8)))
+    right, _ = np.linalg.qr(rng.standard_normal((8, 8)))
+    layer.kernel.assign(left @ np.diag(np.linspace(1.0, 0.86, 8)) @ right)
+
+    def alignment():  # |cos| between v and the top singular vector of A = W^T
+        v = layer.v.numpy()[0]
+        return abs(v @ left[:, 0]) / np.linalg.norm(v)
+
+    layer.v.assign(rng.standard_normal((1, 8)))  # forget the build-time iterations
+    layer.update_lipschitz(1)
+    assert alignment() < 0.99  # one step from a random start is far off...
+    layer.update_lipschitz(**CONVERGE)
+    layer.update_lipschitz(1)
+    assert alignment() > 1 - 1e-6  # ...but stays converged from the stored estimate
+    u, v = layer.u.numpy(), layer.v.numpy()
+    x = tf.ones((3, 8), tf.float64)
+
+    @tf.function
+    def step(x):
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_sum(layer(x, training=True) ** 2)
+        return tape.gradient(loss, layer.kernel)
+
+    grad = step(x)
+    assert np.all(np.isfinite(grad.numpy()))
+    assert np.any(grad.numpy() != 0)
+    np.testing.assert_array_equal(layer.u.numpy(), u)
+    np.testing.assert_array_equal(layer.v.numpy(), v)
+
+
+@pytest.mark.parametrize("jit_compile", [False, True])
+def test_update_inside_tf_function_matches_eager(jit_compile):
+    layer = conv((4, 4, 2), 3, 3, stddev=2.0)
+    eager = float(layer.update_lipschitz(**CONVERGE))
+    layer.v.assign(np.random.default_rng(1).standard_normal((1, 4, 4, 2)))
+
+    @tf.function(jit_compile=jit_compile)
+    def update_and_call(x):
+        sigma = layer.update_lipschitz(atol=1e-7, rtol=1e-7, max_iterations=3000)
+        return sigma, layer(x)
+
+    sigma, y = update_and_call(tf.ones((2, 4, 4, 2), tf.float64))
+    assert float(sigma) == pytest.approx(eager, rel=1e-6)
+    assert y.shape == (2, 4, 4, 3)
+
+
+def test_zero_kernel_gives_zero_sigma_then_recovers():
+    layer = SpectralDense(4, kernel_initializer="zeros", dtype="float64")
+    layer.build((None, 5))
+    assert float(layer.update_lipschitz(**CONVERGE)) == 0.0
+    with tf.GradientTape() as tape:
+        loss = tf.reduce_sum(layer(tf.ones((2, 5), tf.float64)))
+    grad = tape.gradient(loss, layer.kernel).numpy()
+    assert np.all(np.isfinite(grad))
+    assert np.any(grad != 0)
+    w = np.random.default_rng(0).standard_normal((5, 4))
+    layer.kernel.assign(w)
+    sigma = float(layer.update_lipschitz(**CONVERGE))
+    assert sigma == pytest.approx(np.linalg.norm(w, 2), rel=1e-6)
+
+
+def test_update_lipschitz_walks_nested_models():
+    inner = keras.Sequential([keras.Input((4,)), SpectralDense(6), keras.layers.Dense(6)])
+    model = keras.Sequential([keras.Input((4,)), inner, SpectralDense(3, lipschitz_constant=0.5)])
+    layers = spectral_layers([model, inner])
+    assert [type(layer).__name__ for layer in layers] == ["SpectralDense", "SpectralDense"]
+    for layer in layers:
+        layer.kernel.assign(layer.kernel * 10.0)
+    sigmas = update_lipschitz(model, **CONVERGE)
+    assert len(sigmas) == 2
+    for layer, sigma in zip(layers, sigmas, strict=True):
+        assert float(sigma) == pytest.approx(np.linalg.norm(layer.kernel.numpy(), 2), rel=1e-4)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: dense(3, 4, domain="inf", codomain=1, atol=1e-4, num_power_iterations=3),
+        lambda: conv((5, 5, 2), 3, (3, 1), strides=2, padding="valid", domain=1.5),
+    ],
+    ids=["dense", "conv"],
+)
+def test_get_config_round_trips(make):
+    layer = make()
+    config = layer.get_config()
+    serialized = json.loads(json.dumps(keras.saving.serialize_keras_object(layer)))
+    clone = keras.saving.deserialize_keras_object(serialized)
+    assert type(clone) is type(layer)
+    assert clone.get_config() == config
+    assert clone.built  # from the serialized build config
+    clone.set_weights(layer.get_weights())
+    x = tf.random.stateless_normal((2, *layer.get_build_config()["input_shape"][1:]), (0, 1))
+    np.testing.assert_allclose(clone(x).numpy(), layer(x).numpy(), rtol=1e-12)
+
+
+def _raises(fn, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        fn()
+
+
+@pytest.mark.parametrize(
+    ("fn", "message"),
+    [
+        (lambda: SpectralDense(2, lipschitz_constant=0.0), "got 0.0"),
+        (lambda: SpectralDense(2, lipschitz_constant=1), "lipschitz_constant must be in (0, 1)"),
+        (lambda: SpectralDense(2, lipschitz_constant=1.5), "got 1.5"),
+        (lambda: SpectralDense(2, lipschitz_constant=-0.1), "got -0.1"),
+        (lambda: SpectralDense(2, domain=0.5), "domain must be a number in [1, inf]"),
+        (lambda: SpectralDense(2, codomain="two"), "got 'two'"),
+        (lambda: SpectralConv2D(2, 3, codomain=float("nan")), "got nan"),
+        (lambda: SpectralDense(2, num_power_iterations=0), "num_power_iterations"),
+        (lambda: SpectralDense(2, num_power_iterations=-3), "got -3"),
+        (lambda: SpectralDense(2, max_iterations=2.5), "max_iterations"),
+        (lambda: SpectralDense(2, atol=-1.0), "atol must be a non-negative"),
+        (lambda: SpectralDense(0), "units must be a positive integer; got 0"),
+        (lambda: SpectralConv2D(2, 0), "kernel_size"),
+        (lambda: SpectralConv2D(2, 3, strides=(1, 0)), "strides"),
+        (lambda: SpectralConv2D(2, 3, padding="causal"), "got 'causal'"),
+        (lambda: dense(3, 2).update_lipschitz(0), "num_iterations"),
+        (lambda: dense(3, 2).update_lipschitz(rtol=-0.5), "got -0.5"),
+        (lambda: dense(3, 2).update_lipschitz(max_iterations=-1), "got -1"),
+        (lambda: dense(3, 2).update_lipschitz(5, atol=1e-3), "not both"),
+        (lambda: SpectralConv2D(2, 3).build((None, None, None, 3)), "full input shape"),
+        (lambda: conv((2, 2, 1), 2, 3, padding="valid"), "larger than the input"),
+    ],
+)
+def test_bad_arguments_raise(fn, message):
+    _raises(fn, message)

@@ -1,0 +1,139 @@
+"""Tests of tfp_resflow.network: the Jacobian of a whole g respects Lip(g) <= c."""
+
+import re
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from tfp_resflow.activation import CLipSwish, LipSwish
+from tfp_resflow.lipschitz import SpectralConv2D, SpectralDense, spectral_layers, update_lipschitz
+from tfp_resflow.network import lipschitz_cnn, lipschitz_mlp
+
+CONVERGE = dict(atol=1e-7, rtol=1e-7, max_iterations=3000)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    keras.utils.set_random_seed(0)
+
+
+def jacobian_norms(g, x, order=2):
+    """Operator norms (l_order -> l_order) of the Jacobian of g at each row of x."""
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        y = tf.reshape(g(x), [x.shape[0], -1])
+    jac = tape.batch_jacobian(y, x)
+    jac = tf.reshape(jac, [x.shape[0], y.shape[-1], -1]).numpy()
+    return np.array([np.linalg.norm(j, order) for j in jac])
+
+
+def inflate_and_converge(g, factor=4.0):
+    """Scales every kernel up so that the soft rule binds, then converges the estimates."""
+    for layer in spectral_layers(g):
+        layer.kernel.assign(layer.kernel * factor)
+    update_lipschitz(g, **CONVERGE)
+
+
+MLPS = {
+    "lipswish": dict(hidden_units=(16, 16)),
+    "one-layer": dict(hidden_units=()),
+    "elu-no-preact": dict(hidden_units=(16,), activation="elu", activation_first=False),
+    "clipswish": dict(hidden_units=(16, 8), activation="clipswish"),
+}
+
+
+@pytest.mark.parametrize("kwargs", MLPS.values(), ids=MLPS.keys())
+def test_mlp_jacobian_norm_at_most_c(kwargs):
+    c = 0.9
+    g = lipschitz_mlp(4, lipschitz_constant=c, dtype="float64", **kwargs)
+    inflate_and_converge(g)
+    x = tf.random.stateless_normal((20, 4), seed=(0, 1), dtype=tf.float64) * 3.0
+    norms = jacobian_norms(g, x)
+    assert norms.max() <= c * (1 + 1e-3)
+    assert g(x).shape == (20, 4)
+
+
+@pytest.mark.parametrize("order", [1, np.inf])
+def test_mlp_with_mixed_norms_is_bounded_in_that_norm(order):
+    c = 0.9
+    g = lipschitz_mlp(3, (8, 8), lipschitz_constant=c, norm_orders=[order] * 4, dtype="float64")
+    inflate_and_converge(g)
+    x = tf.random.stateless_normal((20, 3), seed=(2, 3), dtype=tf.float64) * 3.0
+    assert jacobian_norms(g, x, order).max() <= c * (1 + 1e-3)
+
+
+CNNS = {
+    "3-1-3": dict(),
+    "first-block": dict(activation_first=False),
+    "clipswish": dict(activation="clipswish"),
+    "5-3": dict(kernel_sizes=(5, 3), activation="softplus"),
+}
+
+
+@pytest.mark.parametrize("kwargs", CNNS.values(), ids=CNNS.keys())
+def test_cnn_jacobian_norm_at_most_c(kwargs):
+    c = 0.98
+    g = lipschitz_cnn((4, 4, 2), 8, lipschitz_constant=c, dtype="float64", **kwargs)
+    inflate_and_converge(g)
+    x = tf.random.stateless_normal((20, 4, 4, 2), seed=(4, 5), dtype=tf.float64) * 3.0
+    norms = jacobian_norms(g, x)
+    assert norms.max() <= c * (1 + 1e-3)
+    assert g(x).shape == (20, 4, 4, 2)
+
+
+def test_cnn_structure_follows_the_authors():
+    g = lipschitz_cnn((4, 4, 3), 6)
+    kinds = [type(layer).__name__ for layer in g.layers]
+    assert kinds == ["LipSwish", "SpectralConv2D", "LipSwish", "SpectralConv2D", "LipSwish"] + [
+        "SpectralConv2D"
+    ]
+    convs = [layer for layer in g.layers if isinstance(layer, SpectralConv2D)]
+    assert [layer.kernel.shape for layer in convs] == [(3, 3, 3, 6), (1, 1, 6, 6), (3, 3, 6, 3)]
+    assert all(layer.lipschitz_constant == 0.98 for layer in convs)
+    activations = [layer for layer in g.layers if isinstance(layer, LipSwish)]
+    assert len({id(layer.b) for layer in activations}) == 3  # one beta per activation
+    first = lipschitz_cnn((4, 4, 3), 6, activation_first=False, activation="clipswish")
+    assert isinstance(first.layers[0], SpectralConv2D)
+    assert isinstance(first.layers[1], CLipSwish)
+    assert first.layers[2].kernel.shape == (1, 1, 12, 6)  # CLipSwish doubled the width
+
+
+def test_zero_init_last_makes_g_constant_and_config_round_trips():
+    g = lipschitz_mlp(3, (5,), zero_init_last=True, num_power_iterations=2)
+    x = tf.random.stateless_normal((4, 3), seed=(0, 0))
+    np.testing.assert_array_equal(g(x).numpy(), np.zeros((4, 3)))
+    assert [layer.num_power_iterations for layer in spectral_layers(g)] == [2, 2]
+    clone = keras.Sequential.from_config(g.get_config())
+    clone.set_weights(g.get_weights())
+    dense = [layer for layer in clone.layers if isinstance(layer, SpectralDense)]
+    assert [layer.units for layer in dense] == [5, 3]
+    np.testing.assert_array_equal(clone(x).numpy(), g(x).numpy())
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda: lipschitz_mlp(0), "event_size must be a positive integer; got 0"),
+        (lambda: lipschitz_mlp(3, 4), "hidden_units must be a sequence"),
+        (lambda: lipschitz_mlp(3, (4, 0)), "hidden_units must hold positive integers"),
+        (lambda: lipschitz_mlp(3, lipschitz_constant=1.0), "got 1.0"),
+        (lambda: lipschitz_mlp(3, activation="relu"), "got 'relu'"),
+        (lambda: lipschitz_mlp(3, (4,), norm_orders=[2, 2]), "needs 3 entries"),
+        (lambda: lipschitz_mlp(3, (4,), norm_orders=[1, 2, 2]), "start and end"),
+        (lambda: lipschitz_mlp(3, (4,), norm_orders=[2, 0.5, 2]), "got 0.5"),
+        (
+            lambda: lipschitz_mlp(3, (4,), activation="clipswish", norm_orders=[1, 1, 1]),
+            "l2 only",
+        ),
+        (lambda: lipschitz_cnn((4, 4)), "input_shape must be (height, width, channels)"),
+        (lambda: lipschitz_cnn((4, 4, 2), 0), "hidden_channels"),
+        (lambda: lipschitz_cnn((4, 4, 2), 8, (3, 2)), "odd"),
+        (lambda: lipschitz_cnn((4, 4, 2), 8, ()), "must not be empty"),
+        (lambda: lipschitz_cnn((4, 4, 2), 8, lipschitz_constant=0), "got 0"),
+    ],
+)
+def test_bad_arguments_raise(make, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        make()

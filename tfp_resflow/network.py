@@ -1,0 +1,180 @@
+"""Builders of residual functions g with Lip(g) <= lipschitz_constant.
+
+Each builder alternates 1-Lipschitz activations (`tfp_resflow.activation`) with Lipschitz
+layers (`tfp_resflow.lipschitz`), each of norm at most c, so for n linear layers
+
+    Lip(g) <= c**n <= c < 1
+
+in the l_p norm of `norm_orders[0] = norm_orders[-1]` (every activation is 1-Lipschitz in
+every l_p; CLipSwish only in l2). The bound holds once the layers' sigma estimates have
+converged: call `tfp_resflow.lipschitz.update_lipschitz(g, atol=..., rtol=...)`.
+"""
+
+__all__ = ["lipschitz_cnn", "lipschitz_mlp"]
+
+import numbers
+from collections.abc import Sequence
+
+import keras
+
+from tfp_resflow.activation import get_activation
+from tfp_resflow.lipschitz import SpectralConv2D, SpectralDense, _check_count, _check_order
+
+
+def _positive_ints(name: str, values: object, *, odd: bool = False) -> tuple[int, ...]:
+    if not isinstance(values, Sequence):
+        raise ValueError(f"{name} must be a sequence of positive integers; got {values!r}")
+    values = tuple(values)
+    for n in values:
+        if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n <= 0:
+            raise ValueError(f"{name} must hold positive integers; got {values!r}")
+        if odd and n % 2 == 0:
+            raise ValueError(f"{name} must hold odd integers (centred kernels); got {values!r}")
+    return tuple(int(n) for n in values)
+
+
+def _orders(norm_orders: Sequence | None, num_linear: int, activation: str) -> list:
+    if norm_orders is None:
+        return [2] * (num_linear + 1)
+    orders = [_check_order("norm_orders", p) for p in norm_orders]
+    if len(orders) != num_linear + 1:
+        raise ValueError(
+            f"norm_orders needs {num_linear + 1} entries (one per layer boundary); "
+            f"got {norm_orders!r}"
+        )
+    if orders[0] != orders[-1]:
+        raise ValueError(f"norm_orders must start and end with the same order; got {orders!r}")
+    if str(activation).lower() == "clipswish" and any(p != 2 for p in orders):
+        raise ValueError(f"clipswish is 1-Lipschitz in l2 only; got norm_orders={orders!r}")
+    return orders
+
+
+def lipschitz_mlp(
+    event_size: int,
+    hidden_units: Sequence[int] = (128, 128),
+    *,
+    lipschitz_constant: float = 0.9,
+    activation: str = "lipswish",
+    activation_first: bool = True,
+    norm_orders: Sequence[float | str] | None = None,
+    zero_init_last: bool = False,
+    dtype: str | None = None,
+    name: str | None = None,
+    **layer_kwargs,
+) -> keras.Sequential:
+    """Builds the authors' fully connected g for vector events, [batch, D] -> [batch, D].
+
+        g = Dense(h_n -> D) o phi o ... o phi o Dense(D -> h_1) o [phi]
+
+    Args:
+        event_size: D.
+        hidden_units: Widths h_1, ..., h_n of the hidden layers (may be empty).
+        lipschitz_constant: Bound c in (0, 1) on each layer's norm ("coeff" in Chen et al.).
+        activation: A name in `tfp_resflow.activation.ACTIVATIONS`; new layer per use.
+        activation_first: Whether g starts with phi (the authors' pre-activation).
+        norm_orders: Orders of the norms at the layer boundaries, one more than there are
+            linear layers, first = last: linear layer i maps l_{p_i} to l_{p_(i+1)}
+            (the authors' `vnorms`). Default: all 2 (spectral norms).
+        zero_init_last: Start the last kernel at zero, so g = bias and the block is a shift.
+        dtype: Layer dtype, e.g. "float64".
+        name: Model name.
+        **layer_kwargs: Passed to every `SpectralDense` (e.g. `num_power_iterations`).
+
+    Returns:
+        A `keras.Sequential` built for input [None, D].
+
+    Raises:
+        ValueError: On a non-positive size, a bad order list or an unknown activation.
+    """
+    event_size = _check_count("event_size", event_size)
+    widths = (*_positive_ints("hidden_units", hidden_units), event_size)
+    orders = _orders(norm_orders, len(widths), activation)
+    layers = [keras.Input((event_size,), dtype=dtype)]
+    if activation_first:
+        layers.append(get_activation(activation, dtype=dtype))
+    for i, width in enumerate(widths):
+        last = i == len(widths) - 1
+        layers.append(
+            SpectralDense(
+                width,
+                lipschitz_constant=lipschitz_constant,
+                domain=orders[i],
+                codomain=orders[i + 1],
+                kernel_initializer="zeros" if last and zero_init_last else "glorot_uniform",
+                dtype=dtype,
+                **layer_kwargs,
+            )
+        )
+        if not last:
+            layers.append(get_activation(activation, dtype=dtype))
+    return keras.Sequential(layers, name=name)
+
+
+def lipschitz_cnn(
+    input_shape: Sequence[int],
+    hidden_channels: int = 512,
+    kernel_sizes: Sequence[int] = (3, 1, 3),
+    *,
+    lipschitz_constant: float = 0.98,
+    activation: str = "lipswish",
+    activation_first: bool = True,
+    norm_orders: Sequence[float | str] | None = None,
+    zero_init_last: bool = False,
+    dtype: str | None = None,
+    name: str | None = None,
+    **layer_kwargs,
+) -> keras.Sequential:
+    """Builds the authors' convolutional g for images, [batch, H, W, C] -> [batch, H, W, C].
+
+        g = Conv3x3(-> C) o phi o Conv1x1(-> hidden) o phi o Conv3x3(-> hidden) o [phi]
+
+    (for the default kernel sizes 3-1-3). Convolutions are stride 1 with "same" padding, and
+    their norms are those of the convolution operators on H x W images.
+
+    Args:
+        input_shape: (H, W, C) of one image.
+        hidden_channels: Output channels of every convolution but the last (512 in the paper).
+        kernel_sizes: Odd kernel size of each convolution, first to last.
+        lipschitz_constant: Bound c in (0, 1) on each convolution's norm.
+        activation: A name in `tfp_resflow.activation.ACTIVATIONS`; new layer per use.
+        activation_first: Whether g starts with phi; False for the network's first block.
+        norm_orders: As in `lipschitz_mlp`, one more entry than `kernel_sizes`.
+        zero_init_last: Start the last kernel at zero.
+        dtype: Layer dtype, e.g. "float64".
+        name: Model name.
+        **layer_kwargs: Passed to every `SpectralConv2D` (e.g. `num_power_iterations`).
+
+    Returns:
+        A `keras.Sequential` built for input [None, H, W, C].
+
+    Raises:
+        ValueError: On a bad shape, width, kernel size, order list or activation.
+    """
+    shape = _positive_ints("input_shape", input_shape)
+    if len(shape) != 3:
+        raise ValueError(f"input_shape must be (height, width, channels); got {input_shape!r}")
+    hidden_channels = _check_count("hidden_channels", hidden_channels)
+    kernels = _positive_ints("kernel_sizes", kernel_sizes, odd=True)
+    if not kernels:
+        raise ValueError(f"kernel_sizes must not be empty; got {kernel_sizes!r}")
+    orders = _orders(norm_orders, len(kernels), activation)
+    layers = [keras.Input(shape, dtype=dtype)]
+    if activation_first:
+        layers.append(get_activation(activation, dtype=dtype))
+    for i, k in enumerate(kernels):
+        last = i == len(kernels) - 1
+        layers.append(
+            SpectralConv2D(
+                shape[-1] if last else hidden_channels,
+                k,
+                lipschitz_constant=lipschitz_constant,
+                domain=orders[i],
+                codomain=orders[i + 1],
+                kernel_initializer="zeros" if last and zero_init_last else "glorot_uniform",
+                dtype=dtype,
+                **layer_kwargs,
+            )
+        )
+        if not last:
+            layers.append(get_activation(activation, dtype=dtype))
+    return keras.Sequential(layers, name=name)
