@@ -1,0 +1,159 @@
+"""Tests of FlowModel: Keras fit, density quality on 2-D toys, saving, export, bad input."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+import tensorflow_probability as tfp
+from scipy import stats
+
+from tfp_resflow import lipschitz
+from tfp_resflow.flow import ResidualFlowBijector
+from tfp_resflow.model import FlowModel
+
+tfb, tfd = tfp.bijectors, tfp.distributions
+
+
+def eight_gaussians(n, seed):
+    """Mixture of 8 isotropic Gaussians (std 0.2) on the circle of radius 2."""
+    rng = np.random.default_rng(seed)
+    angles = rng.integers(0, 8, n) * np.pi / 4
+    centers = 2.0 * np.stack([np.cos(angles), np.sin(angles)], axis=1)
+    return (centers + 0.2 * rng.normal(size=(n, 2))).astype(np.float32)
+
+
+def two_spirals(n, seed):
+    """Two interleaved spirals with Gaussian noise (std 0.1), as in the FFJORD toy sets."""
+    rng = np.random.default_rng(seed)
+    t = np.sqrt(rng.uniform(size=n)) * 3 * np.pi
+    sign = np.where(rng.uniform(size=n) < 0.5, 1.0, -1.0)
+    points = sign[:, None] * np.stack([t * np.cos(t), t * np.sin(t)], axis=1) / 3.0
+    return (points + 0.1 * rng.normal(size=(n, 2))).astype(np.float32)
+
+
+def gaussian_fit_nll(train, test):
+    """Test NLL (nats) of the best Gaussian fit to the training data (its moments)."""
+    mean, cov = train.mean(axis=0), np.cov(train.T)
+    return float(-stats.multivariate_normal(mean, cov).logpdf(test).mean())
+
+
+def small_model(**kwargs):
+    options = dict(num_blocks=4, hidden_units=(64, 64))
+    return FlowModel(ResidualFlowBijector(**{**options, **kwargs}), event_shape=[2])
+
+
+def test_fit_moves_every_trainable_weight_and_runs_power_iterations():
+    model = small_model(num_blocks=2, hidden_units=(8,))
+    model.compile(optimizer=keras.optimizers.Adam(1e-2))
+    x = eight_gaussians(256, seed=0)
+    model.build((None, 2))
+    before = [w.numpy().copy() for w in model.trainable_weights]
+    spectral = lipschitz.spectral_layers(model.flow_layers)
+    vectors_before = [w.numpy().copy() for layer in spectral for w in layer.non_trainable_weights]
+    model.fit(x, batch_size=64, epochs=1, verbose=0)
+    names = [w.path for w in model.trainable_weights]
+    assert len(names) == len({id(v) for v in model.bijector.trainable_variables})
+    for name, old, new in zip(names, before, model.trainable_weights, strict=True):
+        assert not np.allclose(old, new.numpy()), f"{name} did not move"
+    vectors_after = [w.numpy() for layer in spectral for w in layer.non_trainable_weights]
+    moved = [not np.allclose(a, b) for a, b in zip(vectors_before, vectors_after, strict=True)]
+    assert any(moved), "no power-iteration state changed during fit"
+
+
+# (data, margin in nats below the best Gaussian's test NLL). An affine flow (ActNorm alone, or
+# any linear map) can at best match the moment-matched Gaussian, so beating it shows that the
+# residual blocks learned non-linear structure. Both sets are far from Gaussian (8 Gaussians:
+# about 1.7 nats of entropy against 3.55 for the Gaussian fit; 2 spirals: about 2.5 against
+# 3.72), so the margins are a small part of what a converged flow gains. Measured with these
+# seeds on 2 CPU cores: 8 Gaussians 2.0 nats and 2 spirals 0.22 nats below the Gaussian
+# (spirals need thousands of steps; this fit has 400).
+TOY_SETS = {"8gaussians": (eight_gaussians, 0.5), "2spirals": (two_spirals, 0.15)}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("make_data", "margin"), TOY_SETS.values(), ids=TOY_SETS.keys())
+def test_short_fit_beats_the_best_gaussian_by_a_margin(make_data, margin):
+    keras.utils.set_random_seed(0)
+    train, test = make_data(4096, seed=1), make_data(2048, seed=2)
+    model = small_model()
+    model.compile(optimizer=keras.optimizers.Adam(1e-2))
+    model.fit(train, batch_size=256, epochs=25, verbose=0)
+    model.update_lipschitz(atol=1e-4, rtol=1e-4)
+    nll = float(tf.reduce_mean(model(test, training=False)))  # exact log-dets for 2-D events
+    baseline = gaussian_fit_nll(train, test)
+    print(f"test NLL {nll:.3f} nats; best Gaussian {baseline:.3f}")
+    assert nll < baseline - margin, (nll, baseline)
+
+
+def test_bits_per_dim_unit():
+    model = small_model(num_blocks=1, hidden_units=(8,))
+    model_bpd = FlowModel(model.bijector, event_shape=[2], loss_unit="bits_per_dim")
+    x = eight_gaussians(16, seed=3)
+    nats = model(x, training=False).numpy()
+    bits = model_bpd(x, training=False).numpy()
+    np.testing.assert_allclose(bits, nats / (2 * np.log(2.0)), rtol=1e-6)
+
+
+def test_save_and_load_keras_file_gives_the_same_exact_log_prob(tmp_path):
+    model = small_model(num_blocks=2, hidden_units=(16,))
+    model.compile(optimizer=keras.optimizers.Adam(1e-2))
+    x = eight_gaussians(512, seed=4)
+    model.fit(x, batch_size=128, epochs=1, verbose=0)
+    path = tmp_path / "flow.keras"
+    model.save(path)
+    loaded = keras.models.load_model(path)
+    assert isinstance(loaded, FlowModel)
+    test = eight_gaussians(32, seed=5)
+    np.testing.assert_allclose(loaded.log_prob(test), model.log_prob(test), rtol=1e-6)
+    for a, b in zip(loaded.weights, model.weights, strict=True):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+
+
+def test_export_has_log_prob_and_sample_endpoints(tmp_path):
+    model = small_model(num_blocks=1, hidden_units=(8,))
+    model.build((None, 2))
+    model.export(str(tmp_path / "saved"))
+    reloaded = tf.saved_model.load(str(tmp_path / "saved"))
+    x = eight_gaussians(8, seed=6)
+    np.testing.assert_allclose(reloaded.log_prob(tf.constant(x)), model.log_prob(x), rtol=1e-5)
+    samples = reloaded.sample(tf.constant(5))
+    assert samples.shape == (5, 2)
+    assert np.all(np.isfinite(samples))
+
+
+def test_wraps_any_transformed_distribution_and_trains_its_weights():
+    flow = ResidualFlowBijector(num_blocks=1, hidden_units=(8,))
+    shift = tfb.Shift([1.0, -1.0])
+    distribution = tfd.TransformedDistribution(
+        tfd.MultivariateNormalDiag(scale_diag=[2.0, 0.5]),
+        tfb.Chain([shift, tfb.Invert(tfb.Invert(flow))]),
+    )
+    model = FlowModel.from_distribution(distribution)
+    model.compile(optimizer=keras.optimizers.Adam(1e-2))
+    model.fit(eight_gaussians(128, seed=7), batch_size=64, epochs=1, verbose=0)
+    assert len(model.trainable_weights) == len(flow.trainable_variables) > 0
+    with pytest.raises(NotImplementedError, match="custom base distribution"):
+        model.get_config()
+
+
+def test_sample_and_log_prob_shapes():
+    model = small_model(num_blocks=1, hidden_units=(8,))
+    samples = model.sample(7, seed=[1, 2])
+    assert samples.shape == (7, 2)
+    assert model.log_prob(samples).shape == (7,)
+
+
+def test_wrong_event_shape_raises_a_clear_error():
+    model = small_model(num_blocks=1, hidden_units=(8,))
+    model.build((None, 2))
+    with pytest.raises(ValueError, match=r"expects a batch of events of shape \[2\]"):
+        model.log_prob(np.zeros((4, 3), np.float32))
+    with pytest.raises(ValueError, match=r"models events of shape \[2\]"):
+        small_model().build((None, 5))
+
+
+def test_bad_constructor_arguments():
+    with pytest.raises(ValueError, match="loss_unit must be one of .* got 'bits'"):
+        FlowModel(ResidualFlowBijector(), event_shape=[2], loss_unit="bits")
+    with pytest.raises(ValueError, match="bijector must be a tfb.Bijector"):
+        FlowModel(lambda x: x, event_shape=[2])

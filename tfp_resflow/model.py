@@ -1,0 +1,250 @@
+"""`FlowModel`: a Keras model around a `tfd.TransformedDistribution` holding residual flows.
+
+    model = FlowModel(ResidualFlowBijector(), event_shape=[2])
+    model.compile(optimizer=keras.optimizers.Adam(1e-3))
+    model.fit(dataset, epochs=10)              # minimises the mean negative log-likelihood
+    model.log_prob(x); model.sample(16)
+
+The model owns every Keras layer found in the bijector (through `tfb.Chain`, `tfb.Invert` and
+this package's bijectors), so `fit` trains every weight and `.keras` files save them all. After
+every optimizer step it runs the power iterations of the Lipschitz layers, so their norm
+estimates follow the weights (Chen et al. do the same after each step).
+
+`model(x, training=...)` returns the per-example negative log-likelihood, in nats or in bits per
+dimension (`loss_unit`); training mode uses the blocks' unbiased training estimators,
+evaluation mode their evaluation estimators.
+"""
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import keras
+import tensorflow as tf
+import tensorflow_probability as tfp
+
+from tfp_resflow import lipschitz
+from tfp_resflow.bijector import FreshBijector, data_dependent_init, training_mode
+
+tfb = tfp.bijectors
+tfd = tfp.distributions
+
+__all__ = ["FlowModel", "keras_layers_of"]
+
+LOSS_UNITS = ("nats", "bits_per_dim")
+
+
+def keras_layers_of(bijector: tfb.Bijector) -> list[keras.layers.Layer]:
+    """The Keras layers used by a bijector, searching through chains and inversions."""
+    found: dict[int, keras.layers.Layer] = {}
+    stack = [bijector]
+    while stack:
+        b = stack.pop()
+        if isinstance(b, FreshBijector):
+            for layer in b.keras_layers:
+                found.setdefault(id(layer), layer)
+        stack.extend(reversed(list(getattr(b, "bijectors", []) or [])))
+        inner = getattr(b, "bijector", None)
+        if isinstance(inner, tfb.Bijector):
+            stack.append(inner)
+    return list(found.values())
+
+
+class _MeanOverExamples(keras.losses.Loss):
+    """Averages a per-example loss that the model already computed (`y_pred`).
+
+    Going through `keras.losses.Loss` keeps Keras' own reduction and its scaling by the number
+    of replicas under `tf.distribute`.
+    """
+
+    def call(self, y_true: tf.Tensor, y_pred: tf.Tensor) -> tf.Tensor:
+        del y_true
+        return y_pred
+
+
+@keras.saving.register_keras_serializable(package="tfp_resflow")
+class FlowModel(keras.Model):
+    """Density model `p(x)` of a bijector applied to a base distribution, trained by `fit`.
+
+    Args:
+        bijector: maps base samples to data (TFP's forward direction), e.g.
+            `ResidualFlowBijector()` or a `tfb.Chain` containing residual flows.
+        event_shape: shape of one data point, e.g. `[2]` or `[28, 28, 1]`.
+        base: base distribution over `event_shape`; default a standard normal.
+        loss_unit: "nats" (default) or "bits_per_dim" (nats / (D ln 2), D = prod(event_shape)).
+        lipschitz_iterations: power iterations per Lipschitz layer after every training step;
+            None uses each layer's own default.
+        **kwargs: passed to `keras.Model` (e.g. `name`).
+    """
+
+    def __init__(
+        self,
+        bijector: tfb.Bijector,
+        event_shape: Sequence[int],
+        *,
+        base: tfd.Distribution | None = None,
+        loss_unit: str = "nats",
+        lipschitz_iterations: int | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        if not isinstance(bijector, tfb.Bijector):
+            raise ValueError(f"bijector must be a tfb.Bijector; got {bijector!r}.")
+        if loss_unit not in LOSS_UNITS:
+            raise ValueError(f"loss_unit must be one of {LOSS_UNITS}; got {loss_unit!r}.")
+        self.event_shape = tuple(int(d) for d in event_shape)
+        self.loss_unit = loss_unit
+        self.lipschitz_iterations = lipschitz_iterations
+        self._default_base = base is None
+        if base is None:
+            base = tfd.Sample(tfd.Normal(0.0, 1.0), sample_shape=self.event_shape)
+        self.distribution = tfd.TransformedDistribution(base, bijector)
+        self.bijector = bijector
+        self._nll_loss = _MeanOverExamples(name="negative_log_likelihood")
+        self.flow_layers = keras_layers_of(bijector)
+
+    @classmethod
+    def from_distribution(cls, distribution: tfd.TransformedDistribution, **kwargs: Any) -> Any:
+        """Wraps an existing `tfd.TransformedDistribution` (any base, any bijector chain)."""
+        return cls(
+            distribution.bijector,
+            event_shape=tuple(distribution.event_shape),
+            base=distribution.distribution,
+            **kwargs,
+        )
+
+    # -- building ----------------------------------------------------------------------------
+
+    def build(self, input_shape: Sequence[int | None]) -> None:
+        """Creates lazily-sized layers with one pass of zeros, without data-dependent init."""
+        event_shape = tuple(input_shape[1:])
+        if event_shape != self.event_shape:
+            raise ValueError(
+                f"{self.name} models events of shape {list(self.event_shape)}; "
+                f"got input shape {list(input_shape)}."
+            )
+        dummy = tf.zeros([1, *self.event_shape], self.compute_dtype)
+        with data_dependent_init(enabled=False), training_mode(training=False):
+            self.bijector.inverse(dummy)
+        self.flow_layers = keras_layers_of(self.bijector)
+        for layer in self.flow_layers:
+            if not layer.built:
+                raise ValueError(f"{self.name}: layer {layer.name} was not built by a pass.")
+        super().build(input_shape)
+
+    # -- density -----------------------------------------------------------------------------
+
+    def _check_events(self, x: tf.Tensor) -> tf.Tensor:
+        x = tf.convert_to_tensor(x, dtype_hint=self.compute_dtype)
+        shape = tuple(x.shape[1:])
+        if x.shape.rank is not None and (
+            x.shape.rank != len(self.event_shape) + 1
+            or any(a is not None and a != b for a, b in zip(shape, self.event_shape, strict=True))
+        ):
+            raise ValueError(
+                f"{self.name} expects a batch of events of shape {list(self.event_shape)}; "
+                f"got shape {x.shape}."
+            )
+        return x
+
+    def log_prob(self, x: tf.Tensor, *, training: bool = False) -> tf.Tensor:
+        """`log p(x)` in nats, shape `[batch]`; evaluation-mode log-dets unless `training`."""
+        x = self._check_events(x)
+        with training_mode(training):
+            return self.distribution.log_prob(x)
+
+    def call(self, x: tf.Tensor, *, training: bool | None = None) -> tf.Tensor:
+        """Per-example negative log-likelihood in `loss_unit`, shape `[batch]`."""
+        nll = -self.log_prob(x, training=bool(training))
+        if self.loss_unit == "bits_per_dim":
+            nll = nll / (math.prod(self.event_shape) * math.log(2.0))
+        return nll
+
+    def sample(self, num_samples: int, seed: Any = None) -> tf.Tensor:
+        """`num_samples` draws from the model (fixed-point inverses of the residual blocks)."""
+        return self.distribution.sample(num_samples, seed=seed)
+
+    # -- training ----------------------------------------------------------------------------
+
+    def compute_loss(
+        self,
+        x: Any = None,
+        y: Any = None,
+        y_pred: tf.Tensor | None = None,
+        sample_weight: Any = None,
+        *,
+        training: bool = True,
+    ) -> tf.Tensor:
+        """Mean negative log-likelihood (`y_pred` from `call`), plus any added losses."""
+        del x, y, training
+        loss = self._nll_loss(y_pred, y_pred, sample_weight=sample_weight)
+        for extra in self.losses:
+            loss += tf.cast(extra, loss.dtype) / tf.distribute.get_strategy().num_replicas_in_sync
+        return loss
+
+    def train_step(self, data: Any) -> dict:
+        logs = super().train_step(data)
+        self.update_lipschitz(self.lipschitz_iterations)
+        return logs
+
+    def update_lipschitz(
+        self,
+        num_iterations: int | None = None,
+        *,
+        atol: float | None = None,
+        rtol: float | None = None,
+        max_iterations: int | None = None,
+    ) -> list[tf.Tensor]:
+        """Runs power iterations in every Lipschitz layer; see `lipschitz.update_lipschitz`."""
+        return lipschitz.update_lipschitz(
+            self.flow_layers,
+            num_iterations,
+            atol=atol,
+            rtol=rtol,
+            max_iterations=max_iterations,
+        )
+
+    # -- saving ------------------------------------------------------------------------------
+
+    def get_config(self) -> dict:
+        if not self._default_base:
+            raise NotImplementedError(
+                f"{self.name}: a model with a custom base distribution cannot be saved as a "
+                "config; save its weights with save_weights() and rebuild it in code."
+            )
+        return {
+            **super().get_config(),
+            "bijector": keras.saving.serialize_keras_object(self.bijector),
+            "event_shape": list(self.event_shape),
+            "loss_unit": self.loss_unit,
+            "lipschitz_iterations": self.lipschitz_iterations,
+        }
+
+    @classmethod
+    def from_config(cls, config: dict) -> "FlowModel":
+        config = dict(config)
+        config["bijector"] = keras.saving.deserialize_keras_object(config["bijector"])
+        return cls(**config)
+
+    def export(
+        self,
+        filepath: str,
+        format: str = "tf_saved_model",  # noqa: A002 (Keras' own argument name)
+        *,
+        verbose: bool | None = None,
+        input_signature: Any = None,
+        **kwargs: Any,
+    ) -> None:
+        """Writes a SavedModel with `log_prob(x)` (evaluation mode) and `sample(n)` endpoints."""
+        if format != "tf_saved_model":
+            raise ValueError(f"FlowModel.export supports format='tf_saved_model'; got {format!r}.")
+        archive = keras.export.ExportArchive()
+        archive.track(self)
+        spec = tf.TensorSpec([None, *self.event_shape], self.compute_dtype, name="x")
+        archive.add_endpoint("log_prob", lambda x: self.log_prob(x), input_signature=[spec])
+        archive.add_endpoint(
+            "sample",
+            lambda n: self.sample(n),
+            input_signature=[tf.TensorSpec([], tf.int32, name="num_samples")],
+        )
+        archive.write_out(filepath, verbose=bool(verbose))
