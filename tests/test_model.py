@@ -85,13 +85,18 @@ def test_short_fit_beats_the_best_gaussian_by_a_margin(make_data, margin):
     assert nll < baseline - margin, (nll, baseline)
 
 
-def test_bits_per_dim_unit():
+@pytest.mark.parametrize(
+    ("num_levels", "offset_bits"), [(None, 0.0), (256, 8.0), (17, np.log2(17))]
+)
+def test_bits_per_dim_unit(num_levels, offset_bits):
     model = small_model(num_blocks=1, hidden_units=(8,))
-    model_bpd = FlowModel(model.bijector, event_shape=[2], loss_unit="bits_per_dim")
+    model_bpd = FlowModel(
+        model.bijector, event_shape=[2], loss_unit="bits_per_dim", num_levels=num_levels
+    )
     x = eight_gaussians(16, seed=3)
     nats = model(x, training=False).numpy()
     bits = model_bpd(x, training=False).numpy()
-    np.testing.assert_allclose(bits, nats / (2 * np.log(2.0)), rtol=1e-6)
+    np.testing.assert_allclose(bits, nats / (2 * np.log(2.0)) + offset_bits, rtol=1e-6)
 
 
 def test_save_and_load_keras_file_gives_the_same_exact_log_prob(tmp_path):
@@ -155,5 +160,7 @@ def test_wrong_event_shape_raises_a_clear_error():
 def test_bad_constructor_arguments():
     with pytest.raises(ValueError, match="loss_unit must be one of .* got 'bits'"):
         FlowModel(ResidualFlowBijector(), event_shape=[2], loss_unit="bits")
+    with pytest.raises(ValueError, match="num_levels must be an integer >= 2; got 1"):
+        FlowModel(ResidualFlowBijector(), event_shape=[2], num_levels=1)
     with pytest.raises(ValueError, match="bijector must be a tfb.Bijector"):
         FlowModel(lambda x: x, event_shape=[2])

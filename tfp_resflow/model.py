@@ -23,7 +23,7 @@ import keras
 import tensorflow as tf
 import tensorflow_probability as tfp
 
-from tfp_resflow import lipschitz
+from tfp_resflow import bits, lipschitz
 from tfp_resflow.bijector import FreshBijector, data_dependent_init, training_mode
 
 tfb = tfp.bijectors
@@ -71,7 +71,10 @@ class FlowModel(keras.Model):
             `ResidualFlowBijector()` or a `tfb.Chain` containing residual flows.
         event_shape: shape of one data point, e.g. `[2]` or `[28, 28, 1]`.
         base: base distribution over `event_shape`; default a standard normal.
-        loss_unit: "nats" (default) or "bits_per_dim" (nats / (D ln 2), D = prod(event_shape)).
+        loss_unit: "nats" (default) or "bits_per_dim": `bits.bits_per_dim` of the log-density,
+            `(-log p(x) + D log k) / (D ln 2)` with D = prod(event_shape).
+        num_levels: k, the number of discrete levels per dimension of dequantised data scaled
+            to [0, 1) (256 for 8-bit images), for "bits_per_dim"; None for continuous data.
         lipschitz_iterations: power iterations per Lipschitz layer after every training step;
             None uses each layer's own default.
         **kwargs: passed to `keras.Model` (e.g. `name`).
@@ -84,6 +87,7 @@ class FlowModel(keras.Model):
         *,
         base: tfd.Distribution | None = None,
         loss_unit: str = "nats",
+        num_levels: int | None = None,
         lipschitz_iterations: int | None = None,
         **kwargs: Any,
     ) -> None:
@@ -94,10 +98,14 @@ class FlowModel(keras.Model):
             raise ValueError(f"loss_unit must be one of {LOSS_UNITS}; got {loss_unit!r}.")
         self.event_shape = tuple(int(d) for d in event_shape)
         self.loss_unit = loss_unit
+        self.num_levels = num_levels
+        bits.bits_per_dim(0.0, math.prod(self.event_shape), num_levels)  # validates them
         self.lipschitz_iterations = lipschitz_iterations
         self._default_base = base is None
-        if base is None:
-            base = tfd.Sample(tfd.Normal(0.0, 1.0), sample_shape=self.event_shape)
+        if base is None:  # a standard normal over the latent (its shape may differ, as for
+            # multi-scale image flows whose latent is a vector)
+            latent_shape = bijector.inverse_event_shape(self.event_shape)
+            base = tfd.Sample(tfd.Normal(0.0, 1.0), sample_shape=latent_shape)
         self.distribution = tfd.TransformedDistribution(base, bijector)
         self.bijector = bijector
         self._nll_loss = _MeanOverExamples(name="negative_log_likelihood")
@@ -155,10 +163,10 @@ class FlowModel(keras.Model):
 
     def call(self, x: tf.Tensor, *, training: bool | None = None) -> tf.Tensor:
         """Per-example negative log-likelihood in `loss_unit`, shape `[batch]`."""
-        nll = -self.log_prob(x, training=bool(training))
+        log_prob = self.log_prob(x, training=bool(training))
         if self.loss_unit == "bits_per_dim":
-            nll = nll / (math.prod(self.event_shape) * math.log(2.0))
-        return nll
+            return bits.bits_per_dim(log_prob, math.prod(self.event_shape), self.num_levels)
+        return -log_prob
 
     def sample(self, num_samples: int, seed: Any = None) -> tf.Tensor:
         """`num_samples` draws from the model (fixed-point inverses of the residual blocks)."""
@@ -217,6 +225,7 @@ class FlowModel(keras.Model):
             "bijector": keras.saving.serialize_keras_object(self.bijector),
             "event_shape": list(self.event_shape),
             "loss_unit": self.loss_unit,
+            "num_levels": self.num_levels,
             "lipschitz_iterations": self.lipschitz_iterations,
         }
 
