@@ -46,4 +46,4 @@ def bits_per_dim(log_prob: tf.Tensor, num_dims: int, num_levels: int | None = No
             raise ValueError(f"num_levels must be an integer >= 2; got {num_levels!r}.")
         offset = num_dims * math.log(num_levels)
     log_prob = tf.convert_to_tensor(log_prob)
-    return (-log_prob + tf.cast(offset, log_prob.dtype)) / (num_dims * math.log(2.0))
+    return (-log_prob + tf.constant(offset, log_prob.dtype)) / (num_dims * math.log(2.0))
