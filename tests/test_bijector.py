@@ -435,3 +435,25 @@ def test_flow_nan_input_raises_with_validate_args():
 def test_flow_bad_arguments(kwargs, message):
     with pytest.raises(ValueError, match=message):
         ResidualFlowBijector(event_size=2, **kwargs)
+
+
+def test_eager_log_prob_does_not_solve_the_fixed_point():
+    # TFP's log_prob asks for forward(inverse(y)) (its density correction); without TFP's
+    # cache in eager mode the block warm-starts from y and stops after one step.
+    layer = contraction(3, lipschitz=0.95)
+    calls = []
+
+    def counting_g(x):
+        calls.append(1)
+        return layer(x)
+
+    block = ResidualBlock(counting_g, log_det="unbiased")
+    distribution = tfd.TransformedDistribution(
+        tfd.Sample(tfd.Normal(tf.constant(0.0, tf.float64), 1.0), 3), block
+    )
+    y = data((4, 3))
+    distribution.log_prob(y)
+    assert len(calls) == 3  # inverse, one warm-started step, the log-det estimator
+    calls.clear()
+    block.forward(data((4, 3), seed=11))  # a cold solve needs many steps at Lip 0.95
+    assert len(calls) > 10

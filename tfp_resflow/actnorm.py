@@ -64,6 +64,17 @@ class ActNormLayer(keras.layers.Layer):
         if not data_dependent_init_enabled():
             return
         y = tf.convert_to_tensor(y)
+        replica = tf.distribute.get_replica_context()
+        if replica is not None and replica.num_replicas_in_sync > 1:
+            # An assignment inside a tf.cond in a replica context would need a cross-replica
+            # merge, which TF does not allow there; and one replica sees only its share of the
+            # batch. Initialise before training instead (FlowModel.initialize does).
+            tf.debugging.Assert(
+                self.initialized > 0.5,
+                [f"{self.name}: not initialised; under a tf.distribute strategy call "
+                 "FlowModel.initialize(batch) (or run the flow once) before training."],
+            )
+            return
 
         def initialize() -> tf.Tensor:
             axes = list(range(y.shape.rank - 1))

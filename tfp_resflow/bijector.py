@@ -126,21 +126,39 @@ class _GraphOnlyCache(cache_util.BijectorCache):
     """Caches forward/inverse values only for inputs of the graph being traced now.
 
     - Eager: no caching (TFP's cache would serve results computed before a variable update).
+      `ResidualBlock` instead warm-starts its fixed-point solve from its latest inverse pair,
+      so TFP's `log_prob` path (which asks for `forward(inverse(y))`) stays cheap.
     - Graph: caching is safe (fresh symbolic tensors per trace, variables read at run time) and
       lets `sample` + `log_prob` in one `tf.function` skip the fixed-point solve.
     - Inputs from another graph (Keras traces `call` in a scratch graph with the real input
       tensors) are not cached, so no scratch-graph tensor can leak into the real graph.
+    - Entries are keyed by replica context too: replicas of a `tf.distribute` strategy traced
+      into one graph may share an input tensor, and a value computed with one replica's copy of
+      the variables would carry no gradient to another's.
     - Attributes (where TFP stores log-dets) are always fresh, so each call re-estimates.
     """
+
+    _REPLICA_KEY = "_tfp_resflow_replica"
 
     def _lookup(self, input: Any, forward_name: str, inverse_name: str, **kwargs: Any) -> Any:  # noqa: A002
         graph = getattr(input, "graph", None)
         if tf.executing_eagerly() or graph is not tf.compat.v1.get_default_graph():
             return getattr(self.bijector, forward_name)(input, **kwargs)
+        kwargs[self._REPLICA_KEY] = id(tf.distribute.get_replica_context())
         return super()._lookup(input, forward_name, inverse_name, **kwargs)
+
+    def _invoke(self, input: Any, fn_name: str, kwargs: dict, attributes: dict) -> Any:  # noqa: A002
+        kwargs = {k: v for k, v in kwargs.items() if k != self._REPLICA_KEY}
+        return getattr(self.bijector, fn_name)(input, **kwargs)
 
     def _attributes(self, input: Any, fn_name: str, **kwargs: Any) -> dict:  # noqa: A002
         return {}
+
+
+class FreshChain(tfb.Chain):
+    """`tfb.Chain` with this package's cache policy (`_GraphOnlyCache`), for our composites."""
+
+    _cache = _GraphOnlyCache()
 
 
 class FreshBijector(tfb.Bijector):
@@ -313,6 +331,7 @@ class ResidualBlock(FreshBijector):
             self._rtol = None if rtol is None else _check_positive("rtol", rtol)
             self._max_iterations = max_iterations
             self._on_nonconvergence = on_nonconvergence
+            self._recent = threading.local()  # latest inverse pair, for warm starts
             super().__init__(
                 forward_min_event_ndims=event_ndims,
                 is_constant_jacobian=False,
@@ -374,6 +393,7 @@ class ResidualBlock(FreshBijector):
         y = self._check_input(y, "y")
         flat, batch_shape = self._flatten_batch(y)
         x = flat + self._g(flat)
+        self._record_inverse(flat, x)
         return tf.reshape(x, tf.shape(y))
 
     def _inverse_log_det_jacobian(self, y: tf.Tensor, seed: Any = None) -> tf.Tensor:
@@ -387,7 +407,29 @@ class ResidualBlock(FreshBijector):
     def _forward(self, z: tf.Tensor, seed: Any = None) -> tf.Tensor:
         z = self._check_input(z, "z")
         flat, _ = self._flatten_batch(z)
-        return tf.reshape(self._solve(flat), tf.shape(z))
+        return tf.reshape(self._solve(flat, self._warm_start_for(flat)), tf.shape(z))
+
+    # -- warm starts: TFP asks for forward(inverse(y)) in every log_prob ------------------------
+
+    def _record_inverse(self, y: tf.Tensor, x: tf.Tensor) -> None:
+        """Remembers this thread's latest eager inverse pair (graphs have the value cache)."""
+        if tf.executing_eagerly():
+            self._recent.pair = (y, x)
+
+    def _warm_start_for(self, z: tf.Tensor) -> tf.Tensor | None:
+        """The recorded `y` of the latest eager inverse, to start the fixed-point iteration.
+
+        Any start converges (the map is a contraction); when `z` is that inverse's output, as in
+        TFP's density correction `fldj(inverse(y))`, the iteration stops after one step. It is
+        a starting point, not a cached answer, so it cannot be stale.
+        """
+        pair = getattr(self._recent, "pair", None)
+        if not tf.executing_eagerly() or pair is None:
+            return None
+        y, _ = pair
+        if y.dtype != z.dtype or y.shape != z.shape:
+            return None
+        return y
 
     # -- the fixed-point inverse with its implicit gradient ----------------------------------------
 
@@ -416,14 +458,17 @@ class ResidualBlock(FreshBijector):
         )
         return x, done
 
-    def _solve(self, z: tf.Tensor) -> tf.Tensor:
+    def _solve(self, z: tf.Tensor, start: tf.Tensor | None = None) -> tf.Tensor:
         g = self._g
 
         @tf.custom_gradient
         def solve(z_in: tf.Tensor) -> tuple[tf.Tensor, Callable[..., Any]]:
-            x, converged = self._fixed_point(lambda x: z_in - g(x), z_in - g(z_in), z_in)
-            residual = tf.reduce_max(tf.abs(x + g(x) - z_in))
-            x = self._report_nonconvergence(x, converged, residual, "inverse")
+            # The authors start from z - g(z), one iteration from z.
+            x0 = z_in - g(z_in) if start is None else tf.stop_gradient(start)
+            x, converged = self._fixed_point(lambda x: z_in - g(x), x0, z_in)
+            x = self._report_nonconvergence(
+                x, converged, lambda: tf.reduce_max(tf.abs(x + g(x) - z_in)), "inverse"
+            )
 
             def grad_fn(dx: tf.Tensor, variables: list | None = None) -> Any:
                 # z = x + g(x)  =>  dL/dz = a with a (I + J) = dL/dx, i.e. a = dx - a J,
@@ -434,8 +479,8 @@ class ResidualBlock(FreshBijector):
                 a, ok = self._fixed_point(
                     lambda a: dx - tape.gradient(gx, x, output_gradients=a), dx, dx
                 )
-                residual = tf.reduce_max(tf.abs(a + tape.gradient(gx, x, output_gradients=a) - dx))
-                a = self._report_nonconvergence(a, ok, residual, "inverse's gradient")
+                # No residual here: a tf.cond in a gradient breaks pfor (batch_jacobian).
+                a = self._report_nonconvergence(a, ok, None, "inverse's gradient")
                 if variables is None:
                     return a
                 grads = tape.gradient(
@@ -457,12 +502,27 @@ class ResidualBlock(FreshBijector):
         return atol, rtol
 
     def _report_nonconvergence(
-        self, x: tf.Tensor, converged: tf.Tensor, residual: tf.Tensor, what: str
+        self,
+        x: tf.Tensor,
+        converged: tf.Tensor,
+        residual_fn: Callable[[], tf.Tensor] | None,
+        what: str,
     ) -> tf.Tensor:
-        """Raises (unless `on_nonconvergence="nan"`) and NaN-fills unconverged examples."""
+        """Raises (unless `on_nonconvergence="nan"`) and NaN-fills unconverged examples.
+
+        The residual (one more evaluation of g) is computed only when something failed.
+        """
         if self._on_nonconvergence == "raise":
+            all_converged = tf.reduce_all(converged)
+            residual = tf.constant(float("nan"), x.dtype)
+            if residual_fn is not None:
+                residual = tf.cond(
+                    all_converged,
+                    lambda: tf.zeros([], x.dtype),
+                    lambda: tf.cast(residual_fn(), x.dtype),
+                )
             check = tf.debugging.Assert(
-                tf.reduce_all(converged),
+                all_converged,
                 [
                     f"{self.name}: the fixed-point {what} did not converge within "
                     f"{self._max_iterations} iterations (tolerances {self._tolerances(x.dtype)}); "

@@ -21,7 +21,7 @@ import tensorflow_probability as tfp
 
 from tfp_resflow import network, stateless_random
 from tfp_resflow.actnorm import ActNorm, ActNormLayer
-from tfp_resflow.bijector import FreshBijector, ResidualBlock
+from tfp_resflow.bijector import FreshBijector, FreshChain, ResidualBlock
 from tfp_resflow.logdet import LogDetFn
 
 tfb = tfp.bijectors
@@ -99,7 +99,7 @@ class ResidualFlowBijector(FreshBijector):
             self._event_size: int | None = None
             self._blocks: list[ResidualBlock] = []
             self._actnorms: list[ActNorm] = []
-            self._chain: tfb.Chain | None = None
+            self._chain: FreshChain | None = None
             super().__init__(
                 forward_min_event_ndims=1,
                 is_constant_jacobian=False,
@@ -168,7 +168,7 @@ class ResidualFlowBijector(FreshBijector):
             actnorm.layer.build((None, event_size))
         # tfb.Chain applies its list last-first in the forward (latent -> data) direction, so
         # its inverse applies the list in order: data -> latent.
-        self._chain = tfb.Chain(bijectors, validate_args=c["validate_args"])
+        self._chain = FreshChain(bijectors, validate_args=c["validate_args"])
         self._event_size = event_size
         self._track_keras_variables()
 

@@ -140,6 +140,19 @@ class FlowModel(keras.Model):
                 raise ValueError(f"{self.name}: layer {layer.name} was not built by a pass.")
         super().build(input_shape)
 
+    def initialize(self, x: tf.Tensor) -> None:
+        """Data-dependent initialisation (ActNorm) from a batch, outside any training step.
+
+        Running it once on the first (global) batch before `fit` gives the same initial state
+        under any `tf.distribute` strategy, where an in-step initialisation would see only one
+        replica's share of the batch. Layers that are initialised already are left alone.
+        """
+        x = self._check_events(x)
+        if not self.built:
+            self.build((None, *self.event_shape))
+        with training_mode(training=False):
+            self.bijector.inverse(x)
+
     # -- density -----------------------------------------------------------------------------
 
     def _check_events(self, x: tf.Tensor) -> tf.Tensor:

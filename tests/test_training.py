@@ -1,0 +1,133 @@
+"""Tests of the training recipe: configuration, optimizer, EMA, the non-finite guard, pictures."""
+
+import dataclasses
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from tfp_resflow import artifacts, training
+from tfp_resflow.flow import ResidualFlowBijector
+from tfp_resflow.model import FlowModel
+
+
+def compiled_toy_model(config=None, total_steps=100):
+    config = config or training.TrainConfig(dataset="8gaussians", preset="toy", warmup_steps=10)
+    keras.utils.set_random_seed(0)
+    flow = ResidualFlowBijector(num_blocks=2, hidden_units=(8,), log_det="exact")
+    model = FlowModel(flow, event_shape=[2])
+    x = np.random.default_rng(0).normal(size=(64, 2)).astype(np.float32)
+    model.initialize(x)
+    model.compile(optimizer=training.make_optimizer(config, total_steps))
+    model.optimizer.build(model.trainable_variables)
+    return model, x
+
+
+def test_learning_rate_warms_up_linearly_then_stays_constant_or_decays():
+    for schedule, end in (("constant", 1e-3), ("cosine", 0.0)):
+        config = training.TrainConfig(learning_rate=1e-3, warmup_steps=10, schedule=schedule)
+        rate = training.make_schedule(config, total_steps=110)
+        np.testing.assert_allclose(float(rate(0)), 0.0, atol=1e-12)
+        np.testing.assert_allclose(float(rate(5)), 0.5e-3, rtol=1e-6)
+        np.testing.assert_allclose(float(rate(10)), 1e-3, rtol=1e-6)
+        np.testing.assert_allclose(float(rate(110)), end, atol=1e-9)
+
+
+def test_optimizer_is_adam_with_the_authors_settings():
+    optimizer = training.make_optimizer(training.TrainConfig(), total_steps=100)
+    adam = optimizer.inner_optimizer
+    assert isinstance(adam, keras.optimizers.Adam)
+    assert adam.beta_2 == 0.99
+    assert adam.global_clipnorm == 1.0
+    assert adam.use_ema
+    assert adam.ema_momentum == 0.999
+
+
+def test_a_batch_with_nan_does_not_change_the_weights():
+    model, x = compiled_toy_model()
+    model.train_on_batch(x)  # one good step first, so the optimizer state is non-trivial
+    before = [w.numpy().copy() for w in model.weights]
+    bad = x.copy()
+    bad[3, 1] = np.nan
+    model.train_on_batch(bad)
+    trainable = {id(w) for w in model.trainable_weights}
+    for w, old in zip(model.weights, before, strict=True):
+        if id(w) in trainable:
+            np.testing.assert_array_equal(w.numpy(), old, err_msg=w.path)
+    model.train_on_batch(x)  # and training goes on
+    assert any(
+        not np.array_equal(w.numpy(), old)
+        for w, old in zip(model.weights, before, strict=True)
+        if id(w) in trainable
+    )
+
+
+def test_ema_weights_swap_in_and_back():
+    model, x = compiled_toy_model(
+        training.TrainConfig(warmup_steps=0, learning_rate=0.05, ema_momentum=0.9)
+    )
+    for _ in range(3):
+        model.train_on_batch(x)
+    raw = [w.numpy().copy() for w in model.trainable_weights]
+    with training.ema_weights(model):
+        averaged = [w.numpy().copy() for w in model.trainable_weights]
+    after = [w.numpy() for w in model.trainable_weights]
+    assert any(not np.allclose(a, b) for a, b in zip(raw, averaged, strict=True))
+    for a, b in zip(raw, after, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_evaluate_loss_is_the_mean_over_examples():
+    model, x = compiled_toy_model()
+    dataset = tf.data.Dataset.from_tensor_slices(x).batch(24)  # uneven last batch
+    expected = float(tf.reduce_mean(model(x, training=False)))
+    np.testing.assert_allclose(training.evaluate_loss(model, dataset), expected, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("epochs", 0, "epochs must be a positive integer; got 0"),
+        ("batch_size", -4, "batch_size must be a positive integer; got -4"),
+        ("learning_rate", 0.0, "learning_rate must be > 0; got 0.0"),
+        ("schedule", "linear", "schedule must be one of .* got 'linear'"),
+        ("strategy", "horovod", "strategy must be one of .* got 'horovod'"),
+        ("ema_momentum", 1.0, "ema_momentum must be in \\[0, 1\\); got 1.0"),
+        ("steps_per_epoch", -1, "steps_per_epoch must be an integer >= 0; got -1"),
+    ],
+)
+def test_bad_config_values(field, value, message):
+    with pytest.raises(ValueError, match=message):
+        training.TrainConfig(**{field: value})
+
+
+def test_config_round_trips_through_a_dict():
+    config = training.TrainConfig(dataset="moons", epochs=3)
+    assert training.TrainConfig(**dataclasses.asdict(config)) == config
+
+
+def test_image_grid_tiles_images_with_borders():
+    images = np.zeros((5, 2, 3, 1))
+    images[1] = 1.0
+    grid = artifacts.image_grid(images, columns=3, scale=2)
+    assert grid.dtype == np.uint8
+    assert grid.shape == (2 * (2 * 3 + 1), 2 * (3 * 4 + 1), 1)
+    # image 1 (white) sits in row 0, column 1, after the 1-pixel border (scaled by 2).
+    assert np.all(grid[2:6, 2 * 5 : 2 * 8] == 255)
+    assert np.all(grid[2:6, 2:8] == 0)
+
+
+def test_density_panels_show_data_density_and_samples():
+    rng = np.random.default_rng(0)
+    data = rng.normal(size=(2000, 2)) * 0.3 + [2.0, 0.0]
+
+    def log_prob(points):  # the data's own density
+        return -0.5 * np.sum(((points - [2.0, 0.0]) / 0.3) ** 2, axis=1)
+
+    image = artifacts.density_panels(data, log_prob, data, bins=32)
+    assert image.shape == (32, 3 * 32 + 2)
+    data_panel, density_panel = image[:, :32], image[:, 33:65]
+    # Mass sits right of centre (x = 2) in both panels.
+    for panel in (data_panel, density_panel):
+        assert panel[:, 16:].sum() > 10 * panel[:, :16].sum()
