@@ -220,6 +220,22 @@ def test_power_iteration_is_warm_started_and_call_is_pure():
     np.testing.assert_array_equal(layer.v.numpy(), v)
 
 
+@pytest.mark.parametrize(
+    "make", [lambda **kw: conv((6, 6, 2), 3, 3, **kw), lambda **kw: dense(5, 4, **kw)]
+)
+def test_initial_power_iterations_defer_or_shorten_the_build_time_convergence(make):
+    converged = make()  # default: iterates to 1e-6 when built
+    deferred = make(initial_power_iterations=0)
+    assert deferred.get_config()["initial_power_iterations"] == 0
+    assert not np.any(deferred.u.numpy())  # never iterated: u is still its zero initial value
+    # The same kernel (seeded initializer): an unconverged estimate is a strict lower bound...
+    assert float(deferred.sigma()) < float(converged.sigma()) * (1 - 1e-3)
+    # ...until update_lipschitz converges it.
+    deferred.update_lipschitz(**CONVERGE)
+    assert float(deferred.sigma()) == pytest.approx(float(converged.sigma()), rel=1e-5)
+    assert np.any(make(initial_power_iterations=2).u.numpy())
+
+
 @pytest.mark.parametrize("jit_compile", [False, True])
 def test_update_inside_tf_function_matches_eager(jit_compile):
     layer = conv((4, 4, 2), 3, 3, stddev=2.0)
@@ -303,6 +319,8 @@ def _raises(fn, message):
         (lambda: SpectralDense(2, num_power_iterations=0), "num_power_iterations"),
         (lambda: SpectralDense(2, num_power_iterations=-3), "got -3"),
         (lambda: SpectralDense(2, max_iterations=2.5), "max_iterations"),
+        (lambda: SpectralDense(2, initial_power_iterations=-1), "initial_power_iterations"),
+        (lambda: SpectralConv2D(2, 3, initial_power_iterations=1.0), "got 1.0"),
         (lambda: SpectralDense(2, atol=-1.0), "atol must be a non-negative"),
         (lambda: SpectralDense(0), "units must be a positive integer; got 0"),
         (lambda: SpectralConv2D(2, 0), "kernel_size"),

@@ -26,11 +26,11 @@ def test_ci_runs_exactly_the_readme_test_line():
     assert test_lines[0] in ci_lines
 
 
-def test_main_job_line_installs_and_runs_the_demo():
+def test_main_job_line_installs_and_runs_train_tf():
     main_lines = [line for line in bash_lines() if "pip install ." in line]
     assert len(main_lines) == 1, main_lines
-    assert main_lines[0].endswith("python -m tfp_resflow")
-    assert (ROOT / "tfp_resflow" / "__main__.py").exists()
+    assert main_lines[0].endswith("&& python train_tf.py")
+    assert (ROOT / "train_tf.py").exists()
 
 
 def test_first_code_example_is_the_design_card_line():

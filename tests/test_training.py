@@ -35,7 +35,8 @@ def test_learning_rate_warms_up_linearly_then_stays_constant_or_decays():
 
 
 def test_optimizer_is_adam_with_the_authors_settings():
-    optimizer = training.make_optimizer(training.TrainConfig(), total_steps=100)
+    config = training.TrainConfig(ema_momentum=0.999)
+    optimizer = training.make_optimizer(config, total_steps=100)
     adam = optimizer.inner_optimizer
     assert isinstance(adam, keras.optimizers.Adam)
     assert adam.beta_2 == 0.99

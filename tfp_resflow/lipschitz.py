@@ -155,6 +155,14 @@ def _check_tolerance(name: str, value: object) -> float | None:
     return float(value)
 
 
+def _check_initial_iterations(value: object) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
+        raise ValueError(f"initial_power_iterations must be an integer >= 0 or None; got {value!r}")
+    return int(value)
+
+
 def _check_lipschitz_constant(value: object) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 < value < 1:
         raise ValueError(f"lipschitz_constant must be in (0, 1); got {value!r}")
@@ -174,6 +182,7 @@ class _SpectralLayer(keras.layers.Layer):
         atol: float | None,
         rtol: float | None,
         max_iterations: int,
+        initial_power_iterations: int | None,
         use_bias: bool,
         kernel_initializer: object,
         bias_initializer: object,
@@ -187,6 +196,7 @@ class _SpectralLayer(keras.layers.Layer):
         self.atol = _check_tolerance("atol", atol)
         self.rtol = _check_tolerance("rtol", rtol)
         self.max_iterations = _check_count("max_iterations", max_iterations)
+        self.initial_power_iterations = _check_initial_iterations(initial_power_iterations)
         self.use_bias = use_bias
         self.kernel_initializer = keras.initializers.get(kernel_initializer)
         self.bias_initializer = keras.initializers.get(bias_initializer)
@@ -208,9 +218,14 @@ class _SpectralLayer(keras.layers.Layer):
         # change per element is relative to entries of size 1/sqrt(n), so for convolutions
         # it stops after ~8 iterations with sigma 3-5% low. A layer first built while tracing
         # a tf.function cannot read its new variables: it starts from a random v (still a
-        # valid lower bound) until `update_lipschitz` runs.
-        if not tf.inside_function():
+        # valid lower bound) until `update_lipschitz` runs. `initial_power_iterations` replaces
+        # the convergence by a fixed count (0: none), for models too large to converge at build.
+        if tf.inside_function():
+            return
+        if self.initial_power_iterations is None:
             self._power_update(1e-6, 1e-6, self.max_iterations)
+        elif self.initial_power_iterations > 0:
+            self._power_update(None, None, self.initial_power_iterations)
 
     def _kernel(self) -> tf.Tensor:
         return tf.convert_to_tensor(self.kernel)
@@ -316,6 +331,7 @@ class _SpectralLayer(keras.layers.Layer):
             atol=self.atol,
             rtol=self.rtol,
             max_iterations=self.max_iterations,
+            initial_power_iterations=self.initial_power_iterations,
             use_bias=self.use_bias,
             kernel_initializer=keras.initializers.serialize(self.kernel_initializer),
             bias_initializer=keras.initializers.serialize(self.bias_initializer),
@@ -339,6 +355,10 @@ class SpectralDense(_SpectralLayer):
         atol: If set (or `rtol`), `update_lipschitz()` iterates to this absolute tolerance.
         rtol: Relative tolerance, see `atol`.
         max_iterations: Cap on iterations to a tolerance (also used once when built).
+        initial_power_iterations: Iterations when the layer is built: None (default) iterates
+            to a tolerance of 1e-6 (at most `max_iterations`); an integer runs exactly that
+            many (0: none, for large models: sigma then starts as a lower bound from a random
+            `v` until `update_lipschitz` runs).
         use_bias: Whether to add a bias b.
         kernel_initializer: Keras initializer of W.
         bias_initializer: Keras initializer of b.
@@ -358,6 +378,7 @@ class SpectralDense(_SpectralLayer):
         atol: float | None = None,
         rtol: float | None = None,
         max_iterations: int = 200,
+        initial_power_iterations: int | None = None,
         use_bias: bool = True,
         kernel_initializer: object = "glorot_uniform",
         bias_initializer: object = "zeros",
@@ -371,6 +392,7 @@ class SpectralDense(_SpectralLayer):
             atol=atol,
             rtol=rtol,
             max_iterations=max_iterations,
+            initial_power_iterations=initial_power_iterations,
             use_bias=use_bias,
             kernel_initializer=kernel_initializer,
             bias_initializer=bias_initializer,
@@ -448,6 +470,7 @@ class SpectralConv2D(_SpectralLayer):
         atol: See `SpectralDense`.
         rtol: See `SpectralDense`.
         max_iterations: See `SpectralDense`.
+        initial_power_iterations: See `SpectralDense`.
         use_bias: Whether to add a bias.
         kernel_initializer: Keras initializer of W.
         bias_initializer: Keras initializer of b.
@@ -471,6 +494,7 @@ class SpectralConv2D(_SpectralLayer):
         atol: float | None = None,
         rtol: float | None = None,
         max_iterations: int = 200,
+        initial_power_iterations: int | None = None,
         use_bias: bool = True,
         kernel_initializer: object = "glorot_uniform",
         bias_initializer: object = "zeros",
@@ -484,6 +508,7 @@ class SpectralConv2D(_SpectralLayer):
             atol=atol,
             rtol=rtol,
             max_iterations=max_iterations,
+            initial_power_iterations=initial_power_iterations,
             use_bias=use_bias,
             kernel_initializer=kernel_initializer,
             bias_initializer=bias_initializer,

@@ -1,0 +1,371 @@
+"""Tests of the `train_tf.py` command line: artefacts, modes, crash recovery, distribution."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import train_tf  # noqa: E402
+
+# A toy run small enough to trace and train in seconds.
+TINY_TOY = [
+    "--dataset",
+    "8gaussians",
+    "--toy-blocks",
+    "2",
+    "--toy-hidden",
+    "8",
+    "--batch-size",
+    "32",
+    "--num-samples",
+    "64",
+    "--num-eval-draws",
+    "2",
+    "--warmup-steps",
+    "2",
+    "--verbose",
+    "0",
+]
+TINY_DIGITS = [
+    "--dataset",
+    "digits",
+    "--preset",
+    "digits",
+    "--batch-size",
+    "16",
+    "--num-samples",
+    "4",
+    "--num-eval-draws",
+    "2",
+    "--warmup-steps",
+    "2",
+    "--verbose",
+    "0",
+]
+
+
+def run_cli(args, env=None, timeout=600):
+    """Runs train_tf.py in a fresh Python process (needed for devices, workers and SIGKILL)."""
+    full_env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", **(env or {})}
+    return subprocess.run(
+        [sys.executable, str(ROOT / "train_tf.py"), *args],
+        cwd=ROOT,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def read_metrics(run_dir):
+    return json.loads((Path(run_dir) / "metrics.json").read_text())
+
+
+# ------------------------------------------------------------------------------------------------
+# Flags
+
+
+def test_help_explains_every_flag(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        train_tf.main(["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    for flag in (
+        "--dataset",
+        "--preset",
+        "--epochs",
+        "--steps-per-epoch",
+        "--batch-size",
+        "--learning-rate",
+        "--output-dir",
+        "--seed",
+        "--strategy",
+        "--resume",
+        "--eval-only",
+        "--sample",
+    ):
+        assert flag in out, flag
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--preset", "imagenet1k"], "unknown preset 'imagenet1k'"),
+        (["--dataset", "8gaussians", "--preset", "mnist"], "does not fit dataset"),
+        (["--batch-size", "0"], "batch_size must be a positive integer; got 0"),
+        (["--batch-size", "-3"], "batch_size must be a positive integer; got -3"),
+        (["--strategy", "horovod"], "strategy must be one of"),
+        (["--epochs", "two"], "invalid int value: 'two'"),
+    ],
+)
+def test_bad_flags_exit_nonzero_with_one_line(args, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        train_tf.main(args)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert message in err
+    assert err.startswith("train_tf.py: error:")
+
+
+def test_unknown_dataset_fails_with_one_line_in_a_subprocess():
+    result = run_cli(["--dataset", "no_such_dataset_xyz", "--output-dir", "/tmp/never"])
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("train_tf.py")]
+    assert len(errors) == 1, result.stderr
+
+
+# ------------------------------------------------------------------------------------------------
+# Artefacts and run modes
+
+
+def test_digits_smoke_run_writes_every_artefact(tmp_path):
+    run = tmp_path / "digits"
+    assert (
+        train_tf.main(
+            [*TINY_DIGITS, "--epochs", "2", "--steps-per-epoch", "2", "--output-dir", str(run)]
+        )
+        == 0
+    )
+    for name in ("config.json", "metrics.json", "samples.png", "model.keras", "resume.json"):
+        assert (run / name).exists(), name
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [
+        "epoch_001.weights.h5",
+        "epoch_002.weights.h5",
+    ]
+    assert list((run / "logs" / "train").glob("events.out.tfevents.*"))
+    assert list((run / "logs" / "eval").glob("events.out.tfevents.*"))
+    metrics = read_metrics(run)
+    assert metrics["unit"] == "bits_per_dim"
+    assert [e["epoch"] for e in metrics["epochs"]] == [1, 2]
+    for entry in metrics["epochs"]:
+        assert np.isfinite(entry["train_bits_per_dim"])
+        # 17 grey levels: a useless model is far above log2(17) = 4.09 bits, a good one below.
+        assert 0.0 < entry["test_bits_per_dim"] < 20.0
+        assert entry["estimator"]["train_mode_std"] > 0.0
+    config = json.loads((run / "config.json").read_text())
+    assert config["dataset"] == "digits"
+
+    # --sample N writes N samples.
+    assert train_tf.main([*TINY_DIGITS, "--output-dir", str(run), "--sample", "9"]) == 0
+    assert (run / "samples_9.png").exists()
+
+
+def test_toy_run_eval_only_and_resume(tmp_path):
+    run = tmp_path / "toy"
+    assert (
+        train_tf.main(
+            [*TINY_TOY, "--epochs", "2", "--steps-per-epoch", "3", "--output-dir", str(run)]
+        )
+        == 0
+    )
+    assert (run / "density.png").exists()
+    metrics = read_metrics(run)
+    assert metrics["unit"] == "nats"
+    # --eval-only reproduces the last test NLL of the same checkpoint and EMA weights (2-D
+    # events are evaluated with exact log-dets: deterministic).
+    assert train_tf.main([*TINY_TOY, "--output-dir", str(run), "--eval-only"]) == 0
+    evaluation = json.loads((run / "eval.json").read_text())
+    assert evaluation["checkpoint_epoch"] == 2
+    np.testing.assert_allclose(
+        evaluation["test_nats"], metrics["epochs"][-1]["test_nats"], rtol=1e-5
+    )
+    # --resume continues from epoch 2 to 3, keeping the history.
+    assert (
+        train_tf.main(
+            [
+                *TINY_TOY,
+                "--epochs",
+                "3",
+                "--steps-per-epoch",
+                "3",
+                "--output-dir",
+                str(run),
+                "--resume",
+            ]
+        )
+        == 0
+    )
+    assert [e["epoch"] for e in read_metrics(run)["epochs"]] == [1, 2, 3]
+    assert json.loads((run / "resume.json").read_text())["initial_epoch"] == 2
+
+
+def test_eval_only_without_checkpoint_fails_cleanly(tmp_path, capsys):
+    code = train_tf.main([*TINY_TOY, "--output-dir", str(tmp_path / "empty"), "--eval-only"])
+    assert code == 2
+    assert "no checkpoint" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------------
+# Crash recovery
+
+
+def weights_checksum_of_backup(run_dir, config_args):
+    """Loads the backup's weights into a freshly built model; returns their checksum."""
+    from tfp_resflow import data, training
+
+    config, _ = train_tf.parse_args([*config_args])
+    train, event_shape, num_levels = data.load_dataset(
+        config.dataset, "train", batch_size=config.batch_size, seed=config.seed
+    )
+    model = train_tf.build_model(config, tuple(event_shape), num_levels)
+    model.build((None, *event_shape))
+    model.initialize(next(iter(train)))
+    model.compile(optimizer=training.make_optimizer(config, 100))
+    model.optimizer.build(model.trainable_variables)
+    model.load_weights(Path(run_dir) / "backup" / "latest.weights.h5")
+    return training.weights_checksum(model.weights), int(model.optimizer.iterations.numpy())
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_from_its_backup(tmp_path):
+    run = tmp_path / "crash"
+    args = [
+        *TINY_TOY,
+        "--epochs",
+        "6",
+        "--steps-per-epoch",
+        "10",
+        "--backup-every",
+        "5",
+        "--output-dir",
+        str(run),
+    ]
+    process = subprocess.Popen(
+        [sys.executable, str(ROOT / "train_tf.py"), *args],
+        cwd=ROOT,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    metadata = run / "backup" / "training_metadata.json"
+    deadline = time.time() + 300
+    # Kill once a backup from the middle of the run exists (after epoch 2 has begun).
+    while time.time() < deadline:
+        if metadata.exists():
+            try:
+                if json.loads(metadata.read_text())["epoch"] >= 2:
+                    break
+            except (json.JSONDecodeError, KeyError):
+                pass
+        if process.poll() is not None:
+            pytest.fail("the run finished before it could be killed")
+        time.sleep(0.2)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (run / "model.keras").exists()  # it really did not finish
+    backup_epoch = json.loads(metadata.read_text())["epoch"]
+    expected_checksum, backup_iterations = weights_checksum_of_backup(run, args)
+
+    result = run_cli(args)
+    assert result.returncode == 0, result.stderr[-2000:]
+    resume = json.loads((run / "resume.json").read_text())
+    assert resume["initial_epoch"] == backup_epoch >= 2
+    assert resume["optimizer_iterations"] == backup_iterations > 0
+    np.testing.assert_allclose(resume["weights_checksum"], expected_checksum, rtol=1e-6)
+    assert [e["epoch"] for e in read_metrics(run)["epochs"]] == [1, 2, 3, 4, 5, 6]
+    assert (run / "model.keras").exists()
+
+
+# ------------------------------------------------------------------------------------------------
+# Distribution
+
+
+@pytest.mark.slow
+def test_mirrored_on_two_cpus_matches_the_default_strategy(tmp_path):
+    # With exact log-dets the loss is deterministic, so both runs compute the same function of
+    # the same global batches; only the order of float32 sums differs (per-replica partial sums,
+    # all-reduced), about 1e-7 relative per operation. Over 12 steps that stays far below
+    # 1e-4 relative, while a wrong gradient scaling (sum instead of mean over replicas) or a
+    # different data split would change the loss at the first or second decimal.
+    common = [
+        *TINY_TOY,
+        "--log-det",
+        "exact",
+        "--epochs",
+        "3",
+        "--steps-per-epoch",
+        "4",
+        "--warmup-steps",
+        "0",
+        "--learning-rate",
+        "0.01",
+    ]
+    losses = {}
+    for strategy in ("default", "mirrored"):
+        run = tmp_path / strategy
+        result = run_cli(
+            [*common, "--strategy", strategy, "--cpu-devices", "2", "--output-dir", str(run)]
+        )
+        assert result.returncode == 0, result.stderr[-2000:]
+        losses[strategy] = [e["train_nats"] for e in read_metrics(run)["epochs"]]
+    assert len(losses["default"]) == 3
+    np.testing.assert_allclose(losses["mirrored"], losses["default"], rtol=1e-4)
+    assert losses["default"][0] != losses["default"][-1]  # it trained
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_multiworker_on_loopback_trains_and_workers_agree(tmp_path):
+    ports = [free_port(), free_port()]
+    cluster = {"worker": [f"localhost:{p}" for p in ports]}
+    run = tmp_path / "mw"
+    args = [
+        *TINY_TOY,
+        "--strategy",
+        "multiworker",
+        "--epochs",
+        "2",
+        "--steps-per-epoch",
+        "3",
+        "--output-dir",
+        str(run),
+    ]
+    processes = []
+    for index in range(2):
+        env = {
+            **os.environ,
+            "TF_CPP_MIN_LOG_LEVEL": "2",
+            "TF_CONFIG": json.dumps(
+                {"cluster": cluster, "task": {"type": "worker", "index": index}}
+            ),
+        }
+        processes.append(
+            subprocess.Popen(
+                [sys.executable, str(ROOT / "train_tf.py"), *args],
+                cwd=ROOT,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        )
+    outputs = [p.communicate(timeout=600)[0] for p in processes]
+    for p, out in zip(processes, outputs, strict=True):
+        assert p.returncode == 0, out[-3000:]
+    chief = read_metrics(run)
+    worker = (
+        read_metrics(run / "worker_1") if (run / "worker_1" / "metrics.json").exists() else None
+    )
+    assert [e["epoch"] for e in chief["epochs"]] == [1, 2]
+    assert worker is None  # only the chief writes metrics
+    checksums = [
+        json.loads((d / "final_weights.json").read_text()) for d in (run, run / "worker_1")
+    ]
+    np.testing.assert_allclose(checksums[0], checksums[1], rtol=0, atol=0)
