@@ -11,12 +11,17 @@ The package is flat; each module is about one idea:
 - `actnorm`: ActNorm with data-dependent initialisation.
 - `flow`: `ResidualFlowBijector`, a stack of blocks for vector events.
 - `model`: `FlowModel`, the Keras model that trains any of them with `fit`.
+- `bits`: bits per dimension of dequantised data.
+- `image`, `multiscale`, `presets`: image bijectors, the multi-scale flow, the paper's presets.
+- `data`, `training`, `distribute`, `artifacts`: what `train_tf.py` is built from.
 """
 
 from tfp_resflow.activation import CLipSwish, LipSwish, get_activation
 from tfp_resflow.actnorm import ActNorm, ActNormLayer
 from tfp_resflow.bijector import ResidualBlock, data_dependent_init, training_mode
+from tfp_resflow.bits import bits_per_dim
 from tfp_resflow.flow import ResidualFlowBijector
+from tfp_resflow.image import LogitTransform, Squeeze
 from tfp_resflow.lipschitz import SpectralConv2D, SpectralDense, update_lipschitz
 from tfp_resflow.logdet import (
     LogDetFn,
@@ -25,24 +30,33 @@ from tfp_resflow.logdet import (
     russian_roulette_log_det,
 )
 from tfp_resflow.model import FlowModel
+from tfp_resflow.multiscale import MultiscaleResidualFlow, image_flow
 from tfp_resflow.network import lipschitz_cnn, lipschitz_mlp
+from tfp_resflow.presets import PRESETS, ImageFlowConfig
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "PRESETS",
     "ActNorm",
     "ActNormLayer",
     "CLipSwish",
     "FlowModel",
+    "ImageFlowConfig",
     "LipSwish",
     "LogDetFn",
+    "LogitTransform",
+    "MultiscaleResidualFlow",
     "ResidualBlock",
     "ResidualFlowBijector",
     "SpectralConv2D",
     "SpectralDense",
+    "Squeeze",
+    "bits_per_dim",
     "data_dependent_init",
     "exact_log_det",
     "get_activation",
+    "image_flow",
     "lipschitz_cnn",
     "lipschitz_mlp",
     "power_series_log_det",

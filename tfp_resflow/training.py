@@ -58,14 +58,14 @@ class TrainConfig:
     toy_blocks: int = 8  # residual blocks of the "toy" preset
     toy_hidden: int = 64  # width of the two hidden layers of each toy block's g
     log_det: str = "unbiased"  # training log-det of the "toy" preset: "unbiased" or "exact"
-    epochs: int = 20
+    epochs: int = 15
     steps_per_epoch: int = 0  # 0: one pass over the training data
     batch_size: int = 64
     learning_rate: float = 2e-3
     warmup_steps: int = 100  # the authors warm up over 1000 iterations of longer runs
     schedule: str = "constant"  # "constant" or "cosine" after the warm-up
     # The authors' 0.999 averages over ~1000 steps, right for their 10**5-step runs; the default
-    # run has ~460 steps, so 0.99 (~100 steps). Pass --ema-momentum 0.999 for paper runs.
+    # run has ~345 steps, so 0.99 (~100 steps). Pass --ema-momentum 0.999 for paper runs.
     ema_momentum: float = 0.99
     clip_norm: float = 1.0
     seed: int = 0
