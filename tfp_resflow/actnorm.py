@@ -71,8 +71,10 @@ class ActNormLayer(keras.layers.Layer):
             # batch. Initialise before training instead (FlowModel.initialize does).
             tf.debugging.Assert(
                 self.initialized > 0.5,
-                [f"{self.name}: not initialised; under a tf.distribute strategy call "
-                 "FlowModel.initialize(batch) (or run the flow once) before training."],
+                [
+                    f"{self.name}: not initialised; under a tf.distribute strategy call "
+                    "FlowModel.initialize(batch) (or run the flow once) before training."
+                ],
             )
             return
 
