@@ -24,7 +24,6 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Any
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -267,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
             json.dumps(dataclasses.asdict(config), indent=1) + "\n"
         )
     if config.strategy == "multiworker":
-        history = distribute.fit_custom_loop(
+        distribute.fit_custom_loop(
             strategy,
             model,
             train,
@@ -290,15 +289,14 @@ def main(argv: list[str] | None = None) -> int:
             keras.callbacks.TensorBoard(str(run_dir / "logs")),
             evaluation,
         ]
-        history = model.fit(
+        model.fit(
             train,
             epochs=config.epochs,
             steps_per_epoch=steps_per_epoch,
             initial_epoch=initial_epoch,
             callbacks=callbacks,
             verbose=config.verbose,
-        ).history
-    del history
+        )
     # fit ends by replacing the weights with their EMA (Keras' use_ema); save that model.
     if write_files:
         model.save(run_dir / "model.keras")
@@ -314,9 +312,5 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _entry_point(argv: list[str] | None = None) -> Any:
-    return sys.exit(main(argv))
-
-
 if __name__ == "__main__":
-    _entry_point()
+    sys.exit(main())

@@ -158,9 +158,7 @@ class ActNorm(FreshBijector):
         if not self._layer.built:
             self._layer.build(tuple(t.shape))
             self._track_keras_variables()
-        if self.validate_args:
-            t = tf.debugging.assert_all_finite(t, f"{self.name}: {name} has NaN or inf.")
-        return t
+        return self._check_finite(t, name)
 
     def _inverse(self, y: tf.Tensor, **kwargs: Any) -> tf.Tensor:
         y = self._prepare(y, "y")

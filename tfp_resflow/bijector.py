@@ -182,6 +182,12 @@ class FreshBijector(tfb.Bijector):
         tracked = [w.value for layer in self.keras_layers if layer.built for w in layer.weights]
         self._tracked_keras_variables = tracked
 
+    def _check_finite(self, t: tf.Tensor, name: str) -> tf.Tensor:
+        """With `validate_args`, `t` behind a run-time check that it has no NaN or inf."""
+        if self.validate_args:
+            t = tf.debugging.assert_all_finite(t, f"{self.name}: {name} has NaN or inf.")
+        return t
+
     @classmethod
     def _parameter_properties(cls, dtype: tf.DType, num_classes: Any = None) -> dict:
         return {}  # Weights live in Keras layers and carry no batch shape.
@@ -383,9 +389,7 @@ class ResidualBlock(FreshBijector):
                 f"{self.name}: {name} must have at least {self._event_ndims} dimensions "
                 f"(the event); got shape {t.shape}."
             )
-        if self.validate_args:
-            t = tf.debugging.assert_all_finite(t, f"{self.name}: {name} has NaN or inf.")
-        return t
+        return self._check_finite(t, name)
 
     # -- TFP hooks ---------------------------------------------------------------------------------
 

@@ -79,8 +79,7 @@ class Squeeze(FreshBijector):
             )
 
     def _apply(self, t: tf.Tensor, op: Any, out_event: tf.TensorShape) -> tf.Tensor:
-        if self.validate_args:
-            t = tf.debugging.assert_all_finite(t, f"{self.name}: input has NaN or inf.")
+        t = self._check_finite(t, "input")
         shape = tf.shape(t)
         batch_shape = shape[:-3]
         flat = tf.reshape(t, tf.concat([[-1], shape[-3:]], axis=0))

@@ -263,9 +263,7 @@ class MultiscaleResidualFlow(FreshBijector):
                 f"{self.name}: {what} must have shape [..., {', '.join(map(str, expected))}]; "
                 f"got shape {shape}."
             )
-        if self._validate:
-            t = tf.debugging.assert_all_finite(t, f"{self.name}: {what} has NaN or inf.")
-        return t
+        return self._check_finite(t, what)
 
     def _inverse_event_shape(self, output_shape: tf.TensorShape) -> tf.TensorShape:
         shape = tf.TensorShape(output_shape)
