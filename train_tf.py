@@ -44,6 +44,8 @@ HELP = {
     "toy_blocks": "residual blocks of the toy preset",
     "toy_hidden": "width of the hidden layers of the toy preset's residual functions",
     "log_det": "training log-det of the toy preset: unbiased (Russian roulette) or exact",
+    "learnable_norm_orders": "learn the norm orders of every residual function (from 2), as "
+    "the authors' --learn-p",
     "epochs": "number of epochs (total, also with --resume)",
     "steps_per_epoch": "optimizer steps per epoch; 0 means one pass over the training data",
     "batch_size": "global batch size (split across replicas)",
@@ -76,13 +78,14 @@ def parse_args(argv: list[str] | None) -> tuple[TrainConfig, argparse.Namespace]
     parser = _OneLineErrors(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     for field in dataclasses.fields(TrainConfig):
         flag = "--" + field.name.replace("_", "-")
-        kind = type(field.default)
-        parser.add_argument(
-            flag,
-            type=kind,
-            default=field.default,
-            help=f"{HELP[field.name]} (default: {field.default})",
-        )
+        help_text = f"{HELP[field.name]} (default: {field.default})"
+        if isinstance(field.default, bool):  # --flag / --no-flag, not type=bool ("False" is true)
+            action = argparse.BooleanOptionalAction
+            parser.add_argument(flag, action=action, default=field.default, help=help_text)
+        else:
+            parser.add_argument(
+                flag, type=type(field.default), default=field.default, help=help_text
+            )
     parser.add_argument(
         "--resume", action="store_true", help="continue from the latest checkpoint in --output-dir"
     )
@@ -143,9 +146,13 @@ def build_model(config: TrainConfig, event_shape: tuple, num_levels: int | None)
             num_blocks=config.toy_blocks,
             hidden_units=(config.toy_hidden, config.toy_hidden),
             log_det=config.log_det,
+            learnable_norm_orders=config.learnable_norm_orders,
         )
         return FlowModel(flow, event_shape=event_shape, loss_unit="nats")
-    flow = multiscale.image_flow(event_shape, preset)
+    image_config = dataclasses.replace(
+        presets.get_preset(preset), learnable_norm_orders=config.learnable_norm_orders
+    )
+    flow = multiscale.image_flow(event_shape, image_config)
     return FlowModel(flow, event_shape=event_shape, loss_unit="bits_per_dim", num_levels=num_levels)
 
 

@@ -1,6 +1,8 @@
 """Tests of ResidualBlock, ActNorm and ResidualFlowBijector as TFP bijectors."""
 
 import functools
+import json
+import math
 
 import keras
 import numpy as np
@@ -14,6 +16,7 @@ from tfp_resflow import lipschitz
 from tfp_resflow.actnorm import ActNorm, ActNormLayer
 from tfp_resflow.bijector import ResidualBlock, training_mode
 from tfp_resflow.flow import ResidualFlowBijector
+from tfp_resflow.norm_order import NormOrder
 
 tfb, tfd = tfp.bijectors, tfp.distributions
 
@@ -430,6 +433,9 @@ def test_flow_nan_input_raises_with_validate_args():
         (dict(num_blocks=0), "num_blocks must be an integer >= 1; got 0"),
         (dict(lipschitz_constant=1.0), "lipschitz_constant must be in \\(0, 1\\); got 1.0"),
         (dict(log_det="nope"), "log_det must be one of"),
+        (dict(hidden_units=(4,), norm_orders=[2, 2]), "norm_orders needs 3 entries"),
+        (dict(norm_orders=[1, 2, 2, 1], learnable_norm_orders=True), "start in \\(1, 5\\)"),
+        (dict(learnable_norm_orders=1), "learnable_norm_orders must be a bool; got 1"),
     ],
 )
 def test_flow_bad_arguments(kwargs, message):
@@ -457,3 +463,23 @@ def test_eager_log_prob_does_not_solve_the_fixed_point():
     calls.clear()
     block.forward(data((4, 3), seed=11))  # a cold solve needs many steps at Lip 0.95
     assert len(calls) > 10
+
+
+def test_flow_norm_orders_reach_every_g_and_the_config_round_trips():
+    flow = ResidualFlowBijector(
+        num_blocks=2, hidden_units=(4,), norm_orders=[2, "inf", 2], event_size=2
+    )
+    for block in flow.blocks:
+        first, last = lipschitz.spectral_layers(block.keras_layers)
+        assert (first.domain, first.codomain, last.codomain) == (2.0, math.inf, 2.0)
+    config = json.loads(json.dumps(flow.get_config()))
+    assert config["norm_orders"] == [2.0, "inf", 2.0]
+    clone = ResidualFlowBijector.from_config(config)
+    assert clone.get_config() == flow.get_config()
+    learned = ResidualFlowBijector(hidden_units=(4,), learnable_norm_orders=True, event_size=3)
+    assert learned.get_config()["norm_orders"] == [2.0, 2.0, 2.0]
+    assert all(
+        isinstance(layer.domain, NormOrder)
+        for block in learned.blocks
+        for layer in lipschitz.spectral_layers(block.keras_layers)
+    )

@@ -42,8 +42,11 @@ def small_model(**kwargs):
     return FlowModel(ResidualFlowBijector(**{**options, **kwargs}), event_shape=[2])
 
 
-def test_fit_moves_every_trainable_weight_and_runs_power_iterations():
-    model = small_model(num_blocks=2, hidden_units=(8,))
+@pytest.mark.parametrize("learnable_norm_orders", [False, True])
+def test_fit_moves_every_trainable_weight_and_runs_power_iterations(learnable_norm_orders):
+    model = small_model(
+        num_blocks=2, hidden_units=(8,), learnable_norm_orders=learnable_norm_orders
+    )
     model.compile(optimizer=keras.optimizers.Adam(1e-2))
     x = eight_gaussians(256, seed=0)
     model.build((None, 2))
@@ -52,6 +55,7 @@ def test_fit_moves_every_trainable_weight_and_runs_power_iterations():
     vectors_before = [w.numpy().copy() for layer in spectral for w in layer.non_trainable_weights]
     model.fit(x, batch_size=64, epochs=1, verbose=0)
     names = [w.path for w in model.trainable_weights]
+    assert sum(name.endswith("/logit") for name in names) == 2 * 2 * learnable_norm_orders
     assert len(names) == len({id(v) for v in model.bijector.trainable_variables})
     for name, old, new in zip(names, before, model.trainable_weights, strict=True):
         assert not np.allclose(old, new.numpy()), f"{name} did not move"
@@ -99,8 +103,11 @@ def test_bits_per_dim_unit(num_levels, offset_bits):
     np.testing.assert_allclose(bits, nats / (2 * np.log(2.0)) + offset_bits, rtol=1e-6)
 
 
-def test_save_and_load_keras_file_gives_the_same_exact_log_prob(tmp_path):
-    model = small_model(num_blocks=2, hidden_units=(16,))
+@pytest.mark.parametrize("learnable_norm_orders", [False, True])
+def test_save_and_load_keras_file_gives_the_same_exact_log_prob(tmp_path, learnable_norm_orders):
+    model = small_model(
+        num_blocks=2, hidden_units=(16,), learnable_norm_orders=learnable_norm_orders
+    )
     model.compile(optimizer=keras.optimizers.Adam(1e-2))
     x = eight_gaussians(512, seed=4)
     model.fit(x, batch_size=128, epochs=1, verbose=0)
@@ -112,6 +119,36 @@ def test_save_and_load_keras_file_gives_the_same_exact_log_prob(tmp_path):
     np.testing.assert_allclose(loaded.log_prob(test), model.log_prob(test), rtol=1e-6)
     for a, b in zip(loaded.weights, model.weights, strict=True):
         np.testing.assert_array_equal(a.numpy(), b.numpy())
+    for block in loaded.bijector.blocks:  # rebuilt from the flow's config: ties included
+        first, last = lipschitz.spectral_layers(block.keras_layers)
+        assert first.codomain is last.domain is not None
+        assert (last.codomain is first.domain) == learnable_norm_orders
+
+
+def test_learnable_orders_get_their_gradient_in_training_and_the_loss_value_is_the_nll():
+    model = small_model(
+        num_blocks=2, hidden_units=(8,), learnable_norm_orders=True, log_det="exact"
+    )
+    model.build((None, 2))
+    x = eight_gaussians(64, seed=6)
+    logits = [w for w in model.trainable_weights if w.path.endswith("/logit")]
+    others = [w for w in model.trainable_weights if not w.path.endswith("/logit")]
+    with tf.GradientTape(persistent=True) as tape:
+        y_pred = model(x, training=True)
+        train_loss = model.compute_loss(y_pred=y_pred, training=True)
+        eval_loss = model.compute_loss(y_pred=y_pred, training=False)
+        order_loss = lipschitz.norm_order_loss(model.flow_layers)
+    assert float(train_loss) == float(eval_loss)  # the added term is zero in value
+    # The likelihood does not reach the orders (the blocks' custom gradients give zeros).
+    assert all(g is None or float(g) == 0.0 for g in tape.gradient(eval_loss, logits))
+    for got, want in zip(
+        tape.gradient(train_loss, logits), tape.gradient(order_loss, logits), strict=True
+    ):
+        np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-6)
+    for got, want in zip(
+        tape.gradient(train_loss, others), tape.gradient(eval_loss, others), strict=True
+    ):
+        np.testing.assert_array_equal(got.numpy(), want.numpy())
 
 
 def test_export_has_log_prob_and_sample_endpoints(tmp_path):

@@ -11,6 +11,7 @@ import tensorflow as tf
 import tensorflow_probability as tfp
 from checks import assert_finite, brute_force_inverse_log_det
 
+from tfp_resflow import lipschitz
 from tfp_resflow.bijector import ResidualBlock, training_mode
 from tfp_resflow.model import FlowModel
 from tfp_resflow.multiscale import MultiscaleResidualFlow, scale_shapes
@@ -242,13 +243,28 @@ def test_keras_layers_hold_every_variable_in_a_deterministic_order():
     assert len(flow.actnorms) == 4
 
 
-def test_fit_then_save_and_load_gives_the_same_log_prob(tmp_path):
+def test_learnable_norm_orders_are_tied_within_each_g():
+    flow = MultiscaleResidualFlow((8, 8, 1), tiny(learnable_norm_orders=True, **FAST))
+    weights = [w for layer in flow.keras_layers for w in layer.trainable_weights]
+    logits = [w for w in weights if w.path.endswith("/logit")]
+    assert len(logits) == 2 * 3 + 1 * 2  # two 3-conv blocks, one 2-layer fc block
+    for block in flow.blocks:
+        layers = lipschitz.spectral_layers(block.keras_layers)
+        assert all(
+            a.codomain is b.domain for a, b in zip(layers, layers[1:] + layers[:1], strict=True)
+        )
+
+
+@pytest.mark.parametrize("learnable_norm_orders", [False, True])
+def test_fit_then_save_and_load_gives_the_same_log_prob(tmp_path, learnable_norm_orders):
     # 4x4x1 images: every event is at most 16-dimensional, so evaluation is exact and the
     # comparison deterministic.
     keras.utils.set_random_seed(0)
     shape = (4, 4, 1)
     model = FlowModel(
-        MultiscaleResidualFlow(shape, tiny(factor_out=True)),
+        MultiscaleResidualFlow(
+            shape, tiny(factor_out=True, learnable_norm_orders=learnable_norm_orders)
+        ),
         shape,
         loss_unit="bits_per_dim",
         num_levels=256,
@@ -331,12 +347,18 @@ def test_wrong_image_shape_at_call_time_names_it():
         ("geometric_p", 1.0),
         ("probe", "sphere"),
         ("initial_power_iterations", -1),
+        ("learnable_norm_orders", 1),
     ],
 )
 def test_bad_config_names_the_field_and_value(field, value):
     message = rf"ImageFlowConfig\.{field} must be .*; got {re.escape(repr(value))}\."
     with pytest.raises(ValueError, match=message):
         ImageFlowConfig(**{field: value})
+
+
+def test_learnable_norm_orders_refuse_clipswish():
+    with pytest.raises(ValueError, match="learnable_norm_orders must be False with clipswish"):
+        ImageFlowConfig(activation="clipswish", learnable_norm_orders=True)
 
 
 def test_config_round_trips_through_a_dict():

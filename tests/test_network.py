@@ -10,6 +10,7 @@ import tensorflow as tf
 from tfp_resflow.activation import CLipSwish, LipSwish
 from tfp_resflow.lipschitz import SpectralConv2D, SpectralDense, spectral_layers, update_lipschitz
 from tfp_resflow.network import lipschitz_cnn, lipschitz_mlp
+from tfp_resflow.norm_order import logit_of_order
 
 CONVERGE = dict(atol=1e-7, rtol=1e-7, max_iterations=3000)
 
@@ -112,6 +113,65 @@ def test_zero_init_last_makes_g_constant_and_config_round_trips():
     np.testing.assert_array_equal(clone(x).numpy(), g(x).numpy())
 
 
+def test_learnable_orders_are_tied_around_g():
+    g = lipschitz_mlp(3, (8, 8), norm_orders=[3, 1.5, 4, 3], learnable_norm_orders=True)
+    first, middle, last = spectral_layers(g)
+    assert first.codomain is middle.domain
+    assert middle.codomain is last.domain
+    assert last.codomain is first.domain  # g maps l_p0 to itself
+    orders = [first.domain, middle.domain, last.domain]
+    assert len({id(o) for o in orders}) == 3
+    assert [o.initial_order for o in orders] == [3.0, 1.5, 4.0]
+    logits = [w for w in g.trainable_weights if w.path.endswith("/logit")]
+    assert len(logits) == 3  # one per boundary, however many layers share it
+    cnn = lipschitz_cnn((4, 4, 2), 4, (3, 1, 3), learnable_norm_orders=True)
+    convs = spectral_layers(cnn)
+    assert all(a.codomain is b.domain for a, b in zip(convs, convs[1:] + convs[:1], strict=True))
+
+
+def _brute_force_operator_norms(jacobians, order):
+    """||J||_{order -> order} of each 2x2 Jacobian, maximised over 200000 angles."""
+    theta = np.linspace(0, 2 * np.pi, 200_000, endpoint=False)
+    v = np.stack([np.cos(theta), np.sin(theta)])
+    denominator = np.linalg.norm(v, order, axis=0)
+    return np.array([np.max(np.linalg.norm(j @ v, order, axis=0) / denominator) for j in jacobians])
+
+
+def test_g_with_learned_orders_is_bounded_in_the_learned_norm():
+    c = 0.9
+    g = lipschitz_mlp(2, (8, 8), lipschitz_constant=c, learnable_norm_orders=True, dtype="float64")
+    first, middle, last = spectral_layers(g)
+    learned = (3.1, 1.4, 4.0)  # as if trained
+    for order, p in zip((first.domain, middle.domain, last.domain), learned, strict=True):
+        order.logit.assign(logit_of_order(p))
+    inflate_and_converge(g)
+    p0 = float(first.domain.order())
+    assert p0 == pytest.approx(3.1, rel=1e-9)
+    x = tf.random.stateless_normal((20, 2), seed=(4, 5), dtype=tf.float64) * 3.0
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        y = g(x)
+    jacobians = tape.batch_jacobian(y, x).numpy()
+    norms = _brute_force_operator_norms(jacobians, p0)
+    assert norms.max() <= c * (1 + 1e-3)
+    assert all(float(layer.sigma()) > c for layer in (first, middle, last))  # rule binds
+
+
+def test_keras_file_keeps_the_ties_and_the_learned_orders(tmp_path):
+    g = lipschitz_mlp(3, (5,), learnable_norm_orders=True, norm_orders=[2.5, 1.5, 2.5])
+    for layer, shift in zip(spectral_layers(g), (0.3, -0.2), strict=True):
+        layer.domain.logit.assign_add(shift)
+    g.save(tmp_path / "g.keras")
+    loaded = keras.saving.load_model(tmp_path / "g.keras")
+    first, last = spectral_layers(loaded)
+    assert first.codomain is last.domain
+    assert last.codomain is first.domain
+    for a, b in zip(spectral_layers(g), (first, last), strict=True):
+        assert float(b.domain.order()) == float(a.domain.order())
+    x = tf.random.stateless_normal((4, 3), seed=(0, 3))
+    np.testing.assert_array_equal(loaded(x).numpy(), g(x).numpy())
+
+
 @pytest.mark.parametrize(
     ("make", "message"),
     [
@@ -127,6 +187,16 @@ def test_zero_init_last_makes_g_constant_and_config_round_trips():
             lambda: lipschitz_mlp(3, (4,), activation="clipswish", norm_orders=[1, 1, 1]),
             "l2 only",
         ),
+        (
+            lambda: lipschitz_mlp(3, (4,), activation="clipswish", learnable_norm_orders=True),
+            "l2 only",
+        ),
+        (
+            lambda: lipschitz_mlp(3, (4,), norm_orders=[1, 2, 1], learnable_norm_orders=True),
+            "learnable norm_orders start in (1, 5); got [1.0, 2.0, 1.0]",
+        ),
+        (lambda: lipschitz_mlp(3, learnable_norm_orders="yes"), "must be a bool; got 'yes'"),
+        (lambda: lipschitz_mlp(3, (4,), norm_orders="222"), "sequence of orders; got '222'"),
         (lambda: lipschitz_cnn((4, 4)), "input_shape must be (height, width, channels)"),
         (lambda: lipschitz_cnn((4, 4, 2), 0), "hidden_channels"),
         (lambda: lipschitz_cnn((4, 4, 2), 8, (3, 2)), "odd"),

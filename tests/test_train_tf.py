@@ -16,6 +16,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import train_tf  # noqa: E402
+from tfp_resflow import lipschitz  # noqa: E402
+from tfp_resflow.norm_order import NormOrder  # noqa: E402
 
 # A toy run small enough to trace and train in seconds.
 TINY_TOY = [
@@ -95,6 +97,30 @@ def test_help_explains_every_flag(capsys):
         "--sample",
     ):
         assert flag in out, flag
+
+
+def _learnable_layers(model):
+    model.build((None, *model.event_shape))
+    return [
+        isinstance(layer.domain, NormOrder)
+        for layer in lipschitz.spectral_layers(model.flow_layers)
+    ]
+
+
+@pytest.mark.parametrize(
+    ("args", "event_shape", "num_levels"),
+    [(["--dataset", "8gaussians"], (2,), None), ([], (8, 8, 1), 17)],
+    ids=["toy", "digits"],
+)
+def test_learnable_norm_orders_flag_reaches_every_layer(args, event_shape, num_levels):
+    config, _ = train_tf.parse_args(args)
+    assert config.learnable_norm_orders is False
+    assert not any(_learnable_layers(train_tf.build_model(config, event_shape, num_levels)))
+    config, _ = train_tf.parse_args([*args, "--learnable-norm-orders"])
+    assert config.learnable_norm_orders is True
+    learnable = _learnable_layers(train_tf.build_model(config, event_shape, num_levels))
+    assert learnable
+    assert all(learnable)
 
 
 @pytest.mark.parametrize(
@@ -212,7 +238,11 @@ def test_eval_only_without_checkpoint_fails_cleanly(tmp_path, capsys):
 
 
 def weights_checksum_of_backup(run_dir, config_args):
-    """Loads the backup's weights into a freshly built model; returns their checksum."""
+    """The backup a resumed run restores: (weights checksum, optimizer iterations, epoch).
+
+    As Keras' `BackupAndRestore(double_checkpoint=True)`: if the kill interrupted the writing
+    of `latest.weights.h5`, the previous backup (`*.bkp`, weights and metadata) is used.
+    """
     from tfp_resflow import data, training
 
     config, _ = train_tf.parse_args([*config_args])
@@ -224,8 +254,15 @@ def weights_checksum_of_backup(run_dir, config_args):
     model.initialize(next(iter(train)))
     model.compile(optimizer=training.make_optimizer(config, 100))
     model.optimizer.build(model.trainable_variables)
-    model.load_weights(Path(run_dir) / "backup" / "latest.weights.h5")
-    return training.weights_checksum(model.weights), int(model.optimizer.iterations.numpy())
+    backup = Path(run_dir) / "backup"
+    suffix = ""
+    try:
+        model.load_weights(backup / "latest.weights.h5")
+    except OSError:  # a half-written file
+        suffix = ".bkp"
+        model.load_weights(backup / f"latest.weights.h5{suffix}")
+    epoch = json.loads((backup / f"training_metadata.json{suffix}").read_text())["epoch"]
+    return training.weights_checksum(model.weights), int(model.optimizer.iterations.numpy()), epoch
 
 
 @pytest.mark.slow
@@ -265,8 +302,7 @@ def test_killed_run_resumes_from_its_backup(tmp_path):
     process.send_signal(signal.SIGKILL)
     process.wait()
     assert not (run / "model.keras").exists()  # it really did not finish
-    backup_epoch = json.loads(metadata.read_text())["epoch"]
-    expected_checksum, backup_iterations = weights_checksum_of_backup(run, args)
+    expected_checksum, backup_iterations, backup_epoch = weights_checksum_of_backup(run, args)
 
     result = run_cli(args)
     assert result.returncode == 0, result.stderr[-2000:]
@@ -283,7 +319,8 @@ def test_killed_run_resumes_from_its_backup(tmp_path):
 
 
 @pytest.mark.slow
-def test_mirrored_on_two_cpus_matches_the_default_strategy(tmp_path):
+@pytest.mark.parametrize("orders", [[], ["--learnable-norm-orders"]], ids=["fixed", "learnable"])
+def test_mirrored_on_two_cpus_matches_the_default_strategy(tmp_path, orders):
     # With exact log-dets the loss is deterministic, so both runs compute the same function of
     # the same global batches; only the order of float32 sums differs (per-replica partial sums,
     # all-reduced), about 1e-7 relative per operation. Over 12 steps that stays far below
@@ -301,6 +338,7 @@ def test_mirrored_on_two_cpus_matches_the_default_strategy(tmp_path):
         "0",
         "--learning-rate",
         "0.01",
+        *orders,  # learnable: the order gradient is summed over replicas like the others
     ]
     losses = {}
     for strategy in ("default", "mirrored"):

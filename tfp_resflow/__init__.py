@@ -5,6 +5,7 @@ The package is flat; each module is about one idea:
 - `logdet`: estimators of `log|det(I + J_g(x))|` and their memory-lean gradients.
 - `stateless_random`: seeded random numbers that agree in eager, graph and XLA modes.
 - `lipschitz`: Keras layers whose operator norm is at most `c < 1`.
+- `norm_order`: learnable orders of the mixed norms those layers can bound.
 - `activation`: 1-Lipschitz activations (LipSwish and others).
 - `network`: builders of residual functions `g` with `Lip(g) < 1`.
 - `bijector`: `ResidualBlock`, one invertible block as a TFP bijector.
@@ -22,7 +23,12 @@ from tfp_resflow.bijector import ResidualBlock, data_dependent_init, training_mo
 from tfp_resflow.bits import bits_per_dim
 from tfp_resflow.flow import ResidualFlowBijector
 from tfp_resflow.image import LogitTransform, Squeeze
-from tfp_resflow.lipschitz import SpectralConv2D, SpectralDense, update_lipschitz
+from tfp_resflow.lipschitz import (
+    SpectralConv2D,
+    SpectralDense,
+    norm_order_loss,
+    update_lipschitz,
+)
 from tfp_resflow.logdet import (
     LogDetFn,
     exact_log_det,
@@ -32,6 +38,7 @@ from tfp_resflow.logdet import (
 from tfp_resflow.model import FlowModel
 from tfp_resflow.multiscale import MultiscaleResidualFlow, image_flow
 from tfp_resflow.network import lipschitz_cnn, lipschitz_mlp
+from tfp_resflow.norm_order import NormOrder
 from tfp_resflow.presets import PRESETS, ImageFlowConfig
 
 __version__ = "0.1.0"
@@ -47,6 +54,7 @@ __all__ = [
     "LogDetFn",
     "LogitTransform",
     "MultiscaleResidualFlow",
+    "NormOrder",
     "ResidualBlock",
     "ResidualFlowBijector",
     "SpectralConv2D",
@@ -59,6 +67,7 @@ __all__ = [
     "image_flow",
     "lipschitz_cnn",
     "lipschitz_mlp",
+    "norm_order_loss",
     "power_series_log_det",
     "russian_roulette_log_det",
     "training_mode",

@@ -39,6 +39,11 @@ class ResidualFlowBijector(FreshBijector):
         lipschitz_constant: `c` in (0, 1), the bound on every linear layer's norm (Chen et al.
             use 0.9 for 2-D data, 0.98 for images).
         activation: activation of `g` ("lipswish", "elu", "softplus", "tanh", ...).
+        norm_orders: orders of the norms at the boundaries of each `g`'s linear layers
+            (`len(hidden_units) + 2` of them, first = last); default all 2 (spectral norms).
+            See `network.lipschitz_mlp`.
+        learnable_norm_orders: learn those orders (each `g` its own), starting from
+            `norm_orders`; `FlowModel` trains them (see `tfp_resflow.norm_order`).
         actnorm: put an ActNorm before the first block and after every block.
         log_det: training estimator, "unbiased" (default), "exact", "truncated" or a callable.
         log_det_options: options of the training estimator, e.g. `{"p": 0.5}`.
@@ -61,6 +66,8 @@ class ResidualFlowBijector(FreshBijector):
         hidden_units: Sequence[int] = (128, 128),
         lipschitz_constant: float = 0.9,
         activation: str = "lipswish",
+        norm_orders: Sequence[float | str] | None = None,
+        learnable_norm_orders: bool = False,
         actnorm: bool = True,
         log_det: str | LogDetFn = "unbiased",
         log_det_options: Mapping[str, Any] | None = None,
@@ -81,11 +88,21 @@ class ResidualFlowBijector(FreshBijector):
                 raise ValueError(
                     f"lipschitz_constant must be in (0, 1); got {lipschitz_constant!r}."
                 )
+            hidden_units = tuple(hidden_units)
+            if norm_orders is not None or learnable_norm_orders is not False:
+                norm_orders = network.check_norm_orders(
+                    norm_orders,
+                    len(hidden_units) + 1,
+                    activation,
+                    learnable=learnable_norm_orders,
+                )
             self._config = {
                 "num_blocks": num_blocks,
-                "hidden_units": tuple(hidden_units),
+                "hidden_units": hidden_units,
                 "lipschitz_constant": lipschitz_constant,
                 "activation": activation,
+                "norm_orders": None if norm_orders is None else tuple(norm_orders),
+                "learnable_norm_orders": learnable_norm_orders,
                 "actnorm": actnorm,
                 "log_det": log_det,
                 "log_det_options": dict(log_det_options or {}),
@@ -158,6 +175,8 @@ class ResidualFlowBijector(FreshBijector):
                 c["hidden_units"],
                 lipschitz_constant=c["lipschitz_constant"],
                 activation=c["activation"],
+                norm_orders=c["norm_orders"],
+                learnable_norm_orders=c["learnable_norm_orders"],
                 dtype=dtype,
             )
             self._blocks.append(ResidualBlock(g, name=f"block_{k}", **block_options))
@@ -206,6 +225,12 @@ class ResidualFlowBijector(FreshBijector):
                     f"{self.name}: a callable {key} cannot be serialised; use a name and options."
                 )
         config["hidden_units"] = list(config["hidden_units"])
+        for key in ("log_det_options", "eval_log_det_options"):  # plain dicts (not tf.Module's
+            config[key] = dict(config[key])  # tracking wrappers), so json can write them
+        if config["norm_orders"] is not None:  # JSON-ready: a list, "inf" for infinity
+            config["norm_orders"] = [
+                "inf" if p == float("inf") else p for p in config["norm_orders"]
+            ]
         return config
 
     @classmethod

@@ -12,10 +12,19 @@ non-trainable weights:
 
     u <- dual_q(A v),   v <- dual_{p*}(A^T u),   sigma = ||A v||_q / ||v||_p
 
+Orders are numbers, fixed at construction, or learnable `NormOrder`s (`tfp_resflow.norm_order`)
+in (1, 5), shared between consecutive layers. `call` and the power iterations read a learnable
+order without a gradient; `norm_order_loss` gives the orders their own objective, the mean of
+the layers' norm estimates with the kernels and `v` held fixed (at a converged `v` its gradient
+is that of the true norm: `v` maximises the ratio, so its own change does not count).
+
 `call` never iterates (it is pure, so it can run inside nested tapes, loops and XLA). The
 power iterations run only in `update_lipschitz`, which the training loop calls after every
 optimizer step, and to a tolerance before evaluation, as the authors do. An unconverged
-`sigma` underestimates the true norm, so the bound holds only after enough iterations.
+`sigma` underestimates the true norm, so the bound holds only after enough iterations. For
+p > q the power method may also settle on a local maximum (computing such norms is NP-hard in
+general), so there the bound is only as good as the estimate; p <= q, closed forms and (2, 2)
+are not affected.
 
 References:
     Chen et al. (2019), Residual Flows for Invertible Generative Modeling, Sec. 3.2 and D,
@@ -25,7 +34,13 @@ References:
     Higham (1992), Estimating the matrix p-norm, Numer. Math. 62.
 """
 
-__all__ = ["SpectralConv2D", "SpectralDense", "spectral_layers", "update_lipschitz"]
+__all__ = [
+    "SpectralConv2D",
+    "SpectralDense",
+    "norm_order_loss",
+    "spectral_layers",
+    "update_lipschitz",
+]
 
 import math
 import numbers
@@ -35,11 +50,24 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from tfp_resflow.norm_order import NormOrder
+
 _INF = math.inf
 
+# An order is a Python float in [1, inf] (static: closed forms and special cases apply) or a
+# scalar Tensor in (1, 5) read from a `NormOrder` (always the general formulas).
+Order = float | tf.Tensor
 
-def _dual(r: float) -> float:
+
+def _is(r: Order, value: float) -> bool:
+    """Whether r is the static order `value` (a learned order is never 1, 2 or inf)."""
+    return isinstance(r, float) and r == value
+
+
+def _dual(r: Order) -> Order:
     """Dual exponent r* with 1/r + 1/r* = 1."""
+    if not isinstance(r, float):
+        return r / (r - 1.0)
     return _INF if r == 1 else 1.0 if r == _INF else r / (r - 1.0)
 
 
@@ -47,29 +75,29 @@ def _safe(m: tf.Tensor) -> tf.Tensor:
     return tf.where(m > 0, m, tf.ones_like(m))
 
 
-def _root(m: tf.Tensor, s: tf.Tensor, r: float) -> tf.Tensor:
+def _root(m: tf.Tensor, s: tf.Tensor, r: Order) -> tf.Tensor:
     """Returns m * s**(1/r), with a zero (not NaN) gradient at s = 0 (e.g. a zero kernel)."""
     positive = s > 0
     return tf.where(positive, m * tf.where(positive, s, tf.ones_like(s)) ** (1.0 / r), 0.0)
 
 
-def _lp_norm(x: tf.Tensor, r: float) -> tf.Tensor:
+def _lp_norm(x: tf.Tensor, r: Order) -> tf.Tensor:
     """The l_r norm of all entries of `x`, scaled by max|x| so large `r` cannot overflow."""
     a = tf.abs(x)
     m = tf.reduce_max(a)
-    if r == _INF:
+    if _is(r, _INF):
         return m
     return _root(m, tf.reduce_sum((a / _safe(m)) ** r), r)
 
 
-def _dualize(y: tf.Tensor, r: float, fallback: tf.Tensor) -> tf.Tensor:
+def _dualize(y: tf.Tensor, r: Order, fallback: tf.Tensor) -> tf.Tensor:
     """Returns z with ||z||_{r*} = 1 and <z, y> = ||y||_r, for finite r >= 1.
 
     z = sign(y) * |y|**(r - 1) / ||y||_r**(r - 1). A zero `y` (e.g. a zero kernel) has no
     such z; `fallback` is returned instead, so the iteration restarts when `y` moves away.
     """
     m = tf.reduce_max(tf.abs(y))
-    z = y if r == 2 else tf.sign(y) * (tf.abs(y) / _safe(m)) ** (r - 1.0)
+    z = y if _is(r, 2.0) else tf.sign(y) * (tf.abs(y) / _safe(m)) ** (r - 1.0)
     return tf.where(m > 0, z / _safe(_lp_norm(z, _dual(r))), fallback)
 
 
@@ -110,7 +138,7 @@ class _ConvOperator:
 
 
 def _closed_form_norm(
-    op: _MatrixOperator | _ConvOperator, kernel: tf.Tensor, p: float, q: float
+    op: _MatrixOperator | _ConvOperator, kernel: tf.Tensor, p: Order, q: Order
 ) -> tf.Tensor:
     """Exact ||A||_{p->q} for p = 1 or q = inf, differentiable in `kernel`.
 
@@ -120,13 +148,13 @@ def _closed_form_norm(
     Column sums of |A|**r are A_r^T 1, row sums A_r 1, where A_r is the same operator with
     the kernel |W|**r; so convolutions need no explicit matrix.
     """
-    r = q if p == 1 else _dual(p)
+    r = q if _is(p, 1.0) else _dual(p)
     a = tf.abs(kernel)
-    if r == _INF:  # largest entry of A
+    if _is(r, _INF):  # largest entry of A
         return tf.reduce_max(a * tf.cast(op.tap_mask, a.dtype))
     m = tf.reduce_max(a)
     powered = (a / _safe(m)) ** r
-    if p == 1:
+    if _is(p, 1.0):
         sums = op.adjoint(tf.ones(op.u_shape, a.dtype), powered)
     else:
         sums = op.forward(tf.ones(op.v_shape, a.dtype), powered)
@@ -134,11 +162,31 @@ def _closed_form_norm(
 
 
 def _check_order(name: str, value: object) -> float:
+    """A fixed order: a number in [1, inf] or 'inf', as a float."""
     if isinstance(value, str) and value.lower() in ("inf", "infinity"):
         return _INF
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value >= 1:
         raise ValueError(f"{name} must be a number in [1, inf] or 'inf'; got {value!r}")
     return float(value)
+
+
+def _check_order_spec(name: str, value: object) -> float | NormOrder:
+    """A fixed order, or a learnable `NormOrder` (also given as its serialized config)."""
+    if isinstance(value, dict):
+        value = keras.saving.deserialize_keras_object(value)
+    if isinstance(value, NormOrder):
+        return value
+    return _check_order(name, value)
+
+
+def _order_config(order: float | NormOrder) -> object:
+    if isinstance(order, NormOrder):
+        # Every occurrence carries the object's id, so that Keras' object sharing (active
+        # while saving and loading .keras files) restores one NormOrder for each tie. Keras
+        # marks only repeats, on a dict that the enclosing serialization then copies: lost.
+        config = keras.saving.serialize_keras_object(order)
+        return {**config, "shared_object_id": id(order)}
+    return "inf" if order == _INF else order  # not float('inf'), which JSON cannot hold
 
 
 def _check_count(name: str, value: object) -> int:
@@ -176,8 +224,8 @@ class _SpectralLayer(keras.layers.Layer):
         self,
         *,
         lipschitz_constant: float,
-        domain: float | str,
-        codomain: float | str,
+        domain: float | str | NormOrder,
+        codomain: float | str | NormOrder,
         num_power_iterations: int,
         atol: float | None,
         rtol: float | None,
@@ -190,8 +238,8 @@ class _SpectralLayer(keras.layers.Layer):
     ) -> None:
         super().__init__(**kwargs)
         self.lipschitz_constant = _check_lipschitz_constant(lipschitz_constant)
-        self.domain = _check_order("domain", domain)
-        self.codomain = _check_order("codomain", codomain)
+        self.domain = _check_order_spec("domain", domain)
+        self.codomain = _check_order_spec("codomain", codomain)
         self.num_power_iterations = _check_count("num_power_iterations", num_power_iterations)
         self.atol = _check_tolerance("atol", atol)
         self.rtol = _check_tolerance("rtol", rtol)
@@ -201,7 +249,25 @@ class _SpectralLayer(keras.layers.Layer):
         self.kernel_initializer = keras.initializers.get(kernel_initializer)
         self.bias_initializer = keras.initializers.get(bias_initializer)
         # Closed forms need no iteration (and the power method's one-hot duals are unstable).
-        self._closed_form = self.domain == 1 or self.codomain == _INF
+        # They hold for any order on the other side, learnable or not.
+        self._closed_form = _is(self.domain, 1.0) or _is(self.codomain, _INF)
+
+    @property
+    def learnable_orders(self) -> list[NormOrder]:
+        """The `NormOrder`s among (domain, codomain), without repeats."""
+        orders = [o for o in (self.domain, self.codomain) if isinstance(o, NormOrder)]
+        return orders[:1] if len(orders) == 2 and orders[0] is orders[1] else orders
+
+    def _orders(self, dtype: tf.DType, *, differentiable: bool = False) -> tuple[Order, Order]:
+        """(p, q) as floats or scalar Tensors of `dtype` (learned ones stop the gradient)."""
+
+        def value(order: float | NormOrder) -> Order:
+            if not isinstance(order, NormOrder):
+                return order
+            p = tf.cast(order.order(), dtype)
+            return p if differentiable else tf.stop_gradient(p)
+
+        return value(self.domain), value(self.codomain)
 
     def _operator_kernel(self, kernel: tf.Tensor) -> tf.Tensor:
         return kernel
@@ -238,14 +304,30 @@ class _SpectralLayer(keras.layers.Layer):
         A lower bound on ||A||_{p->q}; at convergence it equals u^T A v. Gradients flow
         through the kernel only. Returns a scalar Tensor.
         """
-        kernel = self._operator_kernel(self._kernel())
-        if self._closed_form:
-            return _closed_form_norm(self._op, kernel, self.domain, self.codomain)
-        return self._ratio(kernel, tf.stop_gradient(tf.cast(self.v, kernel.dtype)))
+        return self._sigma(self._operator_kernel(self._kernel()))
 
-    def _ratio(self, kernel: tf.Tensor, v: tf.Tensor) -> tf.Tensor:
+    def _sigma(self, kernel: tf.Tensor, *, differentiable_orders: bool = False) -> tf.Tensor:
+        p, q = self._orders(kernel.dtype, differentiable=differentiable_orders)
+        if self._closed_form:
+            return _closed_form_norm(self._op, kernel, p, q)
+        return self._ratio(kernel, tf.stop_gradient(tf.cast(self.v, kernel.dtype)), p, q)
+
+    def _ratio(self, kernel: tf.Tensor, v: tf.Tensor, p: Order, q: Order) -> tf.Tensor:
         av = self._op.forward(v, kernel)
-        return _lp_norm(av, self.codomain) / _safe(_lp_norm(v, self.domain))
+        return _lp_norm(av, q) / _safe(_lp_norm(v, p))
+
+    def sigma_of_orders(self) -> tf.Tensor | None:
+        """The norm estimate as a function of the learnable orders alone, or None without any.
+
+            sigma(p, q) = ||A v||_q / ||v||_p   (kernel and stored v held fixed)
+
+        At a converged v (the maximiser) its gradient in (p, q) is that of ||A||_{p->q}
+        itself; closed forms are exact. `norm_order_loss` averages it over layers.
+        """
+        if not self.learnable_orders:
+            return None
+        kernel = tf.stop_gradient(self._operator_kernel(self._kernel()))
+        return self._sigma(kernel, differentiable_orders=True)
 
     def effective_kernel(self) -> tf.Tensor:
         """Returns W_eff = W / max(1, sigma / c), the kernel `call` uses (same shape as W)."""
@@ -296,9 +378,10 @@ class _SpectralLayer(keras.layers.Layer):
         self, atol: float | None, rtol: float | None, max_iterations: int
     ) -> tf.Tensor:
         kernel = tf.stop_gradient(self._operator_kernel(self._kernel()))
+        p, q = self._orders(kernel.dtype)
         if self._closed_form:
-            return _closed_form_norm(self._op, kernel, self.domain, self.codomain)
-        op, p, q = self._op, self.domain, self.codomain
+            return _closed_form_norm(self._op, kernel, p, q)
+        op = self._op
 
         def body(i: tf.Tensor, u: tf.Tensor, v: tf.Tensor, done: tf.Tensor) -> tuple:
             u_new = _dualize(op.forward(v, kernel), q, u)
@@ -318,15 +401,14 @@ class _SpectralLayer(keras.layers.Layer):
         )
         self.u.assign(tf.cast(u, self.u.dtype))
         self.v.assign(tf.cast(v, self.v.dtype))
-        return self._ratio(kernel, v)
+        return self._ratio(kernel, v, p, q)
 
     def get_config(self) -> dict:
         config = super().get_config()
         config.update(
             lipschitz_constant=self.lipschitz_constant,
-            # "inf" rather than float('inf'), which JSON cannot hold.
-            domain="inf" if self.domain == _INF else self.domain,
-            codomain="inf" if self.codomain == _INF else self.codomain,
+            domain=_order_config(self.domain),
+            codomain=_order_config(self.codomain),
             num_power_iterations=self.num_power_iterations,
             atol=self.atol,
             rtol=self.rtol,
@@ -348,8 +430,10 @@ class SpectralDense(_SpectralLayer):
     Args:
         units: Output width.
         lipschitz_constant: Bound c in (0, 1) on the operator norm ("coeff" in Chen et al.).
-        domain: Order p in [1, inf] of the input norm ('inf' or float('inf') for infinity).
-        codomain: Order q in [1, inf] of the output norm. (2, 2) is the spectral norm.
+        domain: Order p in [1, inf] of the input norm ('inf' or float('inf') for infinity),
+            or a learnable `NormOrder` (shared with the layer before, see module docs).
+        codomain: Order q in [1, inf] of the output norm, or a `NormOrder`. (2, 2) is the
+            spectral norm.
         num_power_iterations: Iterations per `update_lipschitz()` call without tolerances,
             i.e. per training step when the training loop updates after each step.
         atol: If set (or `rtol`), `update_lipschitz()` iterates to this absolute tolerance.
@@ -372,8 +456,8 @@ class SpectralDense(_SpectralLayer):
         units: int,
         *,
         lipschitz_constant: float = 0.97,
-        domain: float | str = 2,
-        codomain: float | str = 2,
+        domain: float | str | NormOrder = 2,
+        codomain: float | str | NormOrder = 2,
         num_power_iterations: int = 5,
         atol: float | None = None,
         rtol: float | None = None,
@@ -455,7 +539,8 @@ class SpectralConv2D(_SpectralLayer):
     sigma is the norm of the convolution operator itself (not of the reshaped kernel), at the
     spatial size fixed when the layer is built; the power method alternates `conv2d` and its
     adjoint `conv2d_transpose` with the same strides and zero padding. For 1x1 kernels the
-    C_in x filters matrix is used instead, which is exact when p <= q (always for (2, 2)).
+    C_in x filters matrix is used instead, which is exact when p <= q (always for (2, 2));
+    with learnable orders, which may cross, the operator is used.
     Only `channels_last` is supported.
 
     Args:
@@ -464,8 +549,8 @@ class SpectralConv2D(_SpectralLayer):
         strides: Int or (sh, sw).
         padding: "same" or "valid" (zero padding).
         lipschitz_constant: Bound c in (0, 1) on the operator norm.
-        domain: Order p in [1, inf] of the input norm.
-        codomain: Order q in [1, inf] of the output norm.
+        domain: Order p in [1, inf] of the input norm, or a learnable `NormOrder`.
+        codomain: Order q in [1, inf] of the output norm, or a `NormOrder`.
         num_power_iterations: See `SpectralDense`.
         atol: See `SpectralDense`.
         rtol: See `SpectralDense`.
@@ -488,8 +573,8 @@ class SpectralConv2D(_SpectralLayer):
         strides: int | tuple[int, int] = 1,
         padding: str = "same",
         lipschitz_constant: float = 0.97,
-        domain: float | str = 2,
-        codomain: float | str = 2,
+        domain: float | str | NormOrder = 2,
+        codomain: float | str | NormOrder = 2,
         num_power_iterations: int = 5,
         atol: float | None = None,
         rtol: float | None = None,
@@ -541,8 +626,10 @@ class SpectralConv2D(_SpectralLayer):
             )
         self.input_spec = keras.InputSpec(ndim=4, axes={1: h, 2: w, 3: c})
         # A 1x1 conv is block-diagonal over pixels: its norm is the matrix's when p <= q.
+        # Learned orders may cross, so they always use the operator.
+        static = not self.learnable_orders
         self._use_matrix = (kh, kw) == (1, 1) and (
-            self._closed_form or self.domain <= self.codomain
+            self._closed_form or (static and self.domain <= self.codomain)
         )
         if self._use_matrix:
             op = _MatrixOperator(c, self.filters)
@@ -629,3 +716,24 @@ def update_lipschitz(
         layer.update_lipschitz(num_iterations, atol=atol, rtol=rtol, max_iterations=max_iterations)
         for layer in spectral_layers(layers)
     ]
+
+
+def norm_order_loss(layers: keras.layers.Layer | Iterable) -> tf.Tensor | None:
+    """The objective of learnable norm orders: the mean of `sigma_of_orders()` over layers.
+
+        L(orders) = mean_l sigma_l(p_l, q_l)   (kernels and v held fixed)
+
+    Lower norm estimates mean less rescaled kernels, so the orders adapt to the weights (Chen
+    et al. minimise the same mean, after one power step). Only the `NormOrder` logits get a
+    gradient. `FlowModel` adds its gradient to every training step; custom loops can add
+    `loss + (L - tf.stop_gradient(L))` to leave the loss value unchanged.
+
+    Returns:
+        A scalar Tensor, or None if no layer in `layers` has a learnable order.
+    """
+    sigmas = [
+        s for s in map(_SpectralLayer.sigma_of_orders, spectral_layers(layers)) if s is not None
+    ]
+    if not sigmas:
+        return None
+    return tf.add_n([tf.cast(s, sigmas[0].dtype) for s in sigmas]) / len(sigmas)

@@ -8,7 +8,8 @@
 The model owns every Keras layer found in the bijector (through `tfb.Chain`, `tfb.Invert` and
 this package's bijectors), so `fit` trains every weight and `.keras` files save them all. After
 every optimizer step it runs the power iterations of the Lipschitz layers, so their norm
-estimates follow the weights (Chen et al. do the same after each step).
+estimates follow the weights (Chen et al. do the same after each step). Learnable norm orders
+(`tfp_resflow.norm_order`) get the gradient of `lipschitz.norm_order_loss` in the same step.
 
 `model(x, training=...)` returns the per-example negative log-likelihood, in nats or in bits per
 dimension (`loss_unit`); training mode uses the blocks' unbiased training estimators,
@@ -196,11 +197,23 @@ class FlowModel(keras.Model):
         *,
         training: bool = True,
     ) -> tf.Tensor:
-        """Mean negative log-likelihood (`y_pred` from `call`), plus any added losses."""
-        del x, y, training
+        """Mean negative log-likelihood (`y_pred` from `call`), plus any added losses.
+
+        In training, learnable norm orders add `L - stop_gradient(L)` with
+        `L = lipschitz.norm_order_loss(...)`: zero in value (the reported loss stays the
+        likelihood), the gradient of L for the order logits, which nothing else reaches.
+        """
+        del x, y
         loss = self._nll_loss(y_pred, y_pred, sample_weight=sample_weight)
+        num_replicas = tf.distribute.get_strategy().num_replicas_in_sync
         for extra in self.losses:
-            loss += tf.cast(extra, loss.dtype) / tf.distribute.get_strategy().num_replicas_in_sync
+            loss += tf.cast(extra, loss.dtype) / num_replicas
+        if training:
+            order_loss = lipschitz.norm_order_loss(self.flow_layers)
+            if order_loss is not None:
+                # Every replica computes the same L; gradients are summed over replicas.
+                order_loss = tf.cast(order_loss, loss.dtype)
+                loss += (order_loss - tf.stop_gradient(order_loss)) / num_replicas
         return loss
 
     def train_step(self, data: Any) -> dict:

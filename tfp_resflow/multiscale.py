@@ -168,6 +168,7 @@ class MultiscaleResidualFlow(FreshBijector):
                     c.kernel_sizes,
                     lipschitz_constant=c.lipschitz_constant,
                     activation=c.activation,
+                    learnable_norm_orders=c.learnable_norm_orders,
                     activation_first=(i, j) != (0, 0),  # the authors' first block: no pre-act
                     **layer_options,
                 )
@@ -187,6 +188,7 @@ class MultiscaleResidualFlow(FreshBijector):
                 c.fc_hidden_units,
                 lipschitz_constant=c.lipschitz_constant,
                 activation=c.activation,
+                learnable_norm_orders=c.learnable_norm_orders,
                 **layer_options,
             )
             self._fc_end.append((self._new_block(g, 1, f"fc_block_{k}"), 1))

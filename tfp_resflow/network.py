@@ -8,9 +8,15 @@ layers (`tfp_resflow.lipschitz`), each of norm at most c, so for n linear layers
 in the l_p norm of `norm_orders[0] = norm_orders[-1]` (every activation is 1-Lipschitz in
 every l_p; CLipSwish only in l2). The bound holds once the layers' sigma estimates have
 converged: call `tfp_resflow.lipschitz.update_lipschitz(g, atol=..., rtol=...)`.
+
+With `learnable_norm_orders=True` each boundary order is a `NormOrder` starting at
+`norm_orders` (default 2), shared by the layers on both sides of it, and the last boundary is
+the first one, so the bound above holds in the learned l_p (see `tfp_resflow.norm_order`).
+`.keras` files keep these ties, and the flows rebuild them from their own settings; Keras'
+`Sequential.from_config` and `clone_model` do not (each layer gets its own copy).
 """
 
-__all__ = ["lipschitz_cnn", "lipschitz_mlp"]
+__all__ = ["check_norm_orders", "lipschitz_cnn", "lipschitz_mlp"]
 
 import numbers
 from collections.abc import Sequence
@@ -19,6 +25,7 @@ import keras
 
 from tfp_resflow.activation import get_activation
 from tfp_resflow.lipschitz import SpectralConv2D, SpectralDense, _check_count, _check_order
+from tfp_resflow.norm_order import MAX_ORDER, MIN_ORDER, NormOrder
 
 
 def _positive_ints(name: str, values: object, *, odd: bool = False) -> tuple[int, ...]:
@@ -33,9 +40,24 @@ def _positive_ints(name: str, values: object, *, odd: bool = False) -> tuple[int
     return tuple(int(n) for n in values)
 
 
-def _orders(norm_orders: Sequence | None, num_linear: int, activation: str) -> list:
+def check_norm_orders(
+    norm_orders: Sequence | None, num_linear: int, activation: str, *, learnable: bool
+) -> list[float]:
+    """Checks the boundary orders of a `g` with `num_linear` linear layers.
+
+    Returns:
+        The `num_linear + 1` orders as floats (all 2.0 for None).
+
+    Raises:
+        ValueError: On a wrong count or type, first != last, an order outside [1, inf]
+            (outside (1, 5) if `learnable`), or CLipSwish with orders other than 2.
+    """
+    if not isinstance(learnable, bool):
+        raise ValueError(f"learnable_norm_orders must be a bool; got {learnable!r}")
     if norm_orders is None:
-        return [2] * (num_linear + 1)
+        norm_orders = [2] * (num_linear + 1)
+    if isinstance(norm_orders, str) or not isinstance(norm_orders, Sequence):
+        raise ValueError(f"norm_orders must be a sequence of orders; got {norm_orders!r}")
     orders = [_check_order("norm_orders", p) for p in norm_orders]
     if len(orders) != num_linear + 1:
         raise ValueError(
@@ -44,9 +66,32 @@ def _orders(norm_orders: Sequence | None, num_linear: int, activation: str) -> l
         )
     if orders[0] != orders[-1]:
         raise ValueError(f"norm_orders must start and end with the same order; got {orders!r}")
-    if str(activation).lower() == "clipswish" and any(p != 2 for p in orders):
-        raise ValueError(f"clipswish is 1-Lipschitz in l2 only; got norm_orders={orders!r}")
+    if str(activation).lower() == "clipswish" and (learnable or any(p != 2 for p in orders)):
+        raise ValueError(
+            f"clipswish is 1-Lipschitz in l2 only; got norm_orders={orders!r}, "
+            f"learnable_norm_orders={learnable!r}"
+        )
+    if learnable and not all(MIN_ORDER < p < MAX_ORDER for p in orders):
+        raise ValueError(
+            f"learnable norm_orders start in ({MIN_ORDER:g}, {MAX_ORDER:g}); got {orders!r}"
+        )
     return orders
+
+
+def _orders(
+    norm_orders: Sequence | None,
+    num_linear: int,
+    activation: str,
+    *,
+    learnable: bool,
+    dtype: str | None,
+) -> tuple[list, list]:
+    """The (domain, codomain) of each linear layer: numbers, or tied `NormOrder`s."""
+    orders = check_norm_orders(norm_orders, num_linear, activation, learnable=learnable)
+    if not learnable:
+        return orders[:-1], orders[1:]
+    shared = [NormOrder(p, dtype=dtype) for p in orders[:-1]]
+    return shared, shared[1:] + shared[:1]  # codomain i = domain i+1; last = first domain
 
 
 def lipschitz_mlp(
@@ -57,6 +102,7 @@ def lipschitz_mlp(
     activation: str = "lipswish",
     activation_first: bool = True,
     norm_orders: Sequence[float | str] | None = None,
+    learnable_norm_orders: bool = False,
     zero_init_last: bool = False,
     dtype: str | None = None,
     name: str | None = None,
@@ -75,6 +121,8 @@ def lipschitz_mlp(
         norm_orders: Orders of the norms at the layer boundaries, one more than there are
             linear layers, first = last: linear layer i maps l_{p_i} to l_{p_(i+1)}
             (the authors' `vnorms`). Default: all 2 (spectral norms).
+        learnable_norm_orders: Learn the orders (the authors' `--learn-p`), starting from
+            `norm_orders`, which must then lie in (1, 5); see the module docs.
         zero_init_last: Start the last kernel at zero, so g = bias and the block is a shift.
         dtype: Layer dtype, e.g. "float64".
         name: Model name.
@@ -88,7 +136,9 @@ def lipschitz_mlp(
     """
     event_size = _check_count("event_size", event_size)
     widths = (*_positive_ints("hidden_units", hidden_units), event_size)
-    orders = _orders(norm_orders, len(widths), activation)
+    domains, codomains = _orders(
+        norm_orders, len(widths), activation, learnable=learnable_norm_orders, dtype=dtype
+    )
     layers = [keras.Input((event_size,), dtype=dtype)]
     if activation_first:
         layers.append(get_activation(activation, dtype=dtype))
@@ -98,8 +148,8 @@ def lipschitz_mlp(
             SpectralDense(
                 width,
                 lipschitz_constant=lipschitz_constant,
-                domain=orders[i],
-                codomain=orders[i + 1],
+                domain=domains[i],
+                codomain=codomains[i],
                 kernel_initializer="zeros" if last and zero_init_last else "glorot_uniform",
                 dtype=dtype,
                 **layer_kwargs,
@@ -119,6 +169,7 @@ def lipschitz_cnn(
     activation: str = "lipswish",
     activation_first: bool = True,
     norm_orders: Sequence[float | str] | None = None,
+    learnable_norm_orders: bool = False,
     zero_init_last: bool = False,
     dtype: str | None = None,
     name: str | None = None,
@@ -139,6 +190,7 @@ def lipschitz_cnn(
         activation: A name in `tfp_resflow.activation.ACTIVATIONS`; new layer per use.
         activation_first: Whether g starts with phi; False for the network's first block.
         norm_orders: As in `lipschitz_mlp`, one more entry than `kernel_sizes`.
+        learnable_norm_orders: As in `lipschitz_mlp`.
         zero_init_last: Start the last kernel at zero.
         dtype: Layer dtype, e.g. "float64".
         name: Model name.
@@ -157,7 +209,9 @@ def lipschitz_cnn(
     kernels = _positive_ints("kernel_sizes", kernel_sizes, odd=True)
     if not kernels:
         raise ValueError(f"kernel_sizes must not be empty; got {kernel_sizes!r}")
-    orders = _orders(norm_orders, len(kernels), activation)
+    domains, codomains = _orders(
+        norm_orders, len(kernels), activation, learnable=learnable_norm_orders, dtype=dtype
+    )
     layers = [keras.Input(shape, dtype=dtype)]
     if activation_first:
         layers.append(get_activation(activation, dtype=dtype))
@@ -168,8 +222,8 @@ def lipschitz_cnn(
                 shape[-1] if last else hidden_channels,
                 k,
                 lipschitz_constant=lipschitz_constant,
-                domain=orders[i],
-                codomain=orders[i + 1],
+                domain=domains[i],
+                codomain=codomains[i],
                 kernel_initializer="zeros" if last and zero_init_last else "glorot_uniform",
                 dtype=dtype,
                 **layer_kwargs,

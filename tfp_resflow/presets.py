@@ -51,6 +51,8 @@ class ImageFlowConfig:
         kernel_sizes: odd kernel size of each convolution of `g`, first to last (3, 1, 3).
         lipschitz_constant: bound c in (0, 1) on the norm of every linear layer ("coeff").
         activation: 1-Lipschitz activation of `g`, a name in `activation.ACTIVATIONS`.
+        learnable_norm_orders: learn the norm orders of every `g` from 2 (the authors'
+            `--learn-p`, off in their image runs); see `tfp_resflow.norm_order`.
         actnorm: ActNorm before the first block and after every block.
         factor_out: after each scale but the last, half of the channels leave as latents.
         squeeze_first: squeeze the image once before the first scale.
@@ -76,6 +78,7 @@ class ImageFlowConfig:
     kernel_sizes: tuple[int, ...] = (3, 1, 3)
     lipschitz_constant: float = 0.98
     activation: str = "lipswish"
+    learnable_norm_orders: bool = False
     actnorm: bool = True
     factor_out: bool = False
     squeeze_first: bool = False
@@ -121,7 +124,9 @@ class ImageFlowConfig:
             return "lipschitz_constant", "a number in (0, 1)"
         if self.activation not in ACTIVATIONS:
             return "activation", f"one of {sorted(ACTIVATIONS)}"
-        for name in ("actnorm", "factor_out", "squeeze_first"):
+        if self.learnable_norm_orders and self.activation == "clipswish":
+            return "learnable_norm_orders", "False with clipswish (1-Lipschitz in l2 only)"
+        for name in ("learnable_norm_orders", "actnorm", "factor_out", "squeeze_first"):
             if not isinstance(getattr(self, name), bool):
                 return name, "a bool"
         if not _is_int(self.fc_end_blocks, 0):
@@ -182,6 +187,7 @@ _PAPER = ImageFlowConfig(
     kernel_sizes=(3, 1, 3),
     lipschitz_constant=0.98,
     activation="lipswish",
+    learnable_norm_orders=False,
     actnorm=True,
     factor_out=False,
     squeeze_first=False,

@@ -58,6 +58,7 @@ class TrainConfig:
     toy_blocks: int = 8  # residual blocks of the "toy" preset
     toy_hidden: int = 64  # width of the two hidden layers of each toy block's g
     log_det: str = "unbiased"  # training log-det of the "toy" preset: "unbiased" or "exact"
+    learnable_norm_orders: bool = False  # learn the norm orders of every g (from 2)
     epochs: int = 15
     steps_per_epoch: int = 0  # 0: one pass over the training data
     batch_size: int = 64
@@ -96,6 +97,10 @@ class TrainConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"{name} must be an integer >= 0; got {value!r}.")
+        if not isinstance(self.learnable_norm_orders, bool):
+            raise ValueError(
+                f"learnable_norm_orders must be a bool; got {self.learnable_norm_orders!r}."
+            )
         if not (isinstance(self.learning_rate, int | float) and self.learning_rate > 0):
             raise ValueError(f"learning_rate must be > 0; got {self.learning_rate!r}.")
         if not 0.0 <= self.ema_momentum < 1.0:
