@@ -99,6 +99,7 @@ def run_worker(options: dict) -> dict:
     model.compile(optimizer=training.make_optimizer(train_config, total_steps=10**5))
     model.initialize(images())
     build_seconds = time.perf_counter() - start
+    rss_before_first_step = _current_rss_mb()
 
     start = time.perf_counter()
     first_loss = float(model.train_on_batch(images()))  # traces, then runs one step
@@ -130,6 +131,7 @@ def run_worker(options: dict) -> dict:
         "samples_finite": bool(np.isfinite(samples).all()),
         "losses_bits_per_dim": [round(first_loss, 3), round(loss, 3)],
         "peak_rss_gb": round(_peak_rss_mb() / 1024.0, 2),
+        "rss_before_first_step_gb": round(rss_before_first_step / 1024.0, 2),
         "rss_after_first_step_gb": round(rss_after_tracing / 1024.0, 2),
         "peak_rss_during_timed_steps_gb": round(steps_rss.peak_mb / 1024.0, 2),
     }
