@@ -19,13 +19,12 @@ Prints a markdown table and writes `benchmarks/results/logdet_memory.json`.
 import argparse
 import json
 import os
-import platform
-import resource
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
+
+from measure import current_rss_mb, peak_rss_mb, run_worker, write_results
 
 RESULTS = Path(__file__).resolve().parent / "results" / "logdet_memory.json"
 NETWORKS = ("mlp", "conv")
@@ -33,16 +32,7 @@ METHODS = ("neumann", "naive")
 TIMED_STEPS = 5
 
 
-def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
-
-
-def _current_rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
-def run_worker(network: str, method: str, num_terms: int) -> dict:
+def measure_configuration(network: str, method: str, num_terms: int) -> dict:
     """One configuration, in this process: build, trace, time, and report memory."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     import keras
@@ -85,7 +75,7 @@ def run_worker(network: str, method: str, num_terms: int) -> dict:
         grads = tape.gradient(loss, g.trainable_weights)
         return tf.add_n([tf.reduce_sum(gr) for gr in grads])
 
-    rss_before = _current_rss_mb()
+    rss_before = current_rss_mb()
     step(tf.constant([0, 0])).numpy()  # trace and first run
     times = []
     for i in range(TIMED_STEPS):
@@ -96,7 +86,7 @@ def run_worker(network: str, method: str, num_terms: int) -> dict:
         "network": network,
         "method": method,
         "num_terms": num_terms,
-        "peak_rss_mb": round(_peak_rss_mb(), 1),
+        "peak_rss_mb": round(peak_rss_mb(), 1),
         "rss_before_first_step_mb": round(rss_before, 1),
         "step_seconds_median": round(statistics.median(times), 4),
     }
@@ -113,20 +103,14 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.worker:
         network, method, terms = args.worker
-        print(json.dumps(run_worker(network, method, int(terms))))
+        print(json.dumps(measure_configuration(network, method, int(terms))))
         return
 
     rows = []
     for network in args.networks:
         for method in METHODS:
             for terms in args.terms:
-                out = subprocess.run(
-                    [sys.executable, __file__, "--worker", network, method, str(terms)],
-                    check=True,
-                    capture_output=True,
-                    text=True,
-                )
-                rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+                rows.append(run_worker(__file__, [network, method, str(terms)]))
                 print(f"  done {network} {method} {terms}", file=sys.stderr)
 
     print(
@@ -154,20 +138,7 @@ def main(argv: list[str] | None = None) -> None:
                 f"{network} {method}: peak at {high} terms / at {low} terms = "
                 f"{ratios[f'{network}/{method}']:.3f}"
             )
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(
-        json.dumps(
-            {
-                "command": "python benchmarks/logdet_memory.py " + " ".join(argv or sys.argv[1:]),
-                "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
-                "rows": rows,
-                "peak_ratio_max_over_min_terms": ratios,
-            },
-            indent=2,
-        )
-        + "\n"
-    )
-    print(f"wrote {args.output}")
+    write_results(args.output, __file__, argv, rows=rows, peak_ratio_max_over_min_terms=ratios)
 
 
 if __name__ == "__main__":

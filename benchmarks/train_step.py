@@ -20,25 +20,15 @@ import argparse
 import dataclasses
 import json
 import os
-import platform
-import resource
 import statistics
-import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
 
+from measure import current_rss_mb, peak_rss_mb, run_worker, write_results
+
 RESULTS = Path(__file__).resolve().parent / "results" / "train_step.json"
-
-
-def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
-
-
-def _current_rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
 class _RssSampler:
@@ -52,7 +42,7 @@ class _RssSampler:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            self.peak_mb = max(self.peak_mb, _current_rss_mb())
+            self.peak_mb = max(self.peak_mb, current_rss_mb())
             time.sleep(0.02)
 
     def __enter__(self) -> "_RssSampler":
@@ -64,7 +54,7 @@ class _RssSampler:
         self._thread.join()
 
 
-def run_worker(options: dict) -> dict:
+def measure_configuration(options: dict) -> dict:
     """One configuration, in this process: build, initialise, trace, time steps and sampling."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     import keras
@@ -99,12 +89,12 @@ def run_worker(options: dict) -> dict:
     model.compile(optimizer=training.make_optimizer(train_config, total_steps=10**5))
     model.initialize(images())
     build_seconds = time.perf_counter() - start
-    rss_before_first_step = _current_rss_mb()
+    rss_before_first_step = current_rss_mb()
 
     start = time.perf_counter()
     first_loss = float(model.train_on_batch(images()))  # traces, then runs one step
     first_step_seconds = time.perf_counter() - start
-    rss_after_tracing = _current_rss_mb()
+    rss_after_tracing = current_rss_mb()
     times = []
     with _RssSampler() as steps_rss:
         for _ in range(options["steps"]):
@@ -130,7 +120,7 @@ def run_worker(options: dict) -> dict:
         "num_samples": options["num_samples"],
         "samples_finite": bool(np.isfinite(samples).all()),
         "losses_bits_per_dim": [round(first_loss, 3), round(loss, 3)],
-        "peak_rss_gb": round(_peak_rss_mb() / 1024.0, 2),
+        "peak_rss_gb": round(peak_rss_mb() / 1024.0, 2),
         "rss_before_first_step_gb": round(rss_before_first_step / 1024.0, 2),
         "rss_after_first_step_gb": round(rss_after_tracing / 1024.0, 2),
         "peak_rss_during_timed_steps_gb": round(steps_rss.peak_mb / 1024.0, 2),
@@ -151,7 +141,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
-        print(json.dumps(run_worker(json.loads(args.worker))))
+        print(json.dumps(measure_configuration(json.loads(args.worker))))
         return
 
     rows = []
@@ -164,13 +154,7 @@ def main(argv: list[str] | None = None) -> None:
             "num_samples": args.num_samples,
             "exact_terms": terms,
         }
-        out = subprocess.run(
-            [sys.executable, __file__, "--worker", json.dumps(options)],
-            check=True,
-            capture_output=True,
-            text=True,
-        )
-        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        rows.append(run_worker(__file__, [json.dumps(options)]))
         print(f"  done: {rows[-1]}", file=sys.stderr)
 
     print(
@@ -187,19 +171,7 @@ def main(argv: list[str] | None = None) -> None:
             f"| {r['sample_seconds']} | {r['peak_rss_gb']} "
             f"| {r['peak_rss_during_timed_steps_gb']} |"
         )
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(
-        json.dumps(
-            {
-                "command": "python benchmarks/train_step.py " + " ".join(argv or sys.argv[1:]),
-                "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
-                "rows": rows,
-            },
-            indent=2,
-        )
-        + "\n"
-    )
-    print(f"wrote {args.output}")
+    write_results(args.output, __file__, argv, rows=rows)
 
 
 if __name__ == "__main__":
