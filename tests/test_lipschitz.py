@@ -7,6 +7,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from checks import brute_force_induced_norm_2d
 
 from tfp_resflow.lipschitz import (
     SpectralConv2D,
@@ -124,10 +125,8 @@ def test_layer_inside_bound_is_unchanged():
 
 
 def _brute_force_norm(w, p, q):
-    """max ||A v||_q / ||v||_p over 2-D v on a grid of 400000 angles (A = W^T)."""
-    theta = np.linspace(0, 2 * np.pi, 400_000, endpoint=False)  # contains the axes
-    v = np.stack([np.cos(theta), np.sin(theta)])
-    return np.max(np.linalg.norm(w.T @ v, q, axis=0) / np.linalg.norm(v, p, axis=0))
+    """||A||_{p->q} of the layer's operator A = W^T (W: [2, units]), by brute force."""
+    return brute_force_induced_norm_2d(w.T, p, q)
 
 
 # The issue's four cases (closed forms except (2, 2)), two more closed forms, and two cases
