@@ -62,6 +62,7 @@ HELP = {
     "num_samples": "samples drawn for samples.png at every evaluation",
     "lipschitz_tolerance": "power-iteration tolerance before every evaluation",
     "num_eval_draws": "training-mode estimates per evaluation, for the estimator's spread",
+    "eval_batch_size": "test examples per evaluation batch",
     "verbose": "0 silent, 1 progress bar, 2 one line per epoch",
 }
 
@@ -168,7 +169,7 @@ def load_data(config: TrainConfig, download: bool) -> tuple:  # noqa: FBT001
         return data.load_dataset(
             config.dataset,
             split,
-            batch_size=config.batch_size,
+            batch_size=config.batch_size if training else config.eval_batch_size,
             seed=config.seed,
             download=download,
             training=training,
@@ -256,6 +257,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.sample:
         with training.ema_weights(model):
+            model.update_lipschitz(atol=config.lipschitz_tolerance, rtol=config.lipschitz_tolerance)
             samples = model.sample(args.sample, seed=[config.seed, 2]).numpy()
         path = run_dir / f"samples_{args.sample}.png"
         if toy_points is not None:
@@ -304,7 +306,9 @@ def main(argv: list[str] | None = None) -> int:
             callbacks=callbacks,
             verbose=config.verbose,
         )
-    # fit ends by replacing the weights with their EMA (Keras' use_ema); save that model.
+    # fit ends by replacing the weights with their EMA (Keras' use_ema); save that model, with
+    # its norm estimates converged for these weights.
+    model.update_lipschitz(atol=config.lipschitz_tolerance, rtol=config.lipschitz_tolerance)
     if write_files:
         model.save(run_dir / "model.keras")
     # Every process (each worker of a multi-worker run too) fingerprints its final weights.

@@ -1,34 +1,43 @@
-"""Time and peak memory of training steps of an image preset, to compare with the authors' code.
+"""Time and memory of training steps, to compare with the authors' code (targets.md settings).
 
-The setting of `../shared/reference/targets.md`: a preset (default `mnist`: 16-16-16 blocks,
-512 hidden channels, 3-1-3 kernels, LipSwish, coefficient 0.98, Poisson(2) + 2 exact terms,
-ActNorm, 4 fully connected end blocks) on random dequantised 28x28x1 images, batch 64, with
-the training recipe of `train_tf.py` (Adam, clipping, EMA, non-finite guard) and the power
-iterations after every step. One step = `FlowModel.train_on_batch` (forward with the unbiased
-log-det estimator, Neumann gradient, optimizer, power iterations). Each configuration runs in
-its own subprocess, so its peak resident set size (`ru_maxrss`) is its alone.
+One configuration per fresh subprocess, so that its peak resident set size (`ru_maxrss`) and
+its start-up time are its own. Each configuration builds the model, runs `model.initialize` on
+one batch and then `FlowModel.train_on_batch` (the unbiased log-det with the Neumann gradient,
+Adam with clipping and EMA, the non-finite guard and the power iterations after the step: the
+recipe of `train_tf.py`) on random data of the setting's shape:
 
-    python benchmarks/train_step.py                         # mnist preset, batch 64, 2 steps
-    python benchmarks/train_step.py --blocks 4 4 4 --batch-size 8 --exact-terms 10 20
+    toy             2-D, 10 blocks, g = 128-128-128-128 LipSwish MLP, coefficient 0.9, batch 500
+    digits-authors  8x8x1, 4-4 blocks, 64 hidden channels, 4 FC end blocks of width 64 (the
+                    authors' digits setting of targets.md), batch 64
+    digits          the `digits` preset (what `python train_tf.py` trains), batch 64
+    mnist-B         the `mnist` preset (16-16-16 blocks, 512 hidden channels), batch B
 
-`--exact-terms` runs one configuration per value with that many exact series terms and
-(almost) no random extra terms (geometric, p = 0.999), the memory-against-terms setting.
+Reported per configuration: the seconds from process start (before TensorFlow is imported) to
+the end of the first training step, the first step alone (tracing included), the median of the
+timed steps after it, sampling time (images), peak RSS, and RSS before the first step.
+
+    python benchmarks/train_step.py                               # every configuration
+    python benchmarks/train_step.py --configs toy digits --steps 5
+
 Prints a markdown table and writes `benchmarks/results/train_step.json` (or `--output`).
 """
 
-import argparse
-import dataclasses
-import json
-import os
-import statistics
-import sys
-import threading
 import time
-from pathlib import Path
 
-from measure import current_rss_mb, peak_rss_mb, run_worker, write_results
+PROCESS_START = time.perf_counter()  # before TensorFlow is imported by a worker
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import statistics  # noqa: E402
+import sys  # noqa: E402
+import threading  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from measure import current_rss_mb, peak_rss_mb, run_worker, write_results  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "train_step.json"
+CONFIGURATIONS = ("toy", "digits-authors", "digits", "mnist-16", "mnist-32", "mnist-64")
 
 
 class _RssSampler:
@@ -54,89 +63,102 @@ class _RssSampler:
         self._thread.join()
 
 
-def measure_configuration(options: dict) -> dict:
-    """One configuration, in this process: build, initialise, trace, time steps and sampling."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    import keras
+def _model_and_data(name: str):  # noqa: ANN202
+    """The FlowModel of a configuration and a function drawing one random batch."""
+    import dataclasses
+
     import numpy as np
 
-    from tfp_resflow import multiscale, presets, training
+    from tfp_resflow import multiscale, presets
+    from tfp_resflow.flow import ResidualFlowBijector
     from tfp_resflow.model import FlowModel
 
-    keras.utils.set_random_seed(0)
-    config = presets.get_preset(options["preset"])
-    changes = {}
-    if options["blocks"]:
-        changes["blocks_per_scale"] = tuple(options["blocks"])
-    if options["exact_terms"] is not None:
-        changes.update(
-            num_exact_terms=options["exact_terms"], term_distribution="geometric", geometric_p=0.999
-        )
-    config = dataclasses.replace(config, **changes)
-    shape = presets.PRESET_INPUT_SHAPES[options["preset"]]
-    batch = options["batch_size"]
     rng = np.random.default_rng(0)
+    if name == "toy":
+        flow = ResidualFlowBijector(num_blocks=10, hidden_units=(128,) * 4, lipschitz_constant=0.9)
+        model = FlowModel(flow, event_shape=[2])
+        return model, lambda: rng.normal(size=(500, 2)).astype(np.float32)
+    if name.startswith("mnist"):
+        preset, batch = "mnist", int(name.split("-")[1])
+        config = presets.get_preset(preset)
+    else:
+        preset, batch = "digits", 64
+        config = presets.get_preset(preset)
+        if name == "digits-authors":
+            config = dataclasses.replace(
+                config, hidden_channels=64, fc_end_blocks=4, fc_hidden_units=(64, 64)
+            )
+    shape = presets.PRESET_INPUT_SHAPES[preset]
     levels = config.num_levels
+    flow = multiscale.image_flow(shape, config)
+    model = FlowModel(flow, shape, loss_unit="bits_per_dim", num_levels=levels)
 
     def images() -> np.ndarray:  # random integer images, uniformly dequantised, in [0, 1)
         pixels = rng.integers(0, levels, size=(batch, *shape))
         return ((pixels + rng.uniform(size=pixels.shape)) / levels).astype(np.float32)
 
+    return model, images
+
+
+def measure_configuration(options: dict) -> dict:
+    """One configuration, in this process: build, initialise, first step, timed steps, sampling."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     start = time.perf_counter()
-    flow = multiscale.image_flow(shape, config)
-    model = FlowModel(flow, shape, loss_unit="bits_per_dim", num_levels=levels)
-    train_config = training.TrainConfig(dataset="mnist", preset=options["preset"])
+    import keras
+    import numpy as np
+
+    from tfp_resflow import training
+
+    import_seconds = time.perf_counter() - start
+    keras.utils.set_random_seed(0)
+    start = time.perf_counter()
+    model, batch = _model_and_data(options["name"])
+    train_config = training.TrainConfig()
     model.compile(optimizer=training.make_optimizer(train_config, total_steps=10**5))
-    model.initialize(images())
+    model.initialize(batch())
     build_seconds = time.perf_counter() - start
     rss_before_first_step = current_rss_mb()
 
     start = time.perf_counter()
-    first_loss = float(model.train_on_batch(images()))  # traces, then runs one step
-    first_step_seconds = time.perf_counter() - start
-    rss_after_tracing = current_rss_mb()
+    first_loss = float(model.train_on_batch(batch()))  # traces, then runs one step
+    end_of_first_step = time.perf_counter()
     times = []
     with _RssSampler() as steps_rss:
         for _ in range(options["steps"]):
-            x = images()
-            start = time.perf_counter()
+            x = batch()
+            t = time.perf_counter()
             loss = float(model.train_on_batch(x))
-            times.append(time.perf_counter() - start)
-    start = time.perf_counter()
-    samples = model.sample(options["num_samples"]).numpy()
-    sample_seconds = time.perf_counter() - start
-    return {
-        "preset": options["preset"],
-        "blocks_per_scale": list(config.blocks_per_scale),
-        "batch_size": batch,
-        "num_exact_terms": config.num_exact_terms,
-        "term_distribution": config.term_distribution,
+            times.append(time.perf_counter() - t)
+    row = {
+        "configuration": options["name"],
+        "batch_size": int(batch().shape[0]),
         "trainable_parameters": int(sum(np.prod(w.shape) for w in model.trainable_weights)),
+        "trainable_variables": len(model.trainable_weights),
+        "import_seconds": round(import_seconds, 1),
         "build_and_init_seconds": round(build_seconds, 1),
-        "first_step_seconds_with_tracing": round(first_step_seconds, 1),
-        "step_seconds": [round(t, 2) for t in times],
-        "step_seconds_median": round(statistics.median(times), 2),
-        "sample_seconds": round(sample_seconds, 2),
-        "num_samples": options["num_samples"],
-        "samples_finite": bool(np.isfinite(samples).all()),
-        "losses_bits_per_dim": [round(first_loss, 3), round(loss, 3)],
+        "first_step_seconds_with_tracing": round(end_of_first_step - start, 1),
+        "seconds_to_first_step_end": round(end_of_first_step - PROCESS_START, 1),
+        "step_seconds": [round(t, 3) for t in times],
+        "step_seconds_median": round(statistics.median(times), 3),
+        "losses": [round(first_loss, 3), round(loss, 3)],
         "peak_rss_gb": round(peak_rss_mb() / 1024.0, 2),
         "rss_before_first_step_gb": round(rss_before_first_step / 1024.0, 2),
-        "rss_after_first_step_gb": round(rss_after_tracing / 1024.0, 2),
         "peak_rss_during_timed_steps_gb": round(steps_rss.peak_mb / 1024.0, 2),
     }
+    if options["name"] != "toy":
+        start = time.perf_counter()
+        samples = model.sample(options["num_samples"]).numpy()
+        row["sample_seconds"] = round(time.perf_counter() - start, 2)
+        row["num_samples"] = options["num_samples"]
+        row["samples_finite"] = bool(np.isfinite(samples).all())
+    return row
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", default="mnist")
-    parser.add_argument("--blocks", type=int, nargs="+", help="blocks per scale (preset's)")
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--steps", type=int, default=2, help="timed steps after the first")
-    parser.add_argument("--num-samples", type=int, default=64)
-    parser.add_argument(
-        "--exact-terms", type=int, nargs="+", help="one run per value (see module docs)"
-    )
+    parser.add_argument("--configs", nargs="+", choices=CONFIGURATIONS, default=CONFIGURATIONS)
+    parser.add_argument("--steps", type=int, default=0, help="timed steps (0: 5, 2 for mnist)")
+    parser.add_argument("--num-samples", type=int, default=64, help="images sampled per model")
     parser.add_argument("--output", type=Path, default=RESULTS)
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -145,31 +167,23 @@ def main(argv: list[str] | None = None) -> None:
         return
 
     rows = []
-    for terms in args.exact_terms or [None]:
-        options = {
-            "preset": args.preset,
-            "blocks": args.blocks,
-            "batch_size": args.batch_size,
-            "steps": args.steps,
-            "num_samples": args.num_samples,
-            "exact_terms": terms,
-        }
+    for name in args.configs:
+        steps = args.steps or (2 if name.startswith("mnist") else 5)
+        options = {"name": name, "steps": steps, "num_samples": args.num_samples}
         rows.append(run_worker(__file__, [json.dumps(options)]))
         print(f"  done: {rows[-1]}", file=sys.stderr)
 
     print(
-        "| preset | blocks | batch | exact terms | parameters | step (s, median) "
-        f"| first step incl. tracing (s) | sample {args.num_samples} (s) | peak RSS (GB) "
-        "| peak RSS in timed steps (GB) |"
+        "| configuration | batch | parameters | step (s, median) | first step incl. tracing (s) "
+        "| process start to end of first step (s) | sample 64 (s) | peak RSS (GB) |"
     )
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
         print(
-            f"| {r['preset']} | {'-'.join(map(str, r['blocks_per_scale']))} | {r['batch_size']} "
-            f"| {r['num_exact_terms']} ({r['term_distribution']}) | {r['trainable_parameters']:,} "
+            f"| {r['configuration']} | {r['batch_size']} | {r['trainable_parameters']:,} "
             f"| {r['step_seconds_median']} | {r['first_step_seconds_with_tracing']} "
-            f"| {r['sample_seconds']} | {r['peak_rss_gb']} "
-            f"| {r['peak_rss_during_timed_steps_gb']} |"
+            f"| {r['seconds_to_first_step_end']} | {r.get('sample_seconds', '-')} "
+            f"| {r['peak_rss_gb']} |"
         )
     write_results(args.output, __file__, argv, rows=rows)
 

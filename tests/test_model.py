@@ -204,3 +204,59 @@ def test_bad_constructor_arguments():
         FlowModel(ResidualFlowBijector(), event_shape=[2], num_levels=1)
     with pytest.raises(ValueError, match="bijector must be a tfb.Bijector"):
         FlowModel(lambda x: x, event_shape=[2])
+
+
+# ------------------------------------------------------------------------------------------------
+# The joint pass inside FlowModel, tracing, XLA
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_log_prob_equals_the_transformed_distribution_for_a_seed(training):
+    from tfp_resflow.bijector import training_mode
+
+    model = small_model(num_blocks=2, hidden_units=(8,))
+    x = eight_gaussians(16, seed=8)
+    model.initialize(x)
+    with training_mode(training):
+        expected = model.distribution.log_prob(tf.identity(x), bijector_kwargs={"seed": [1, 2]})
+    np.testing.assert_allclose(
+        model.log_prob(x, training=training, seed=[1, 2]), expected, rtol=1e-6, atol=1e-6
+    )
+
+
+def test_a_training_step_is_traced_once(monkeypatch):
+    traces = []
+    original = FlowModel.train_step
+    monkeypatch.setattr(
+        FlowModel, "train_step", lambda self, data: traces.append(1) or original(self, data)
+    )
+    model = small_model(num_blocks=1, hidden_units=(8,))
+    model.compile(optimizer=keras.optimizers.Adam(1e-3))  # not built: make_train_function does
+    x = eight_gaussians(32, seed=9)
+    for _ in range(3):
+        model.train_on_batch(x)
+    assert len(traces) == 1  # the optimizer's variables exist before the step is traced
+
+
+def test_an_image_flow_trains_under_xla():
+    from tfp_resflow.multiscale import image_flow
+    from tfp_resflow.presets import ImageFlowConfig
+
+    keras.utils.set_random_seed(0)
+    config = ImageFlowConfig(
+        blocks_per_scale=(1, 1),
+        hidden_channels=4,
+        fc_end_blocks=1,
+        fc_hidden_units=(8,),
+        initial_power_iterations=5,
+    )
+    model = FlowModel(image_flow((4, 4, 1), config), (4, 4, 1), loss_unit="bits_per_dim")
+    model.compile(optimizer=keras.optimizers.Adam(1e-3), jit_compile=True)
+    x = np.random.default_rng(0).uniform(size=(8, 4, 4, 1)).astype(np.float32)
+    model.initialize(x)
+    before = [w.numpy().copy() for w in model.trainable_weights]
+    losses = [float(model.train_on_batch(x)) for _ in range(2)]
+    assert model.jit_compile
+    assert np.all(np.isfinite(losses))
+    for old, weight in zip(before, model.trainable_weights, strict=True):
+        assert not np.array_equal(old, weight.numpy()), weight.path

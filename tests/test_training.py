@@ -10,6 +10,7 @@ import tensorflow as tf
 from tfp_resflow import artifacts, training
 from tfp_resflow.flow import ResidualFlowBijector
 from tfp_resflow.model import FlowModel
+from tfp_resflow.optimizer import GroupedAdam
 
 
 def compiled_toy_model(config=None, total_steps=100):
@@ -36,13 +37,19 @@ def test_learning_rate_warms_up_linearly_then_stays_constant_or_decays():
 
 def test_optimizer_is_adam_with_the_authors_settings():
     config = training.TrainConfig(ema_momentum=0.999)
-    optimizer = training.make_optimizer(config, total_steps=100)
-    adam = optimizer.inner_optimizer
+    adam = training.make_optimizer(config, total_steps=100)
+    assert isinstance(adam, GroupedAdam)
     assert isinstance(adam, keras.optimizers.Adam)
     assert adam.beta_2 == 0.99
     assert adam.global_clipnorm == 1.0
     assert adam.use_ema
     assert adam.ema_momentum == 0.999
+    assert adam.skip_nonfinite  # one replica: the optimizer's own guard
+    with tf.distribute.OneDeviceStrategy("/cpu:0").scope():
+        distributed = training.make_optimizer(config, total_steps=100)
+    assert isinstance(distributed, keras.optimizers.LossScaleOptimizer)  # Keras' guard
+    assert isinstance(distributed.inner_optimizer, GroupedAdam)
+    assert not distributed.inner_optimizer.skip_nonfinite
 
 
 def test_a_batch_with_nan_does_not_change_the_weights():

@@ -8,10 +8,14 @@ The package is flat; each module is about one idea:
 - `norm_order`: learnable orders of the mixed norms those layers can bound.
 - `activation`: 1-Lipschitz activations (LipSwish and others).
 - `network`: builders of residual functions `g` with `Lip(g) < 1`.
+- `solver`: the fixed-point inverse of a residual map and its implicit gradient.
+- `block_functions`: a block's passes as traced functions shared by blocks of one kind.
 - `bijector`: `ResidualBlock`, one invertible block as a TFP bijector.
 - `actnorm`: ActNorm with data-dependent initialisation.
+- `composite`: stacks of bijectors walked in one pass; the joint inverse-and-log-det.
 - `flow`: `ResidualFlowBijector`, a stack of blocks for vector events.
 - `model`: `FlowModel`, the Keras model that trains any of them with `fit`.
+- `optimizer`: `GroupedAdam`, Keras' Adam updating equal-shaped variables together.
 - `bits`: bits per dimension of dequantised data.
 - `image`, `multiscale`, `presets`: image bijectors, the multi-scale flow, the paper's presets.
 - `data`, `training`, `distribute`, `artifacts`: what `train_tf.py` is built from.
@@ -21,6 +25,7 @@ from tfp_resflow.activation import CLipSwish, LipSwish, get_activation
 from tfp_resflow.actnorm import ActNorm, ActNormLayer
 from tfp_resflow.bijector import ResidualBlock, data_dependent_init, training_mode
 from tfp_resflow.bits import bits_per_dim
+from tfp_resflow.composite import inverse_and_log_det
 from tfp_resflow.flow import ResidualFlowBijector
 from tfp_resflow.image import LogitTransform, Squeeze
 from tfp_resflow.lipschitz import (
@@ -39,6 +44,7 @@ from tfp_resflow.model import FlowModel
 from tfp_resflow.multiscale import MultiscaleResidualFlow, image_flow
 from tfp_resflow.network import lipschitz_cnn, lipschitz_mlp
 from tfp_resflow.norm_order import NormOrder
+from tfp_resflow.optimizer import GroupedAdam
 from tfp_resflow.presets import PRESETS, ImageFlowConfig
 
 __version__ = "0.1.0"
@@ -49,6 +55,7 @@ __all__ = [
     "ActNormLayer",
     "CLipSwish",
     "FlowModel",
+    "GroupedAdam",
     "ImageFlowConfig",
     "LipSwish",
     "LogDetFn",
@@ -65,6 +72,7 @@ __all__ = [
     "exact_log_det",
     "get_activation",
     "image_flow",
+    "inverse_and_log_det",
     "lipschitz_cnn",
     "lipschitz_mlp",
     "norm_order_loss",

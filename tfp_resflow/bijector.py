@@ -26,7 +26,7 @@ exact terms (as the authors evaluate), without rebuilding anything.
 """
 
 import contextlib
-import functools
+import numbers
 import threading
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
@@ -36,7 +36,16 @@ import tensorflow as tf
 import tensorflow_probability as tfp
 from tensorflow_probability.python.internal import cache_util
 
-from tfp_resflow import logdet
+from tfp_resflow import logdet, solver
+from tfp_resflow.block_functions import BlockFunctions, BlockSettings, block_functions
+
+# Re-exported here, where they were defined before the estimators and the solver moved out.
+from tfp_resflow.logdet import (
+    EVAL_EXACT_MAX_EVENT_SIZE,
+    EVAL_NUM_EXACT_TERMS,
+    make_log_det_fn,
+)
+from tfp_resflow.solver import DEFAULT_TOLERANCE
 
 tfb = tfp.bijectors
 
@@ -51,15 +60,6 @@ __all__ = [
     "training_mode",
 ]
 
-LOG_DET_NAMES = ("unbiased", "exact", "truncated")
-# Evaluation: the exact log-det costs one VJP per event dimension, the authors' evaluation series
-# about 20 + 2 VJPs, so exact is both cheaper and better up to about 20 dimensions.
-EVAL_EXACT_MAX_EVENT_SIZE = 20
-EVAL_NUM_EXACT_TERMS = 20
-# Default fixed-point tolerances per dtype: a few hundred ulps, so that the iteration stops at
-# the precision of the arithmetic instead of at an arbitrary 1e-5 (the authors' squared-step test
-# effectively stops at |step| ~ 3e-3).
-DEFAULT_TOLERANCE = {"float16": 1e-3, "bfloat16": 1e-2, "float32": 1e-6, "float64": 1e-12}
 
 # ------------------------------------------------------------------------------------------------
 # Per-call modes, read at call (or trace) time: thread-local, so threads do not see each other's.
@@ -155,12 +155,6 @@ class _GraphOnlyCache(cache_util.BijectorCache):
         return {}
 
 
-class FreshChain(tfb.Chain):
-    """`tfb.Chain` with this package's cache policy (`_GraphOnlyCache`), for our composites."""
-
-    _cache = _GraphOnlyCache()
-
-
 class FreshBijector(tfb.Bijector):
     """Base class for this package's bijectors: TFP's contract with the `_GraphOnlyCache`.
 
@@ -182,6 +176,59 @@ class FreshBijector(tfb.Bijector):
         tracked = [w.value for layer in self.keras_layers if layer.built for w in layer.weights]
         self._tracked_keras_variables = tracked
 
+    def inverse_and_log_det(
+        self,
+        y: tf.Tensor,
+        *,
+        event_ndims: int | None = None,
+        seed: Any = None,
+        name: str = "inverse_and_log_det",
+        **kwargs: Any,
+    ) -> tuple[tf.Tensor, tf.Tensor]:
+        """`(inverse(y), inverse_log_det_jacobian(y, event_ndims))` in one pass.
+
+        Equal to the two calls for the same `seed`; each residual block evaluates `g` once (its
+        log-det estimator's `g(y)` is the value), so training does the forward work once and
+        keeps one block's activations at a time (see `tfp_resflow.block_functions`).
+
+        Args:
+            y: data-side tensor `[..., *event]`.
+            event_ndims: rank of the events the log-det is summed over; default (and minimum)
+                `inverse_min_event_ndims`, as TFP.
+            seed: seed of the stochastic log-det estimates (None: fresh randomness).
+            name: name scope.
+            **kwargs: passed to the implementation, as TFP's `**kwargs`.
+
+        Returns:
+            `(x, ildj)`: the latent-side tensor and the log-det, of the batch shape of `y`.
+        """
+        with self._name_and_control_scope(name):
+            y = tf.convert_to_tensor(y, dtype_hint=self.dtype, name="y")
+            minimum = self.inverse_min_event_ndims
+            if event_ndims is None:
+                event_ndims = minimum
+            if isinstance(event_ndims, bool) or not isinstance(event_ndims, numbers.Integral):
+                raise ValueError(f"event_ndims must be an integer; got {event_ndims!r}.")
+            event_ndims = int(event_ndims)
+            if event_ndims < minimum:
+                raise ValueError(
+                    f"{self.name}: event_ndims must be at least {minimum}; got {event_ndims}."
+                )
+            if seed is not None:
+                kwargs["seed"] = seed
+            x, log_det = self._inverse_and_log_det(y, **kwargs)
+            if event_ndims > minimum:
+                log_det = tf.reduce_sum(log_det, axis=list(range(minimum - event_ndims, 0)))
+            return x, log_det
+
+    def _inverse_and_log_det(self, y: tf.Tensor, **kwargs: Any) -> tuple[tf.Tensor, tf.Tensor]:
+        # Default: the two calls. Subclasses that can share work override this.
+        minimum = self.inverse_min_event_ndims
+        return (
+            self.inverse(y, **kwargs),
+            self.inverse_log_det_jacobian(y, event_ndims=minimum, **kwargs),
+        )
+
     def _check_finite(self, t: tf.Tensor, name: str) -> tf.Tensor:
         """With `validate_args`, `t` behind a run-time check that it has no NaN or inf."""
         if self.validate_args:
@@ -194,63 +241,6 @@ class FreshBijector(tfb.Bijector):
 
 
 # ------------------------------------------------------------------------------------------------
-# Estimator selection.
-
-
-def make_log_det_fn(
-    log_det: str | logdet.LogDetFn, options: Mapping[str, Any] | None = None
-) -> logdet.LogDetFn:
-    """Resolves a log-det name and its options to an estimator with the common signature.
-
-    Args:
-        log_det: "unbiased" (`russian_roulette_log_det`), "exact" (`exact_log_det`),
-            "truncated" (`power_series_log_det`), or a callable with the `logdet` signature.
-        options: keyword options bound to the estimator (for example
-            `{"distribution": "poisson", "num_exact_terms": 2}`).
-
-    Returns:
-        `(residual_fn, x, *, seed=None) -> (g(x), log_det)`.
-
-    Raises:
-        ValueError: for an unknown name, or options given with a callable.
-    """
-    options = dict(options or {})
-    if callable(log_det):
-        return functools.partial(log_det, **options) if options else log_det
-    estimators = {
-        "unbiased": logdet.russian_roulette_log_det,
-        "exact": logdet.exact_log_det,
-        "truncated": logdet.power_series_log_det,
-    }
-    if log_det not in estimators:
-        raise ValueError(f"log_det must be one of {LOG_DET_NAMES} or a callable; got {log_det!r}.")
-    if log_det == "exact" and options:
-        raise ValueError(f"log_det='exact' takes no options; got {sorted(options)}.")
-    return functools.partial(estimators[log_det], **options)
-
-
-def _eval_log_det_fn(
-    eval_log_det: str | logdet.LogDetFn,
-    eval_options: Mapping[str, Any] | None,
-    train_log_det: str | logdet.LogDetFn,
-    train_options: Mapping[str, Any],
-    event_size: int,
-) -> logdet.LogDetFn:
-    if eval_log_det != "auto":
-        return make_log_det_fn(eval_log_det, eval_options)
-    if event_size <= EVAL_EXACT_MAX_EVENT_SIZE:
-        return logdet.exact_log_det
-    # The authors' evaluation: unbiased, with 20 exact terms, whatever the training estimator,
-    # so that evaluation log-likelihoods are comparable across training ablations.
-    options = {"num_exact_terms": EVAL_NUM_EXACT_TERMS, "neumann_gradient": False}
-    if train_log_det == "unbiased":
-        for key in ("distribution", "p", "rate", "probe"):
-            if key in train_options:
-                options[key] = train_options[key]
-    return functools.partial(logdet.russian_roulette_log_det, **options)
-
-
-# ------------------------------------------------------------------------------------------------
 # The block.
 
 
@@ -260,11 +250,16 @@ def _check_positive(name: str, value: object) -> float:
     return float(value)
 
 
+def _options(options: Mapping[str, Any] | None) -> tuple[tuple[str, Any], ...]:
+    return tuple(sorted(dict(options or {}).items()))
+
+
 class ResidualBlock(FreshBijector):
     """Invertible residual block `x + g(x)` with `Lip(g) < 1`, as a TFP bijector.
 
         inverse(y) = y + g(y)                             (data -> latent)
         inverse_log_det_jacobian(y) = log|det(I + J_g(y))|
+        inverse_and_log_det(y) = both, with g evaluated once
         forward(z) = x  such that  x + g(x) = z           (latent -> data)
 
     The forward map iterates `x <- z - g(x)` from `x = z - g(z)` until every element moves by
@@ -273,6 +268,10 @@ class ResidualBlock(FreshBijector):
     `InvalidArgumentError` giving the largest residual `|x + g(x) - z|` (with
     `on_nonconvergence="raise"`), and the unconverged examples are returned as NaN in any case
     (XLA drops assertions; a NaN sample cannot pass for a real one).
+
+    When `g` is a built Keras layer, each pass runs as a traced function of `g`'s weights that
+    is shared by every block whose `g` has the same structure (`tfp_resflow.block_functions`):
+    a deep flow traces and compiles each kind of block once.
 
     Args:
         residual_fn: `g`, mapping `[batch, *event]` to the same shape with `Lip(g) < 1`.
@@ -324,19 +323,22 @@ class ResidualBlock(FreshBijector):
                 raise ValueError(
                     f"on_nonconvergence must be 'raise' or 'nan'; got {on_nonconvergence!r}."
                 )
+            logdet.make_log_det_fn(log_det, log_det_options)  # validate now
+            if eval_log_det != "auto":
+                logdet.make_log_det_fn(eval_log_det, eval_log_det_options)
             self._residual_fn = residual_fn
             self._event_ndims = event_ndims
-            self._log_det = log_det
-            self._log_det_options = dict(log_det_options or {})
-            self._train_log_det_fn = make_log_det_fn(log_det, self._log_det_options)
-            if eval_log_det != "auto":
-                make_log_det_fn(eval_log_det, eval_log_det_options)  # validate now
-            self._eval_log_det = eval_log_det
-            self._eval_log_det_options = dict(eval_log_det_options or {})
-            self._atol = None if atol is None else _check_positive("atol", atol)
-            self._rtol = None if rtol is None else _check_positive("rtol", rtol)
-            self._max_iterations = max_iterations
-            self._on_nonconvergence = on_nonconvergence
+            self._settings = BlockSettings(
+                log_det=log_det,
+                log_det_options=_options(log_det_options),
+                eval_log_det=eval_log_det,
+                eval_log_det_options=_options(eval_log_det_options),
+                atol=None if atol is None else _check_positive("atol", atol),
+                rtol=None if rtol is None else _check_positive("rtol", rtol),
+                max_iterations=max_iterations,
+                on_nonconvergence=on_nonconvergence,
+            )
+            self._functions: BlockFunctions | None = None
             self._recent = threading.local()  # latest inverse pair, for warm starts
             super().__init__(
                 forward_min_event_ndims=event_ndims,
@@ -357,15 +359,7 @@ class ResidualBlock(FreshBijector):
 
     def log_det_fn(self, *, training: bool, event_size: int) -> logdet.LogDetFn:
         """The estimator used in the given mode for events of `event_size` dimensions."""
-        if training:
-            return self._train_log_det_fn
-        return _eval_log_det_fn(
-            self._eval_log_det,
-            self._eval_log_det_options,
-            self._log_det,
-            self._log_det_options,
-            event_size,
-        )
+        return self._settings.estimator(training=training, event_size=event_size)
 
     # -- shape plumbing: the estimators and g take [batch, *event] -------------------------------
 
@@ -378,10 +372,13 @@ class ResidualBlock(FreshBijector):
             flat = tf.ensure_shape(flat, [None, *t.shape[t.shape.rank - self._event_ndims :]])
         return flat, batch_shape
 
-    def _g(self, t: tf.Tensor) -> tf.Tensor:
-        out = self._residual_fn(t)
-        self._track_keras_variables()
-        return out
+    def _passes(self) -> BlockFunctions:
+        """The block's passes: traced (and shared) once `g` is a built Keras layer."""
+        could_trace = self._settings.traceable and isinstance(self._residual_fn, keras.layers.Layer)
+        if self._functions is None or (could_trace and not self._functions.traced):
+            self._functions = block_functions(self._residual_fn, self._settings)
+            self._track_keras_variables()
+        return self._functions
 
     def _check_input(self, t: tf.Tensor, name: str) -> tf.Tensor:
         if t.shape.rank is not None and t.shape.rank < self._event_ndims:
@@ -393,25 +390,32 @@ class ResidualBlock(FreshBijector):
 
     # -- TFP hooks ---------------------------------------------------------------------------------
 
-    def _inverse(self, y: tf.Tensor, seed: Any = None) -> tf.Tensor:
+    def _inverse_and_log_det(self, y: tf.Tensor, seed: Any = None) -> tuple[tf.Tensor, tf.Tensor]:
         y = self._check_input(y, "y")
         flat, batch_shape = self._flatten_batch(y)
-        x = flat + self._g(flat)
+        x, log_det = self._passes().joint(self._residual_fn, flat, seed, training=is_training())
+        self._track_keras_variables()  # g may have been built by this call
+        self._record_inverse(flat, x)
+        return tf.reshape(x, tf.shape(y)), tf.reshape(log_det, batch_shape)
+
+    def _inverse(self, y: tf.Tensor, seed: Any = None) -> tf.Tensor:
+        y = self._check_input(y, "y")
+        flat, _ = self._flatten_batch(y)
+        x = self._passes().value(self._residual_fn, flat)
+        self._track_keras_variables()
         self._record_inverse(flat, x)
         return tf.reshape(x, tf.shape(y))
 
     def _inverse_log_det_jacobian(self, y: tf.Tensor, seed: Any = None) -> tf.Tensor:
-        y = self._check_input(y, "y")
-        flat, batch_shape = self._flatten_batch(y)
-        event_size = flat.shape[1:].num_elements()
-        estimator = self.log_det_fn(training=is_training(), event_size=event_size or 2**31)
-        _, log_det = estimator(self._g, flat, seed=seed)
-        return tf.reshape(log_det, batch_shape)
+        return self._inverse_and_log_det(y, seed=seed)[1]
 
     def _forward(self, z: tf.Tensor, seed: Any = None) -> tf.Tensor:
         z = self._check_input(z, "z")
         flat, _ = self._flatten_batch(z)
-        return tf.reshape(self._solve(flat, self._warm_start_for(flat)), tf.shape(z))
+        passes = self._passes()
+        x, converged = passes.solve(self._residual_fn, flat, self._warm_start_for(flat))
+        x = self._report_nonconvergence(x, converged > 0.5, flat)
+        return tf.reshape(x, tf.shape(z))
 
     # -- warm starts: TFP asks for forward(inverse(y)) in every log_prob ------------------------
 
@@ -435,101 +439,27 @@ class ResidualBlock(FreshBijector):
             return None
         return y
 
-    # -- the fixed-point inverse with its implicit gradient ----------------------------------------
-
-    def _fixed_point(
-        self, step: Callable[[tf.Tensor], tf.Tensor], start: tf.Tensor, scale: tf.Tensor
-    ) -> tuple[tf.Tensor, tf.Tensor]:
-        """Iterates `x <- step(x)` until every element moves by <= atol + rtol * |scale|.
-
-        Returns the last iterate and a per-example convergence flag `[batch]`.
-        """
-        atol, rtol = self._tolerances(scale.dtype)
-        tolerance = atol + rtol * tf.abs(scale)
-
-        def per_example_done(new: tf.Tensor, old: tf.Tensor) -> tf.Tensor:
-            ok = tf.abs(new - old) <= tolerance
-            return tf.reduce_all(tf.reshape(ok, [tf.shape(ok)[0], -1]), axis=1)
-
-        def body(i: tf.Tensor, x: tf.Tensor, done: tf.Tensor) -> tuple:
-            new = step(x)
-            return i + 1, new, per_example_done(new, x)
-
-        _, x, done = tf.while_loop(
-            lambda i, x, done: tf.logical_and(i < self._max_iterations, ~tf.reduce_all(done)),
-            body,
-            (tf.constant(0), start, tf.zeros([tf.shape(start)[0]], tf.bool)),
-        )
-        return x, done
-
-    def _solve(self, z: tf.Tensor, start: tf.Tensor | None = None) -> tf.Tensor:
-        g = self._g
-
-        @tf.custom_gradient
-        def solve(z_in: tf.Tensor) -> tuple[tf.Tensor, Callable[..., Any]]:
-            # The authors start from z - g(z), one iteration from z.
-            x0 = z_in - g(z_in) if start is None else tf.stop_gradient(start)
-            x, converged = self._fixed_point(lambda x: z_in - g(x), x0, z_in)
-            x = self._report_nonconvergence(
-                x, converged, lambda: tf.reduce_max(tf.abs(x + g(x) - z_in)), "inverse"
-            )
-
-            def grad_fn(dx: tf.Tensor, variables: list | None = None) -> Any:
-                # z = x + g(x)  =>  dL/dz = a with a (I + J) = dL/dx, i.e. a = dx - a J,
-                # solved by the same contraction; dL/dtheta = -a dg/dtheta.
-                with tf.GradientTape(persistent=True) as tape:
-                    tape.watch(x)
-                    gx = g(x)
-                a, ok = self._fixed_point(
-                    lambda a: dx - tape.gradient(gx, x, output_gradients=a), dx, dx
-                )
-                # No residual here: a tf.cond in a gradient breaks pfor (batch_jacobian).
-                a = self._report_nonconvergence(a, ok, None, "inverse's gradient")
-                if variables is None:
-                    return a
-                grads = tape.gradient(
-                    gx,
-                    variables,
-                    output_gradients=-a,
-                    unconnected_gradients=tf.UnconnectedGradients.ZERO,
-                )
-                return a, grads
-
-            return x, grad_fn
-
-        return solve(z)
-
-    def _tolerances(self, dtype: tf.DType) -> tuple[float, float]:
-        default = DEFAULT_TOLERANCE.get(tf.as_dtype(dtype).name, 1e-6)
-        atol = default if self._atol is None else self._atol
-        rtol = default if self._rtol is None else self._rtol
-        return atol, rtol
-
-    def _report_nonconvergence(
-        self,
-        x: tf.Tensor,
-        converged: tf.Tensor,
-        residual_fn: Callable[[], tf.Tensor] | None,
-        what: str,
-    ) -> tf.Tensor:
+    def _report_nonconvergence(self, x: tf.Tensor, converged: tf.Tensor, z: tf.Tensor) -> tf.Tensor:
         """Raises (unless `on_nonconvergence="nan"`) and NaN-fills unconverged examples.
 
         The residual (one more evaluation of g) is computed only when something failed.
         """
-        if self._on_nonconvergence == "raise":
+        settings = self._settings
+        if settings.on_nonconvergence == "raise":
             all_converged = tf.reduce_all(converged)
-            residual = tf.constant(float("nan"), x.dtype)
-            if residual_fn is not None:
-                residual = tf.cond(
-                    all_converged,
-                    lambda: tf.zeros([], x.dtype),
-                    lambda: tf.cast(residual_fn(), x.dtype),
-                )
+            residual = tf.cond(
+                all_converged,
+                lambda: tf.zeros([], x.dtype),
+                lambda: tf.reduce_max(
+                    tf.abs(self._passes().value(self._residual_fn, tf.stop_gradient(x)) - z)
+                ),
+            )
+            tolerances = solver.tolerances(x.dtype, settings.atol, settings.rtol)
             check = tf.debugging.Assert(
                 all_converged,
                 [
-                    f"{self.name}: the fixed-point {what} did not converge within "
-                    f"{self._max_iterations} iterations (tolerances {self._tolerances(x.dtype)}); "
+                    f"{self.name}: the fixed-point inverse did not converge within "
+                    f"{settings.max_iterations} iterations (tolerances {tolerances}); "
                     "largest residual:",
                     residual,
                     "examples not converged:",
@@ -539,5 +469,4 @@ class ResidualBlock(FreshBijector):
             )
             with tf.control_dependencies([check]):
                 x = tf.identity(x)
-        mask = tf.reshape(converged, tf.concat([[-1], tf.ones([tf.rank(x) - 1], tf.int32)], 0))
-        return tf.where(mask, x, tf.constant(float("nan"), x.dtype))
+        return solver.nan_unless(converged, x)

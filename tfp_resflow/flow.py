@@ -19,9 +19,10 @@ import keras
 import tensorflow as tf
 import tensorflow_probability as tfp
 
-from tfp_resflow import network, stateless_random
+from tfp_resflow import network
 from tfp_resflow.actnorm import ActNorm, ActNormLayer
-from tfp_resflow.bijector import FreshBijector, FreshChain, ResidualBlock
+from tfp_resflow.bijector import ResidualBlock
+from tfp_resflow.composite import StackedBijector, Step
 from tfp_resflow.logdet import LogDetFn
 
 tfb = tfp.bijectors
@@ -30,7 +31,7 @@ __all__ = ["ResidualFlowBijector"]
 
 
 @keras.saving.register_keras_serializable(package="tfp_resflow")
-class ResidualFlowBijector(FreshBijector):
+class ResidualFlowBijector(StackedBijector):
     """A residual flow for vector events `[..., D]`, sized on first use.
 
     Args:
@@ -114,9 +115,7 @@ class ResidualFlowBijector(FreshBijector):
                 "validate_args": validate_args,
             }
             self._event_size: int | None = None
-            self._blocks: list[ResidualBlock] = []
-            self._actnorms: list[ActNorm] = []
-            self._chain: FreshChain | None = None
+            self._steps = []
             super().__init__(
                 forward_min_event_ndims=1,
                 is_constant_jacobian=False,
@@ -160,15 +159,17 @@ class ResidualFlowBijector(FreshBijector):
                 "validate_args",
             )
         }
-        bijectors: list[tfb.Bijector] = []  # data -> latent order
+        steps = []  # data -> latent order
 
-        def new_actnorm(k: int) -> ActNorm:
-            actnorm = ActNorm(ActNormLayer(dtype=dtype), name=f"act_norm_{k}")
-            self._actnorms.append(actnorm)
-            return actnorm
+        def new_actnorm(k: int) -> Step:
+            actnorm = ActNorm(
+                ActNormLayer(dtype=dtype), validate_args=c["validate_args"], name=f"act_norm_{k}"
+            )
+            actnorm.layer.build((None, event_size))
+            return Step(actnorm, 1)
 
         if c["actnorm"]:
-            bijectors.append(new_actnorm(0))
+            steps.append(new_actnorm(0))
         for k in range(1, c["num_blocks"] + 1):
             g = network.lipschitz_mlp(
                 event_size,
@@ -179,15 +180,11 @@ class ResidualFlowBijector(FreshBijector):
                 learnable_norm_orders=c["learnable_norm_orders"],
                 dtype=dtype,
             )
-            self._blocks.append(ResidualBlock(g, name=f"block_{k}", **block_options))
-            bijectors.append(self._blocks[-1])
+            steps.append(Step(ResidualBlock(g, name=f"block_{k}", **block_options), 1))
             if c["actnorm"]:
-                bijectors.append(new_actnorm(k))
-        for actnorm in self._actnorms:
-            actnorm.layer.build((None, event_size))
-        # tfb.Chain applies its list last-first in the forward (latent -> data) direction, so
-        # its inverse applies the list in order: data -> latent.
-        self._chain = FreshChain(bijectors, validate_args=c["validate_args"])
+                steps.append(new_actnorm(k))
+        self._steps = steps
+        self._set_shapes((event_size,))
         self._event_size = event_size
         self._track_keras_variables()
 
@@ -200,21 +197,6 @@ class ResidualFlowBijector(FreshBijector):
     def event_size(self) -> int | None:
         """D once built, else None."""
         return self._event_size
-
-    @property
-    def blocks(self) -> list[ResidualBlock]:
-        """The residual blocks, in data -> latent order (empty until built)."""
-        return list(self._blocks)
-
-    @property
-    def actnorms(self) -> list[ActNorm]:
-        """The ActNorm bijectors, in data -> latent order (empty until built)."""
-        return list(self._actnorms)
-
-    @property
-    def keras_layers(self) -> list[keras.layers.Layer]:
-        layers = [layer for b in self._actnorms for layer in b.keras_layers]
-        return layers + [layer for b in self._blocks for layer in b.keras_layers]
 
     def get_config(self) -> dict:
         """Constructor arguments (estimators given as names), for Keras serialisation."""
@@ -240,36 +222,15 @@ class ResidualFlowBijector(FreshBijector):
 
     # -- TFP hooks -------------------------------------------------------------------------------
 
-    def _prepare(self, t: tf.Tensor, name: str) -> tf.Tensor:
+    def _prepare(self, t: tf.Tensor, what: str) -> tf.Tensor:
         size = t.shape[-1] if t.shape.rank else None
         if size is None:
             if self._event_size is None:
                 raise ValueError(
-                    f"{self.name}: the event size of {name} is unknown (shape {t.shape}); "
+                    f"{self.name}: the event size of {what} is unknown (shape {t.shape}); "
                     "call build(event_size) first."
                 )
         else:
             # Layers take the dtype of the first input; later calls check the event size.
             self.build(int(size), dtype=t.dtype if self._event_size is None else None)
         return t
-
-    def _block_kwargs(self, seed: Any) -> dict:
-        if seed is None:
-            return {}
-        seed = stateless_random.sanitize_seed(seed)
-        return {
-            block.name: {"seed": stateless_random.fold_in(seed, k)}
-            for k, block in enumerate(self._blocks)
-        }
-
-    def _inverse(self, y: tf.Tensor, seed: Any = None) -> tf.Tensor:
-        y = self._prepare(y, "y")  # builds the chain on first use
-        return self._chain.inverse(y)
-
-    def _forward(self, z: tf.Tensor, seed: Any = None) -> tf.Tensor:
-        z = self._prepare(z, "z")
-        return self._chain.forward(z)
-
-    def _inverse_log_det_jacobian(self, y: tf.Tensor, seed: Any = None) -> tf.Tensor:
-        y = self._prepare(y, "y")
-        return self._chain.inverse_log_det_jacobian(y, event_ndims=1, **self._block_kwargs(seed))

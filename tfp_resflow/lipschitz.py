@@ -42,9 +42,10 @@ __all__ = [
     "update_lipschitz",
 ]
 
+import functools
 import math
 import numbers
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import keras
 import numpy as np
@@ -107,7 +108,20 @@ def _small_change(new: tf.Tensor, old: tf.Tensor, atol: float, rtol: float) -> t
     return rms < atol + rtol * tf.reduce_max(tf.abs(new))
 
 
-class _MatrixOperator:
+class _Operator:
+    """Equal (and hashing equal) when the type and shapes are: the power iteration is shared."""
+
+    def _key(self) -> tuple:
+        return (type(self).__name__, tuple(self.v_shape), tuple(self.u_shape))
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _Operator) and self._key() == other._key()
+
+    def __hash__(self) -> int:
+        return hash(self._key())
+
+
+class _MatrixOperator(_Operator):
     """A = W^T for a kernel W of shape [n_in, n_out] (y = x W); vectors have shape [1, n]."""
 
     def __init__(self, n_in: int, n_out: int) -> None:
@@ -120,7 +134,7 @@ class _MatrixOperator:
         return tf.matmul(u, kernel, transpose_b=True)
 
 
-class _ConvOperator:
+class _ConvOperator(_Operator):
     """The convolution on one [1, H, W, C_in] image, with its exact adjoint."""
 
     def __init__(
@@ -129,6 +143,9 @@ class _ConvOperator:
         self.v_shape, self.u_shape = in_shape, out_shape
         self.strides, self.padding = list(strides), padding.upper()
         self.tap_mask = tap_mask  # 1 for kernel taps that touch the image at least once
+
+    def _key(self) -> tuple:
+        return (*super()._key(), tuple(self.strides), self.padding)
 
     def forward(self, v: tf.Tensor, kernel: tf.Tensor) -> tf.Tensor:
         return tf.nn.conv2d(v, kernel, self.strides, self.padding)
@@ -215,6 +232,61 @@ def _check_lipschitz_constant(value: object) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 < value < 1:
         raise ValueError(f"lipschitz_constant must be in (0, 1); got {value!r}")
     return float(value)
+
+
+def _static(order: Order) -> float | None:
+    """A fixed order's value, or None for a learned one (passed to the iteration as a tensor)."""
+    return order if isinstance(order, float) else None
+
+
+@functools.lru_cache(maxsize=256)
+def _power_iteration(
+    op: "_MatrixOperator | _ConvOperator",
+    p: float | None,
+    q: float | None,
+    atol: float | None,
+    rtol: float | None,
+    max_iterations: int,
+) -> Callable[..., tuple[tf.Tensor, tf.Tensor, tf.Tensor]]:
+    """The power method for one operator shape and pair of orders, traced once and shared.
+
+    Returns `iterate(kernel, u, v, *learned_orders) -> (u, v, sigma)`, a `tf.function` that
+    runs `max_iterations` steps, or stops earlier once both u and v change by less than
+    `atol + rtol * max|new|` (per-element RMS) when `atol` is set; `learned_orders` are the
+    scalar tensors of the orders given here as None. Every layer with the same operator and
+    orders calls the same function, which is not inlined into callers: a deep flow's power
+    iterations cost one trace per kind of layer, not one (eager, or inlined) loop per layer.
+    """
+
+    def iterate(
+        kernel: tf.Tensor, u: tf.Tensor, v: tf.Tensor, *learned: tf.Tensor
+    ) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+        learned_orders = iter(learned)
+        p_, q_ = (order if order is not None else next(learned_orders) for order in (p, q))
+
+        def body(i: tf.Tensor, u: tf.Tensor, v: tf.Tensor, done: tf.Tensor) -> tuple:
+            u_new = _dualize(op.forward(v, kernel), q_, u)
+            v_new = _dualize(op.adjoint(u_new, kernel), _dual(p_), v)
+            if atol is None:
+                done = tf.zeros([], tf.bool)  # fixed count: never stop early
+            else:
+                done = _small_change(u_new, u, atol, rtol) & _small_change(v_new, v, atol, rtol)
+            return i + 1, u_new, v_new, done
+
+        _, u, v, _ = tf.while_loop(
+            lambda i, u, v, done: (i < max_iterations) & tf.logical_not(done),
+            body,
+            (tf.constant(0), u, v, tf.zeros([], tf.bool)),
+        )
+        sigma = _lp_norm(op.forward(v, kernel), q_) / _safe(_lp_norm(v, p_))
+        return u, v, sigma
+
+    return tf.function(
+        functools.partial(iterate),  # TF counts retraces per code object; each op traces once
+        autograph=False,
+        reduce_retracing=True,
+        experimental_attributes={"_noinline": True},
+    )
 
 
 class _SpectralLayer(keras.layers.Layer):
@@ -381,27 +453,16 @@ class _SpectralLayer(keras.layers.Layer):
         p, q = self._orders(kernel.dtype)
         if self._closed_form:
             return _closed_form_norm(self._op, kernel, p, q)
-        op = self._op
-
-        def body(i: tf.Tensor, u: tf.Tensor, v: tf.Tensor, done: tf.Tensor) -> tuple:
-            u_new = _dualize(op.forward(v, kernel), q, u)
-            v_new = _dualize(op.adjoint(u_new, kernel), _dual(p), v)
-            if atol is None:
-                done = tf.zeros([], tf.bool)  # fixed count: never stop early
-            else:
-                done = _small_change(u_new, u, atol, rtol) & _small_change(v_new, v, atol, rtol)
-            return i + 1, u_new, v_new, done
-
-        u0 = tf.cast(self.u, kernel.dtype)
-        v0 = tf.cast(self.v, kernel.dtype)
-        _, u, v, _ = tf.while_loop(
-            lambda i, u, v, done: (i < max_iterations) & tf.logical_not(done),
-            body,
-            (tf.constant(0), u0, v0, tf.zeros([], tf.bool)),
+        iterate = _power_iteration(self._op, _static(p), _static(q), atol, rtol, max_iterations)
+        u, v, sigma = iterate(
+            kernel,
+            tf.cast(self.u, kernel.dtype),
+            tf.cast(self.v, kernel.dtype),
+            *[order for order in (p, q) if not isinstance(order, float)],
         )
         self.u.assign(tf.cast(u, self.u.dtype))
         self.v.assign(tf.cast(v, self.v.dtype))
-        return self._ratio(kernel, v, p, q)
+        return sigma
 
     def get_config(self) -> dict:
         config = super().get_config()

@@ -2,11 +2,14 @@
 
 Every estimator has one signature, so a bijector can take any of them:
 
-    estimator(residual_fn, x, *, seed=None, **options) -> (g(x), log_det)
+    estimator(residual_fn, x, *, seed=None, parameters=(), **options) -> (g(x), log_det)
 
 where `x` is a float tensor of shape `[batch, *event_shape]` (vectors `[B, D]`, images
 `[B, H, W, C]`), `residual_fn` maps it to a tensor of the same shape, and `log_det` has shape
-`[batch]`. The first axis is always the batch; every other axis is the event.
+`[batch]`. The first axis is always the batch; every other axis is the event. `g(x)` is the
+value of the residual branch (a residual block's output is `x + g(x)`, so it needs no second
+evaluation of `g`), and `parameters` lists tensors that `g` reads by closure and that need
+gradients (the variables it reads are found automatically).
 
 The series behind the stochastic estimators (valid when the spectral radius of `J` is below 1):
 
@@ -31,7 +34,9 @@ References:
     Behrmann et al. (2019). Invertible Residual Networks. ICML. https://arxiv.org/abs/1811.00995
 """
 
-from collections.abc import Callable
+import functools
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import tensorflow as tf
 
@@ -39,9 +44,14 @@ from tfp_resflow import stateless_random
 from tfp_resflow.stateless_random import SeedLike
 
 __all__ = [
+    "EVAL_EXACT_MAX_EVENT_SIZE",
+    "EVAL_NUM_EXACT_TERMS",
+    "LOG_DET_NAMES",
     "LogDetFn",
     "ResidualFn",
+    "eval_log_det_fn",
     "exact_log_det",
+    "make_log_det_fn",
     "power_series_log_det",
     "russian_roulette_log_det",
 ]
@@ -50,6 +60,11 @@ ResidualFn = Callable[[tf.Tensor], tf.Tensor]
 LogDetFn = Callable[..., tuple[tf.Tensor, tf.Tensor]]
 """`(residual_fn, x, *, seed=None) -> (g(x), log_det)`; bind options with functools.partial."""
 
+LOG_DET_NAMES = ("unbiased", "exact", "truncated")
+# Evaluation: the exact log-det costs one VJP per event dimension, the authors' evaluation series
+# about 20 + 2 VJPs, so exact is both cheaper and better up to about 20 dimensions.
+EVAL_EXACT_MAX_EVENT_SIZE = 20
+EVAL_NUM_EXACT_TERMS = 20
 _PROBES = ("gaussian", "rademacher")
 _DISTRIBUTIONS = ("geometric", "poisson")
 # Seed sub-streams: the number of terms and the probes must be independent draws.
@@ -101,7 +116,11 @@ def _log_abs_det(matrix: tf.Tensor) -> tf.Tensor:
 
 
 def exact_log_det(
-    residual_fn: ResidualFn, x: tf.Tensor, *, seed: SeedLike = None
+    residual_fn: ResidualFn,
+    x: tf.Tensor,
+    *,
+    seed: SeedLike = None,
+    parameters: Sequence[tf.Tensor] = (),
 ) -> tuple[tf.Tensor, tf.Tensor]:
     """Exact `log|det(I + J_g(x))|` from the full Jacobian of `g`.
 
@@ -113,11 +132,12 @@ def exact_log_det(
         residual_fn: `g`, maps `[batch, *event_shape]` to the same shape.
         x: float tensor of shape `[batch, *event_shape]`.
         seed: unused; accepted so that all estimators share one signature.
+        parameters: unused (autodiff sees every tensor `g` reads); accepted for the signature.
 
     Returns:
         `(g(x), log_det)` with `log_det` of shape `[batch]`.
     """
-    del seed  # Deterministic.
+    del seed, parameters  # Deterministic; differentiated by autodiff.
     x = _check_batch(x)
     with tf.GradientTape() as tape:
         tape.watch(x)
@@ -148,6 +168,7 @@ def _series_log_det(
     residual_fn: ResidualFn,
     x: tf.Tensor,
     *,
+    parameters: Sequence[tf.Tensor],
     probe_seed: tf.Tensor,
     num_terms: tf.Tensor,
     term_weight: Callable[[tf.Tensor], tf.Tensor],
@@ -166,6 +187,8 @@ def _series_log_det(
     Args:
         residual_fn: `g`.
         x: `[B, *event]`.
+        parameters: tensors `g` reads by closure that need gradients (the Neumann gradient's
+            custom gradient sees only its arguments and the variables `g` reads).
         probe_seed: sanitised seed for the probes.
         num_terms: int32 scalar `n`, may be random.
         term_weight: `k -> weight` (float64 scalar) of series term k >= 1.
@@ -180,18 +203,26 @@ def _series_log_det(
         `(g(x), log_det)`.
     """
     batch = tf.shape(x)[0]
-    # Several probes per example: tile the batch so that each VJP serves all probes at once.
-    x_tiled = tf.concat([x] * num_probes, axis=0) if num_probes > 1 else x
-    v = _draw_probe(tf.shape(x_tiled), probe_seed, x.dtype, probe)
     dtype = x.dtype
 
-    def sign(k: tf.Tensor) -> tf.Tensor:  # (-1)**(k+1)
-        return tf.where(k % 2 == 1, tf.constant(1.0, dtype), tf.constant(-1.0, dtype))
+    def tile(t: tf.Tensor) -> tf.Tensor:
+        # Several probes per example: tile the batch so that each VJP serves all probes at once.
+        return tf.concat([t] * num_probes, axis=0) if num_probes > 1 else t
+
+    def first_tile(t: tf.Tensor) -> tf.Tensor:
+        return t[:batch] if num_probes > 1 else t
 
     def mean_over_probes(per_row: tf.Tensor) -> tf.Tensor:
         return tf.reduce_mean(tf.reshape(per_row, tf.stack([num_probes, batch])), axis=0)
 
-    def run_series(*, with_neumann_vector: bool) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor | None]:
+    v = _draw_probe(tf.shape(tile(x)), probe_seed, dtype, probe)
+
+    def sign(k: tf.Tensor) -> tf.Tensor:  # (-1)**(k+1)
+        return tf.where(k % 2 == 1, tf.constant(1.0, dtype), tf.constant(-1.0, dtype))
+
+    def run_series(
+        x_tiled: tf.Tensor, *, with_neumann_vector: bool
+    ) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
         with tf.GradientTape(persistent=True) as tape:
             tape.watch(x_tiled)
             gx_tiled = residual_fn(x_tiled)
@@ -214,53 +245,61 @@ def _series_log_det(
             (tf.constant(1), v, tf.zeros([tf.shape(x_tiled)[0]], dtype), w0),
             maximum_iterations=maximum_iterations,
         )
-        gx = gx_tiled[:batch] if num_probes > 1 else gx_tiled
-        return gx, mean_over_probes(log_det), (w if with_neumann_vector else None)
+        return first_tile(gx_tiled), mean_over_probes(log_det), w
 
     if not neumann_gradient:
         # Plain estimator: autodiff through the series; memory grows with the number of terms.
-        gx, log_det, _ = run_series(with_neumann_vector=False)
+        gx, log_det, _ = run_series(tile(x), with_neumann_vector=False)
         return gx, log_det
+
+    num_parameters = len(parameters)
 
     @tf.custom_gradient
     def series_with_neumann_gradient(
-        x_in: tf.Tensor,
+        x_in: tf.Tensor, *parameters_in: tf.Tensor
     ) -> tuple[tuple[tf.Tensor, tf.Tensor], Callable[..., object]]:
-        del x_in  # The same tensor as `x`, which the closures below read.
-        gx, log_det, w = run_series(with_neumann_vector=True)
+        del parameters_in  # The same tensors that `residual_fn` reads.
+        x_tiled = tile(x_in)
+        gx, log_det, w = run_series(x_tiled, with_neumann_vector=True)
 
         def grad_fn(
             d_gx: tf.Tensor | None, d_log_det: tf.Tensor | None, variables: list | None = None
         ) -> object:
-            # Recompute g under two tapes: the inner one gives w^T J, the outer differentiates
+            # Recompute g once the upstream gradients exist: without this ordering the runtime
+            # may run every block's recomputation early and hold all of their activations.
+            upstream = [t for t in (d_gx, d_log_det) if t is not None]
+            with tf.control_dependencies(upstream):
+                x_again = tf.identity(x_tiled)
+            # The inner tape gives w^T J, the outer one differentiates
             #   <g(x), d_gx> + sum_b d_log_det[b] * <w_b^T J_b, v_b>
-            # with w and v held constant. Each example keeps its own upstream weight (the
-            # authors' memory-efficient backward uses the first example's weight for all).
-            watched = [x_tiled] + list(variables or [])
+            # with w and v held constant: the value path and the Neumann estimate in one
+            # recomputation. Each example keeps its own upstream weight (the authors'
+            # memory-efficient backward uses the first example's weight for all).
+            watched = [x_again, *parameters, *(variables or [])]
             with tf.GradientTape() as outer:
                 outer.watch(watched)
                 with tf.GradientTape() as inner:
-                    inner.watch(x_tiled)
-                    gx_tiled = residual_fn(x_tiled)
-                w_jacobian = inner.gradient(gx_tiled, x_tiled, output_gradients=w)
+                    inner.watch(x_again)
+                    gx_tiled = residual_fn(x_again)
+                w_jacobian = inner.gradient(gx_tiled, x_again, output_gradients=w)
                 surrogate = tf.zeros([], dtype)
                 if d_log_det is not None:
-                    per_probe = tf.concat([d_log_det / num_probes] * num_probes, axis=0)
+                    per_probe = tile(d_log_det / num_probes)
                     surrogate += tf.reduce_sum(per_probe * _event_dot(w_jacobian, v))
                 if d_gx is not None:
-                    gx_first = gx_tiled[:batch] if num_probes > 1 else gx_tiled
-                    surrogate += tf.reduce_sum(gx_first * d_gx)
+                    surrogate += tf.reduce_sum(first_tile(gx_tiled) * d_gx)
             grads = outer.gradient(
                 surrogate, watched, unconnected_gradients=tf.UnconnectedGradients.ZERO
             )
             d_x = tf.add_n(tf.split(grads[0], num_probes, axis=0)) if num_probes > 1 else grads[0]
+            input_grads = [d_x, *grads[1 : 1 + num_parameters]]
             if variables is None:
-                return d_x
-            return d_x, grads[1:]
+                return input_grads
+            return input_grads, grads[1 + num_parameters :]
 
         return (gx, log_det), grad_fn
 
-    return series_with_neumann_gradient(x)
+    return series_with_neumann_gradient(x, *parameters)
 
 
 def _check_series_options(probe: str, num_probes: int) -> None:
@@ -273,6 +312,7 @@ def power_series_log_det(
     x: tf.Tensor,
     *,
     seed: SeedLike = None,
+    parameters: Sequence[tf.Tensor] = (),
     num_terms: int = 10,
     probe: str = "rademacher",
     num_probes: int = 1,
@@ -289,6 +329,9 @@ def power_series_log_det(
         residual_fn: `g`, maps `[batch, *event_shape]` to the same shape.
         x: float tensor of shape `[batch, *event_shape]`.
         seed: `None` (fresh randomness on every call), an int, or a pair of ints.
+        parameters: tensors that `residual_fn` reads by closure and that need gradients, e.g.
+            the weight values of a Keras layer's `stateless_call` (the Neumann gradient is a
+            custom gradient, which sees only its arguments and the variables `g` reads).
         num_terms: number of series terms, >= 1.
         probe: Hutchinson probe distribution, "rademacher" (lower variance) or "gaussian".
         num_probes: independent probes per example, averaged.
@@ -315,6 +358,7 @@ def power_series_log_det(
     return _series_log_det(
         residual_fn,
         x,
+        parameters=tuple(parameters),
         probe_seed=stateless_random.fold_in(seed, _STREAM_PROBE),
         num_terms=tf.constant(num_terms),
         term_weight=lambda k: tf.constant(1.0, tf.float64),
@@ -366,6 +410,7 @@ def russian_roulette_log_det(
     x: tf.Tensor,
     *,
     seed: SeedLike = None,
+    parameters: Sequence[tf.Tensor] = (),
     distribution: str = "geometric",
     p: float = 0.5,
     rate: float = 2.0,
@@ -404,6 +449,9 @@ def russian_roulette_log_det(
         seed: `None` (fresh randomness on every call, also inside `tf.function`), an int, or a
             pair of ints. The same seed gives the same value in eager mode, in `tf.function`
             and under XLA.
+        parameters: tensors that `residual_fn` reads by closure and that need gradients, e.g.
+            the weight values of a Keras layer's `stateless_call` (the Neumann gradient is a
+            custom gradient, which sees only its arguments and the variables `g` reads).
         distribution: "geometric" (parameter `p`) or "poisson" (parameter `rate`).
         p: success probability of the geometric distribution, in (0, 1).
         rate: rate of the Poisson distribution, > 0.
@@ -441,6 +489,7 @@ def russian_roulette_log_det(
     return _series_log_det(
         residual_fn,
         x,
+        parameters=tuple(parameters),
         probe_seed=stateless_random.fold_in(seed, _STREAM_PROBE),
         num_terms=num_exact_terms + extra_terms,
         term_weight=weight,
@@ -450,3 +499,65 @@ def russian_roulette_log_det(
         neumann_gradient=neumann_gradient,
         maximum_iterations=None,
     )
+
+
+# ------------------------------------------------------------------------------------------------
+# Estimator selection.
+
+
+def make_log_det_fn(log_det: str | LogDetFn, options: Mapping[str, Any] | None = None) -> LogDetFn:
+    """Resolves a log-det name and its options to an estimator with the common signature.
+
+    Args:
+        log_det: "unbiased" (`russian_roulette_log_det`), "exact" (`exact_log_det`),
+            "truncated" (`power_series_log_det`), or a callable with the `logdet` signature.
+        options: keyword options bound to the estimator (for example
+            `{"distribution": "poisson", "num_exact_terms": 2}`).
+
+    Returns:
+        `(residual_fn, x, *, seed=None) -> (g(x), log_det)`.
+
+    Raises:
+        ValueError: for an unknown name, or options given with a callable.
+    """
+    options = dict(options or {})
+    if callable(log_det):
+        return functools.partial(log_det, **options) if options else log_det
+    estimators = {
+        "unbiased": russian_roulette_log_det,
+        "exact": exact_log_det,
+        "truncated": power_series_log_det,
+    }
+    if log_det not in estimators:
+        raise ValueError(f"log_det must be one of {LOG_DET_NAMES} or a callable; got {log_det!r}.")
+    if log_det == "exact" and options:
+        raise ValueError(f"log_det='exact' takes no options; got {sorted(options)}.")
+    return functools.partial(estimators[log_det], **options)
+
+
+def eval_log_det_fn(
+    eval_log_det: str | LogDetFn,
+    eval_options: Mapping[str, Any] | None,
+    train_log_det: str | LogDetFn,
+    train_options: Mapping[str, Any],
+    event_size: int,
+) -> LogDetFn:
+    """The evaluation estimator for events of `event_size` dimensions.
+
+    "auto" picks the exact log-det up to `EVAL_EXACT_MAX_EVENT_SIZE` dimensions (one VJP per
+    dimension, cheaper than the series there) and the authors' evaluation estimator above: the
+    roulette with `EVAL_NUM_EXACT_TERMS` exact terms, with the training estimator's distribution
+    and probes when it is the roulette. Any other value is resolved by `make_log_det_fn`.
+    """
+    if eval_log_det != "auto":
+        return make_log_det_fn(eval_log_det, eval_options)
+    if event_size <= EVAL_EXACT_MAX_EVENT_SIZE:
+        return exact_log_det
+    # The authors' evaluation: unbiased, with 20 exact terms, whatever the training estimator,
+    # so that evaluation log-likelihoods are comparable across training ablations.
+    options = {"num_exact_terms": EVAL_NUM_EXACT_TERMS, "neumann_gradient": False}
+    if train_log_det == "unbiased":
+        for key in ("distribution", "p", "rate", "probe"):
+            if key in train_options:
+                options[key] = train_options[key]
+    return functools.partial(russian_roulette_log_det, **options)

@@ -34,15 +34,15 @@ References:
 import math
 import numbers
 from collections.abc import Mapping, Sequence
-from typing import Any
 
 import keras
 import tensorflow as tf
 import tensorflow_probability as tfp
 
-from tfp_resflow import network, stateless_random
+from tfp_resflow import network
 from tfp_resflow.actnorm import ActNorm, ActNormLayer
-from tfp_resflow.bijector import FreshBijector, ResidualBlock
+from tfp_resflow.bijector import ResidualBlock
+from tfp_resflow.composite import FactorOut, StackedBijector, Step
 from tfp_resflow.image import LogitTransform, Squeeze
 from tfp_resflow.presets import ImageFlowConfig, get_preset
 
@@ -56,16 +56,16 @@ def _is_positive_integral(value: object) -> bool:
 
 
 @keras.saving.register_keras_serializable(package="tfp_resflow")
-class MultiscaleResidualFlow(FreshBijector):
+class MultiscaleResidualFlow(StackedBijector):
     """Multi-scale Residual Flow for images `[..., H, W, C]` (see the module docstring).
 
         inverse(x):  [..., H, W, C] -> [..., D]   data -> latent, no fixed-point solves
         forward(z):  [..., D] -> [..., H, W, C]   latent -> data, one solve per block
         inverse_log_det_jacobian(x) = logit + ActNorm + residual log-dets (estimated)
 
-    Built at construction. `inverse_log_det_jacobian` takes an optional `seed`: each block then
-    gets `stateless_random.fold_in(seed, k)` (blocks numbered in data -> latent order), so a
-    seeded estimate is reproducible.
+    Built at construction. `inverse_log_det_jacobian` and `inverse_and_log_det` take an optional
+    `seed`: each block then gets `stateless_random.fold_in(seed, k)` (blocks numbered in
+    data -> latent order), so a seeded estimate is reproducible.
 
     Example:
         flow = MultiscaleResidualFlow((28, 28, 1), presets.ImageFlowConfig(hidden_channels=64))
@@ -103,8 +103,7 @@ class MultiscaleResidualFlow(FreshBijector):
             self._image_shape = tuple(int(n) for n in input_shape)
             self._dtype_name = None if dtype is None else tf.as_dtype(dtype).name
             self._validate = validate_args
-            self._blocks: list[ResidualBlock] = []
-            self._actnorms: list[ActNorm] = []
+            self._num_actnorms = 0
             self._build()
             super().__init__(
                 forward_min_event_ndims=1,
@@ -118,19 +117,18 @@ class MultiscaleResidualFlow(FreshBijector):
 
     # -- building --------------------------------------------------------------------------------
 
-    def _new_actnorm(self, shape: tuple[int, ...]) -> ActNorm:
-        event_ndims = len(shape)
+    def _new_actnorm(self, shape: tuple[int, ...]) -> Step:
         actnorm = ActNorm(
             ActNormLayer(dtype=self._dtype_name),
-            event_ndims=event_ndims,
+            event_ndims=len(shape),
             validate_args=self._validate,
-            name=f"act_norm_{len(self._actnorms)}",
+            name=f"act_norm_{self._num_actnorms}",
         )
         actnorm.layer.build((None, *shape))
-        self._actnorms.append(actnorm)
-        return actnorm
+        self._num_actnorms += 1
+        return Step(actnorm, len(shape))
 
-    def _new_block(self, g: keras.Model, event_ndims: int, name: str) -> ResidualBlock:
+    def _new_block(self, g: keras.Model, event_ndims: int, name: str) -> Step:
         c = self._config
         block = ResidualBlock(
             g,
@@ -140,27 +138,24 @@ class MultiscaleResidualFlow(FreshBijector):
             validate_args=self._validate,
             name=name,
         )
-        self._blocks.append(block)
-        return block
+        return Step(block, event_ndims)
 
     def _build(self) -> None:
         c = self._config
         layer_options = {"dtype": self._dtype_name}
         if c.initial_power_iterations is not None:
             layer_options["initial_power_iterations"] = c.initial_power_iterations
-        # Each step is (bijector, event_ndims of its input), in data -> latent order.
-        self._prelude: list[tuple[tfb.Bijector, int]] = []
+        steps: list[Step | FactorOut] = []  # data -> latent order
         if c.logit_alpha is not None:
-            self._prelude.append((LogitTransform(c.logit_alpha, validate_args=self._validate), 3))
+            steps.append(Step(LogitTransform(c.logit_alpha, validate_args=self._validate), 3))
         if c.squeeze_first:
-            self._prelude.append((Squeeze(validate_args=self._validate), 3))
-        self._scales: list[list[tuple[tfb.Bijector, int]]] = []
+            steps.append(Step(Squeeze(validate_args=self._validate), 3))
+        last = len(self._scale_shapes) - 1
         for i, (num_blocks, shape) in enumerate(
             zip(c.blocks_per_scale, self._scale_shapes, strict=True)
         ):
-            steps: list[tuple[tfb.Bijector, int]] = []
             if i == 0 and c.actnorm:
-                steps.append((self._new_actnorm(shape), 3))
+                steps.append(self._new_actnorm(shape))
             for j in range(num_blocks):
                 g = network.lipschitz_cnn(
                     shape,
@@ -172,16 +167,17 @@ class MultiscaleResidualFlow(FreshBijector):
                     activation_first=(i, j) != (0, 0),  # the authors' first block: no pre-act
                     **layer_options,
                 )
-                steps.append((self._new_block(g, 3, f"block_{i}_{j}"), 3))
+                steps.append(self._new_block(g, 3, f"block_{i}_{j}"))
                 if c.actnorm:
-                    steps.append((self._new_actnorm(shape), 3))
-            if i < len(self._scale_shapes) - 1:
-                steps.append((Squeeze(validate_args=self._validate), 3))
-            self._scales.append(steps)
-        self._factored_shapes = self._scale_shapes[1:] if c.factor_out else []
-        self._final_shape = self._scale_shapes[-1]
-        size = math.prod(self._final_shape)
-        self._fc_end: list[tuple[tfb.Bijector, int]] = []
+                    steps.append(self._new_actnorm(shape))
+            if i < last:
+                steps.append(Step(Squeeze(validate_args=self._validate), 3))
+                if c.factor_out:
+                    steps.append(FactorOut())
+        final_shape = self._scale_shapes[-1]
+        size = math.prod(final_shape)
+        # TFP's forward is latent -> data: its inverse flattens the final images.
+        steps.append(Step(tfb.Reshape(event_shape_out=final_shape, event_shape_in=[size]), 3))
         for k in range(c.fc_end_blocks):
             g = network.lipschitz_mlp(
                 size,
@@ -191,9 +187,11 @@ class MultiscaleResidualFlow(FreshBijector):
                 learnable_norm_orders=c.learnable_norm_orders,
                 **layer_options,
             )
-            self._fc_end.append((self._new_block(g, 1, f"fc_block_{k}"), 1))
+            steps.append(self._new_block(g, 1, f"fc_block_{k}"))
             if c.actnorm:
-                self._fc_end.append((self._new_actnorm((size,)), 1))
+                steps.append(self._new_actnorm((size,)))
+        self._steps = steps
+        self._set_shapes(self._image_shape)
 
     # -- properties ------------------------------------------------------------------------------
 
@@ -211,28 +209,6 @@ class MultiscaleResidualFlow(FreshBijector):
     def latent_size(self) -> int:
         """D = H * W * C, the length of the latent vector."""
         return math.prod(self._image_shape)
-
-    @property
-    def latent_shapes(self) -> list[tuple[int, ...]]:
-        """Shapes of the latent's parts in order: the factored-out halves, then the final one."""
-        return [*self._factored_shapes, self._final_shape]
-
-    @property
-    def blocks(self) -> list[ResidualBlock]:
-        """All residual blocks, in data -> latent order (convolutional, then fully connected)."""
-        return list(self._blocks)
-
-    @property
-    def actnorms(self) -> list[ActNorm]:
-        """All ActNorm bijectors, in data -> latent order."""
-        return list(self._actnorms)
-
-    def _steps(self) -> list[tuple[tfb.Bijector, int]]:
-        return [*self._prelude, *(s for scale in self._scales for s in scale), *self._fc_end]
-
-    @property
-    def keras_layers(self) -> list[keras.layers.Layer]:
-        return [layer for b, _ in self._steps() for layer in getattr(b, "keras_layers", [])]
 
     def get_config(self) -> dict:
         """Constructor arguments, for Keras serialisation."""
@@ -290,79 +266,12 @@ class MultiscaleResidualFlow(FreshBijector):
     def _forward_event_shape_tensor(self, input_shape: tf.Tensor) -> tf.Tensor:
         return tf.constant(self._image_shape, tf.int32)
 
-    # -- TFP hooks -------------------------------------------------------------------------------
+    # -- TFP hooks (the walks are StackedBijector's) ------------------------------------------
 
-    def _walk(self, y: tf.Tensor, *, log_det: bool, seed: Any) -> tuple[tf.Tensor, Any]:
-        """Data -> latent, with the log-det accumulated when `log_det`.
-
-        Each step's log-det is taken after its `inverse`, so an ActNorm initialised by this
-        batch contributes its initialised scale. The residual blocks evaluate `g` once for the
-        value and again inside their estimator; fusing the two is a later optimisation.
-        """
-        y = self._check_events(y, self._image_shape, "images")
-        shape = tf.shape(y)
-        batch_shape = shape[: tf.rank(y) - 3]
-        t = tf.reshape(y, [-1, *self._image_shape])
-        total = tf.zeros(tf.shape(t)[:1], t.dtype) if log_det else None
-        seed = None if seed is None else stateless_random.sanitize_seed(seed)
-        num_blocks = 0
-
-        def apply(b: tfb.Bijector, t: tf.Tensor, event_ndims: int) -> tf.Tensor:
-            nonlocal total, num_blocks
-            out = b.inverse(t)
-            if log_det:
-                kwargs = {}
-                if isinstance(b, ResidualBlock):
-                    if seed is not None:
-                        kwargs["seed"] = stateless_random.fold_in(seed, num_blocks)
-                    num_blocks += 1
-                total += b.inverse_log_det_jacobian(t, event_ndims=event_ndims, **kwargs)
-            return out
-
-        for b, event_ndims in self._prelude:
-            t = apply(b, t, event_ndims)
-        parts = []
-        for i, scale in enumerate(self._scales):
-            for b, event_ndims in scale:
-                t = apply(b, t, event_ndims)
-            if self._config.factor_out and i < len(self._scales) - 1:
-                kept = t.shape[-1] // 2
-                parts.append(tf.reshape(t[..., kept:], [tf.shape(t)[0], -1]))
-                t = t[..., :kept]
-        t = tf.reshape(t, [-1, math.prod(self._final_shape)])
-        for b, event_ndims in self._fc_end:
-            t = apply(b, t, event_ndims)
-        z = tf.concat([*parts, t], axis=-1) if parts else t
-        z = tf.reshape(z, tf.concat([batch_shape, [self.latent_size]], axis=0))
-        if log_det:
-            total = tf.reshape(total, batch_shape)
-        return z, total
-
-    def _inverse(self, y: tf.Tensor, **kwargs: Any) -> tf.Tensor:
-        return self._walk(y, log_det=False, seed=None)[0]
-
-    def _inverse_log_det_jacobian(self, y: tf.Tensor, seed: Any = None) -> tf.Tensor:
-        return self._walk(y, log_det=True, seed=seed)[1]
-
-    def _forward(self, z: tf.Tensor, **kwargs: Any) -> tf.Tensor:
-        z = self._check_events(z, [self.latent_size], "latents")
-        batch_shape = tf.shape(z)[:-1]
-        flat = tf.reshape(z, [-1, self.latent_size])
-        sizes = [math.prod(s) for s in self.latent_shapes]
-        parts = tf.split(flat, sizes, axis=-1)
-        t = parts[-1]
-        for b, _ in reversed(self._fc_end):
-            t = b.forward(t)
-        t = tf.reshape(t, [-1, *self._final_shape])
-        for i in reversed(range(len(self._scales))):
-            if self._config.factor_out and i < len(self._scales) - 1:
-                factored = tf.reshape(parts[i], [-1, *self._factored_shapes[i]])
-                t = tf.concat([t, factored], axis=-1)
-            for b, _ in reversed(self._scales[i]):
-                t = b.forward(t)
-        for b, _ in reversed(self._prelude):
-            t = b.forward(t)
-        return tf.reshape(t, tf.concat([batch_shape, self._image_shape], axis=0))
+    def _prepare(self, t: tf.Tensor, what: str) -> tf.Tensor:
+        if what == "y":
+            return self._check_events(t, self._image_shape, "images")
+        return self._check_events(t, [self.latent_size], "latents")
 
 
 def scale_shapes(input_shape: Sequence[int], config: ImageFlowConfig) -> list[tuple[int, ...]]:

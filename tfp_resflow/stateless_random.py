@@ -4,8 +4,10 @@ Why not `tf.random.stateless_*`: in TF 2.21 on CPU their XLA kernels draw differ
 the TF kernels for the same seed (measured: `stateless_normal([3], [1, 2], alg="philox")` gives
 `[0.544, 0.207, 0.074]` eagerly and `[0.929, -1.360, 0.208]` under `jit_compile=True`), so a seeded
 log-det estimate would change when a user switches XLA on. Here every number is a pure integer
-hash of `(seed, stream, element index)`, computed with int64 ops that every backend evaluates
-exactly; only the final float transforms (log, cos) may differ in the last ulp.
+hash of `(seed, stream, element index)`, computed with uint32 ops (multiplications wrap modulo
+2**32) that every backend evaluates exactly; only the final float transforms (log, cos) may
+differ in the last ulp. (An earlier version emulated the same arithmetic with int64 ops and three
+times as many graph nodes; the numbers are bit-identical.)
 
 The hash is a counter-based generator: element `i` of stream `s` gets
 `mix(mix(i + key0) ^ key1)`, with `(key0, key1)` derived from the seed and the stream, and
@@ -32,19 +34,26 @@ _MASK32 = 0xFFFFFFFF
 _GOLDEN = 0x9E3779B9  # 2**32 / golden ratio: decorrelates consecutive counters and streams.
 
 
-def _mul32(x: tf.Tensor, constant: int) -> tf.Tensor:
-    """Returns `(x * constant) mod 2**32` for int64 `x` in [0, 2**32) without int64 overflow."""
-    high, low = constant >> 16, constant & 0xFFFF
-    return (((x * high) & 0xFFFF) * 65536 + x * low) & _MASK32
+def _u32(value: int) -> tf.Tensor:
+    return tf.constant(value, tf.uint32)
+
+
+def _mix32_int(x: int) -> int:
+    """`_mix32` of a Python int in [0, 2**32), computed in Python (no graph ops)."""
+    x ^= x >> 16
+    x = (x * 0x7FEB352D) & _MASK32
+    x ^= x >> 15
+    x = (x * 0x846CA68B) & _MASK32
+    return x ^ (x >> 16)
 
 
 def _mix32(x: tf.Tensor) -> tf.Tensor:
-    """The lowbias32 finaliser on int64 tensors holding 32-bit values."""
-    x = tf.bitwise.bitwise_xor(x, tf.bitwise.right_shift(x, 16))
-    x = _mul32(x, 0x7FEB352D)
-    x = tf.bitwise.bitwise_xor(x, tf.bitwise.right_shift(x, 15))
-    x = _mul32(x, 0x846CA68B)
-    return tf.bitwise.bitwise_xor(x, tf.bitwise.right_shift(x, 16))
+    """The lowbias32 finaliser on uint32 tensors (multiplications wrap modulo 2**32)."""
+    x = tf.bitwise.bitwise_xor(x, tf.bitwise.right_shift(x, _u32(16)))
+    x = x * _u32(0x7FEB352D)
+    x = tf.bitwise.bitwise_xor(x, tf.bitwise.right_shift(x, _u32(15)))
+    x = x * _u32(0x846CA68B)
+    return tf.bitwise.bitwise_xor(x, tf.bitwise.right_shift(x, _u32(16)))
 
 
 def sanitize_seed(seed: SeedLike) -> tf.Tensor:
@@ -81,24 +90,24 @@ def fold_in(seed: tf.Tensor, stream: int) -> tf.Tensor:
 
     Args:
         seed: int64 tensor of shape `[2]` from `sanitize_seed`.
-        stream: a non-negative Python int naming the sub-stream.
+        stream: a Python int in [0, 2**32) naming the sub-stream.
 
     Returns:
         An int64 tensor of shape `[2]`, a sanitised seed.
     """
-    key0 = _mix32(tf.bitwise.bitwise_xor(seed[0], _mix32(tf.constant(stream, tf.int64))))
-    key1 = _mix32(tf.bitwise.bitwise_xor(seed[1], _mul32(key0 + 1, _GOLDEN)))
-    return tf.stack([key0, key1])
+    words = tf.cast(seed, tf.uint32)
+    key0 = _mix32(tf.bitwise.bitwise_xor(words[0], _u32(_mix32_int(stream & _MASK32))))
+    key1 = _mix32(tf.bitwise.bitwise_xor(words[1], (key0 + _u32(1)) * _u32(_GOLDEN)))
+    return tf.cast(tf.stack([key0, key1]), tf.int64)
 
 
 def _random_words(shape: tf.TensorShape | Sequence[int] | tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
-    """Returns independent uniform 32-bit words (int64) of the given shape."""
+    """Returns independent uniform 32-bit words (uint32) of the given shape."""
     size = tf.reduce_prod(tf.cast(shape, tf.int64))
-    counter = tf.range(size, dtype=tf.int64)
-    words = _mix32(
-        tf.bitwise.bitwise_xor(_mix32((_mul32(counter, _GOLDEN) + seed[0]) & _MASK32), seed[1])
-    )
-    return tf.reshape(words, shape)
+    counter = tf.cast(tf.range(size, dtype=tf.int64), tf.uint32)
+    words = tf.cast(seed, tf.uint32)
+    mixed = _mix32(tf.bitwise.bitwise_xor(_mix32(counter * _u32(_GOLDEN) + words[0]), words[1]))
+    return tf.reshape(mixed, shape)
 
 
 def uniform(
@@ -118,12 +127,12 @@ def uniform(
         A tensor of `shape` and `dtype`.
     """
     if dtype == tf.float64:
-        high = _random_words(shape, fold_in(seed, 0x68))
-        low = _random_words(shape, fold_in(seed, 0x6C))
+        high = tf.bitwise.right_shift(_random_words(shape, fold_in(seed, 0x68)), _u32(5))
+        low = tf.bitwise.right_shift(_random_words(shape, fold_in(seed, 0x6C)), _u32(6))
         # 53 bits: 27 from one word, 26 from the other, then centre the bins: (k + 0.5) / 2**53.
-        bits = tf.bitwise.right_shift(high, 5) * 2**26 + tf.bitwise.right_shift(low, 6)
-        return (tf.cast(bits, tf.float64) + 0.5) * 2.0**-53
-    words = tf.bitwise.right_shift(_random_words(shape, seed), 8)  # 24 bits: float32's mantissa
+        bits = tf.cast(high, tf.float64) * 2.0**26 + tf.cast(low, tf.float64)  # exact
+        return (bits + 0.5) * 2.0**-53
+    words = tf.bitwise.right_shift(_random_words(shape, seed), _u32(8))  # float32's 24 bits
     return tf.cast((tf.cast(words, tf.float64) + 0.5) * 2.0**-24, dtype)
 
 
@@ -159,5 +168,5 @@ def rademacher(
     Returns:
         A tensor of `shape` and `dtype`.
     """
-    top_bit = tf.bitwise.right_shift(_random_words(shape, seed), 31)
-    return tf.cast(2 * top_bit - 1, dtype)
+    top_bit = tf.bitwise.right_shift(_random_words(shape, seed), _u32(31))
+    return tf.cast(2.0 * tf.cast(top_bit, tf.float64) - 1.0, dtype)

@@ -1,0 +1,192 @@
+"""Tests of the traced, shared passes of residual blocks (`tfp_resflow.block_functions`)."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from tfp_resflow import block_functions
+from tfp_resflow.bijector import ResidualBlock, training_mode
+from tfp_resflow.flow import ResidualFlowBijector
+from tfp_resflow.lipschitz import SpectralDense
+from tfp_resflow.model import FlowModel
+from tfp_resflow.multiscale import MultiscaleResidualFlow
+from tfp_resflow.network import lipschitz_cnn, lipschitz_mlp
+from tfp_resflow.presets import ImageFlowConfig
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    keras.utils.set_random_seed(0)
+
+
+def mlp(hidden=(8,), **kwargs):
+    return lipschitz_mlp(3, hidden, dtype="float64", initial_power_iterations=50, **kwargs)
+
+
+def data(shape=(6, 3), seed=0):
+    return tf.constant(np.random.default_rng(seed).normal(size=shape), tf.float64)
+
+
+# ------------------------------------------------------------------------------------------------
+# Which blocks share a trace
+
+
+def test_structure_key_is_equal_for_equal_structures_only():
+    key = block_functions.structure_key
+    assert key(mlp()) == key(mlp())  # different weights and names, same structure
+    assert key(mlp()) != key(mlp(hidden=(9,)))
+    assert key(mlp()) != key(mlp(activation="elu"))
+    assert key(mlp()) != key(lipschitz_mlp(3, (8,), dtype="float32"))
+    assert key(lambda t: 0.5 * tf.tanh(t)) is None  # not a Keras layer
+    assert key(keras.layers.Dense(3)) is None  # not built
+    lambda_layer = keras.Sequential([keras.Input((3,)), keras.layers.Lambda(lambda t: t)])
+    assert key(lambda_layer) is None  # its config does not determine its function
+
+
+def test_blocks_of_one_kind_share_their_functions():
+    flow = ResidualFlowBijector(num_blocks=3, hidden_units=(8,), event_size=2)
+    passes = [block._passes() for block in flow.blocks]
+    assert all(p is passes[0] for p in passes)
+    assert passes[0].traced
+
+    config = ImageFlowConfig(
+        blocks_per_scale=(3, 2), hidden_channels=4, fc_end_blocks=2, fc_hidden_units=(8,)
+    )
+    image = MultiscaleResidualFlow((4, 4, 1), config)
+    kinds = {}
+    for block in image.blocks:
+        kinds.setdefault(id(block._passes()), []).append(block.name)
+    # The first block has no pre-activation; the other scale-0 blocks, the scale-1 blocks
+    # and the fully connected blocks are one kind each.
+    assert sorted(kinds.values()) == sorted(
+        [
+            ["block_0_0"],
+            ["block_0_1", "block_0_2"],
+            ["block_1_0", "block_1_1"],
+            ["fc_block_0", "fc_block_1"],
+        ]
+    )
+
+
+def test_blocks_with_different_settings_do_not_share():
+    g1, g2 = mlp(), mlp()
+    a = ResidualBlock(g1, log_det_options={"p": 0.5})
+    b = ResidualBlock(g2, log_det_options={"p": 0.7})
+    assert a._passes() is not b._passes()
+    assert ResidualBlock(mlp())._passes() is ResidualBlock(mlp())._passes()
+
+
+def test_a_python_function_runs_inline():
+    block = ResidualBlock(lambda t: 0.5 * tf.tanh(t))
+    assert not block._passes().traced
+    x, log_det = block.inverse_and_log_det(data(), seed=1)
+    assert x.shape == (6, 3)
+    assert log_det.shape == (6,)
+
+
+# ------------------------------------------------------------------------------------------------
+# The traced passes compute what the inline ones do
+
+
+@pytest.mark.parametrize("log_det", ["unbiased", "exact"])
+def test_traced_passes_equal_inline_passes_in_value_and_gradient(log_det):
+    g = mlp()
+    traced = ResidualBlock(g, log_det=log_det)
+    inline = ResidualBlock(lambda t: g(t), log_det=log_det)  # the same weights, not a Layer
+    assert traced._passes().traced
+    assert not inline._passes().traced
+    y = data()
+    weights = data(seed=2)
+
+    def loss_and_gradients(block, direction):
+        y_in = tf.identity(y)
+        with tf.GradientTape() as tape:
+            tape.watch(y_in)
+            if direction == "inverse":
+                x, log_det = block.inverse_and_log_det(y_in, seed=[1, 2])
+                loss = tf.reduce_sum(weights * x) - tf.reduce_sum(log_det)
+            else:
+                loss = tf.reduce_sum(weights * block.forward(y_in))
+        return loss, tape.gradient(loss, [y_in, *g.trainable_variables])
+
+    for direction in ("inverse", "forward"):
+        expected_loss, expected = loss_and_gradients(inline, direction)
+        loss, gradients = loss_and_gradients(traced, direction)
+        np.testing.assert_allclose(loss, expected_loss, rtol=1e-12)
+        for a, b in zip(gradients, expected, strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12)
+
+
+def test_convolutional_blocks_share_one_trace_across_calls_and_blocks():
+    blocks = [
+        ResidualBlock(lipschitz_cnn((4, 4, 2), 4, initial_power_iterations=5), event_ndims=3)
+        for _ in range(3)
+    ]
+    passes = blocks[0]._passes()
+    y = tf.random.stateless_normal([5, 4, 4, 2], [0, 1])
+
+    @tf.function
+    def walk(t):
+        total = 0.0
+        for block in blocks:
+            t, log_det = block.inverse_and_log_det(t)
+            total += log_det
+        return t, total
+
+    walk(y)
+    walk(y + 1.0)
+    assert passes._joint[True].experimental_get_tracing_count() == 1
+
+
+# ------------------------------------------------------------------------------------------------
+# g is evaluated once per block in the forward pass, once more in the backward pass
+
+
+class _Counter:
+    """Counts executions (not traces) of SpectralDense.call with a py_function."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def increment(self) -> np.float32:
+        self.count += 1
+        return np.float32(0.0)
+
+
+@pytest.fixture
+def counted_dense(monkeypatch):
+    counter = _Counter()
+    original = SpectralDense.call
+
+    def call(self, x, *, training=None):
+        tick = tf.reshape(tf.py_function(counter.increment, [], tf.float32), [])
+        return original(self, x + tf.stop_gradient(tf.cast(tick, x.dtype)))
+
+    monkeypatch.setattr(SpectralDense, "call", call)
+    return counter
+
+
+def test_g_is_evaluated_once_per_block_forward_and_once_more_backward(counted_dense):
+    num_blocks, layers_per_g = 3, 2  # hidden_units=(8,): two SpectralDense layers per g
+    flow = ResidualFlowBijector(num_blocks=num_blocks, hidden_units=(8,))
+    model = FlowModel(flow, event_shape=[2])
+    model.compile(optimizer=keras.optimizers.SGD(1e-3))
+    x = np.random.default_rng(0).normal(size=(16, 2)).astype(np.float32)
+    model.initialize(x)
+    per_pass = num_blocks * layers_per_g
+
+    forward = tf.function(lambda x: model(x, training=True))
+    counted_dense.count = 0
+    forward(x)
+    assert counted_dense.count == per_pass  # the log-det estimator's g(y) is the value
+
+    model.train_on_batch(x)  # traces the step
+    counted_dense.count = 0
+    model.train_on_batch(x)
+    assert counted_dense.count == 2 * per_pass  # forward, and the backward's recomputation
+
+    with training_mode(False):
+        counted_dense.count = 0
+        model.log_prob(x)  # evaluation: the exact log-det (2-D) also reuses its g(y)
+    assert counted_dense.count == per_pass

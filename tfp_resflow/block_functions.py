@@ -1,0 +1,276 @@
+"""The passes of a residual block as traced functions, one trace per kind of `g`.
+
+A residual block `x = y + g(y)` has three passes:
+
+    joint(y, seed) -> (x, log_det)   data -> latent with the log-det: g evaluated once, by the
+                                     estimator, whose g(y) is the value
+    value(y)       -> x              data -> latent without the log-det
+    solve(z)       -> x              latent -> data: x + g(x) = z by fixed-point iteration
+
+Written as pure functions of `g`'s weight values (Keras' `stateless_call`), each pass is traced
+once with `tf.function` and called by every block whose `g` has the same structure (the same
+layer classes and settings, up to names): a multi-scale flow's 52 blocks need 5 traces, not 52.
+The functions are not inlined into their caller (`_noinline`), so TensorFlow also optimises and
+instantiates each of them once. Measured on a 20-block flow: tracing 10 s -> 0.5 s, first run
+11 s -> 1.7 s, the same time per step after that.
+
+Blocks whose `g` is not a Keras layer, or whose estimator is a callable of the user's, run the
+same pure functions inline (variables read by `g` are found by the custom gradients).
+
+Memory: the joint pass with the Neumann gradient keeps only the block's input, probe and
+Neumann vector for the backward pass; the backward pass recomputes `g` (see `logdet`), so the
+activations of one block at a time are alive.
+"""
+
+import dataclasses
+import functools
+import json
+import weakref
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import keras
+import tensorflow as tf
+
+from tfp_resflow import logdet, solver, stateless_random
+from tfp_resflow.activation import CLipSwish, LipSwish
+from tfp_resflow.lipschitz import SpectralConv2D, SpectralDense
+from tfp_resflow.norm_order import NormOrder
+
+__all__ = ["BlockFunctions", "BlockSettings", "block_functions", "structure_key"]
+
+# Layer classes whose `get_config()` determines their `call` completely, so two layers with equal
+# configurations (up to names) compute the same function of their weights.
+_SHAREABLE_LAYERS = (
+    keras.Sequential,
+    keras.layers.InputLayer,
+    keras.layers.Activation,
+    keras.layers.Identity,
+    keras.layers.Dense,
+    keras.layers.Conv2D,
+    SpectralDense,
+    SpectralConv2D,
+    LipSwish,
+    CLipSwish,
+    NormOrder,
+)
+# Keep each function a call at run time, so that the runtime optimises and instantiates it once.
+_NOT_INLINED = {"_noinline": True}
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSettings:
+    """What a residual block computes besides `g`: its estimators and its fixed-point solve.
+
+    Options are stored as sorted `(key, value)` tuples so that settings can key a cache.
+    """
+
+    log_det: str | Callable
+    log_det_options: tuple[tuple[str, Any], ...]
+    eval_log_det: str | Callable
+    eval_log_det_options: tuple[tuple[str, Any], ...]
+    atol: float | None
+    rtol: float | None
+    max_iterations: int
+    on_nonconvergence: str
+
+    @property
+    def traceable(self) -> bool:
+        """Whether the estimators are this package's (named), which take `parameters`."""
+        return isinstance(self.log_det, str) and isinstance(self.eval_log_det, str)
+
+    def estimator(self, *, training: bool, event_size: int) -> logdet.LogDetFn:
+        """The training estimator, or the evaluation estimator for events of `event_size`."""
+        options = dict(self.log_det_options)
+        if training:
+            return logdet.make_log_det_fn(self.log_det, options)
+        return logdet.eval_log_det_fn(
+            self.eval_log_det, dict(self.eval_log_det_options), self.log_det, options, event_size
+        )
+
+
+def _strip_names(config: Any) -> Any:
+    if isinstance(config, dict):
+        return {
+            k: _strip_names(v) for k, v in config.items() if k not in ("name", "shared_object_id")
+        }
+    if isinstance(config, list | tuple):
+        return [_strip_names(v) for v in config]
+    return config
+
+
+def structure_key(g: object) -> str | None:
+    """A key equal for two built `g`s exactly when one traced function computes both.
+
+    Defined for Keras layers made of `_SHAREABLE_LAYERS` only (configuration without names,
+    plus the shapes and dtypes of the weights); None for anything else.
+    """
+    if not isinstance(g, keras.layers.Layer) or not g.built:
+        return None
+    layers = g._flatten_layers(include_self=True, recursive=True)  # noqa: SLF001 (Keras API)
+    if not all(type(layer) in _SHAREABLE_LAYERS for layer in layers):
+        return None
+    weights = [
+        (tuple(w.shape), str(w.dtype), bool(w.trainable))
+        for w in g.trainable_variables + g.non_trainable_variables
+    ]
+    config = _strip_names(g.get_config())
+    return json.dumps([type(g).__name__, config, weights], sort_keys=True, default=repr)
+
+
+def joint_pass(
+    residual_fn: Callable[[tf.Tensor], tf.Tensor],
+    y: tf.Tensor,
+    seed: Any,
+    estimator: logdet.LogDetFn,
+    parameters: Sequence[tf.Tensor] = (),
+) -> tuple[tf.Tensor, tf.Tensor]:
+    """`(y + g(y), log|det(I + J_g(y))|)` with `g(y)` evaluated once, by the estimator.
+
+    Shapes: `y` `[batch, *event]`; returns `[batch, *event]` and `[batch]`.
+    """
+    if parameters:
+        gy, log_det = estimator(residual_fn, y, seed=seed, parameters=parameters)
+    else:  # a user's estimator need not know `parameters`
+        gy, log_det = estimator(residual_fn, y, seed=seed)
+    return y + gy, log_det
+
+
+class BlockFunctions:
+    """The passes of residual blocks that share a kind of `g` and their `BlockSettings`.
+
+    Args:
+        template: `g` of the first block of this kind (its structure serves them all).
+        settings: the blocks' settings.
+        traced: trace the passes as `tf.function`s of the weight values (requires a built Keras
+            layer and named estimators); otherwise the passes run inline with the block's `g`.
+    """
+
+    def __init__(self, template: Callable, settings: BlockSettings, *, traced: bool) -> None:
+        self.settings = settings
+        self.traced = traced
+        self._template = template
+        if traced:
+            trace = functools.partial(
+                tf.function,
+                autograph=False,
+                reduce_retracing=True,
+                experimental_attributes=_NOT_INLINED,
+            )
+            self._joint = {
+                True: trace(functools.partial(self._traced_joint, training=True)),
+                False: trace(functools.partial(self._traced_joint, training=False)),
+            }
+            # (functools.partial: TF counts retracing per Python code object, which every
+            # instance's bound methods share; each instance traces once per kind of input.)
+            self._value = trace(functools.partial(self._traced_value))
+            self._solve = trace(functools.partial(self._traced_solve))
+
+    # -- the public passes: `g` is the calling block's own residual function -------------------
+
+    def joint(
+        self, g: Callable, y: tf.Tensor, seed: Any, *, training: bool
+    ) -> tuple[tf.Tensor, tf.Tensor]:
+        """`(y + g(y), log_det)`, `[batch, *event] -> ([batch, *event], [batch])`."""
+        if not self.traced:
+            return joint_pass(g, y, seed, self._estimator(training, y))
+        seed = stateless_random.sanitize_seed(seed)
+        return self._joint[training](y, seed, *self._weights(g))
+
+    def value(self, g: Callable, y: tf.Tensor) -> tf.Tensor:
+        """`y + g(y)`."""
+        if not self.traced:
+            return y + g(y)
+        return self._value(y, *self._weights(g))
+
+    def solve(
+        self, g: Callable, z: tf.Tensor, start: tf.Tensor | None
+    ) -> tuple[tf.Tensor, tf.Tensor]:
+        """`(x, converged)` with `x + g(x) = z`; see `solver.solve_residual`."""
+        if not self.traced:
+            return self._solve_with(g, z, start, ())
+        return self._solve(z, start, *self._weights(g))
+
+    # -- helpers -----------------------------------------------------------------------------
+
+    def _estimator(self, training: bool, y: tf.Tensor) -> logdet.LogDetFn:  # noqa: FBT001
+        event_size = y.shape[1:].num_elements()
+        return self.settings.estimator(training=training, event_size=event_size or 2**31)
+
+    def _weights(self, g: keras.layers.Layer) -> tuple[list[tf.Tensor], list[tf.Tensor]]:
+        """The values of `g`'s weights, read now (so gradients reach the variables)."""
+        trainable = [tf.convert_to_tensor(w) for w in g.trainable_variables]
+        non_trainable = [tf.convert_to_tensor(w) for w in g.non_trainable_variables]
+        return trainable, non_trainable
+
+    def _stateless_g(
+        self, trainable: list[tf.Tensor], non_trainable: list[tf.Tensor]
+    ) -> Callable[[tf.Tensor], tf.Tensor]:
+        return lambda t: self._template.stateless_call(trainable, non_trainable, t)[0]
+
+    def _solve_with(
+        self, g: Callable, z: tf.Tensor, start: tf.Tensor | None, parameters: Sequence
+    ) -> tuple[tf.Tensor, tf.Tensor]:
+        s = self.settings
+        atol, rtol = solver.tolerances(z.dtype, s.atol, s.rtol)
+        return solver.solve_residual(
+            g,
+            z,
+            start=start,
+            parameters=parameters,
+            atol=atol,
+            rtol=rtol,
+            max_iterations=s.max_iterations,
+            gradient_check=s.on_nonconvergence == "raise",
+        )
+
+    # -- traced bodies -----------------------------------------------------------------------
+
+    def _traced_joint(
+        self,
+        y: tf.Tensor,
+        seed: tf.Tensor,
+        trainable: list[tf.Tensor],
+        non_trainable: list[tf.Tensor],
+        *,
+        training: bool,
+    ) -> tuple[tf.Tensor, tf.Tensor]:
+        g = self._stateless_g(trainable, non_trainable)
+        return joint_pass(g, y, seed, self._estimator(training, y), trainable)
+
+    def _traced_value(
+        self, y: tf.Tensor, trainable: list[tf.Tensor], non_trainable: list[tf.Tensor]
+    ) -> tf.Tensor:
+        return y + self._stateless_g(trainable, non_trainable)(y)
+
+    def _traced_solve(
+        self,
+        z: tf.Tensor,
+        start: tf.Tensor | None,
+        trainable: list[tf.Tensor],
+        non_trainable: list[tf.Tensor],
+    ) -> tuple[tf.Tensor, tf.Tensor]:
+        g = self._stateless_g(trainable, non_trainable)
+        return self._solve_with(g, z, start, trainable)
+
+
+# Shared functions live as long as some block uses them.
+_SHARED: "weakref.WeakValueDictionary[tuple, BlockFunctions]" = weakref.WeakValueDictionary()
+
+
+def block_functions(g: Callable, settings: BlockSettings) -> BlockFunctions:
+    """The `BlockFunctions` for a block with residual function `g` and `settings`.
+
+    Blocks whose `g` has the same `structure_key` and equal settings share one instance (and
+    so one trace of each pass); other Keras layers get their own traced functions; anything
+    else runs inline.
+    """
+    traced = settings.traceable and isinstance(g, keras.layers.Layer) and g.built
+    key = structure_key(g) if traced else None
+    if key is None:
+        return BlockFunctions(g, settings, traced=traced)
+    shared = _SHARED.get((key, settings))
+    if shared is None:
+        shared = BlockFunctions(g, settings, traced=True)
+        _SHARED[(key, settings)] = shared
+    return shared

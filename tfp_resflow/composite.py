@@ -1,0 +1,249 @@
+"""Stacks of bijectors walked in one pass, and the joint inverse-and-log-det of any bijector.
+
+`inverse_and_log_det(bijector, y)` returns `bijector.inverse(y)` and
+`bijector.inverse_log_det_jacobian(y)` in one pass for this package's bijectors (each residual
+block evaluates `g` once) and for `tfb.Chain`s of them, and falls back to the two calls for any
+other TFP bijector.
+
+`StackedBijector` is the base of `ResidualFlowBijector` and `MultiscaleResidualFlow`: a list of
+steps, in data -> latent order,
+
+    Step(bijector, event_ndims)   apply `bijector.inverse` to events of rank `event_ndims`
+    FactorOut()                   the second half of the channels leaves as a latent part
+
+walked once for `inverse`, `inverse_log_det_jacobian` and `inverse_and_log_det` (the k-th
+residual block's seed is `fold_in(seed, k)`), and backwards for `forward`. The latent is the
+final tensor, or, with factor-outs, the concatenation of the flattened parts and the flattened
+final tensor.
+"""
+
+import math
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import keras
+import tensorflow as tf
+import tensorflow_probability as tfp
+from tensorflow_probability.python.bijectors import chain as tfp_chain
+
+from tfp_resflow import stateless_random
+from tfp_resflow.actnorm import ActNorm
+from tfp_resflow.bijector import FreshBijector, ResidualBlock
+
+tfb = tfp.bijectors
+# `tfb.Chain(...)` returns an instance of its private base `_Chain` unless every member is a
+# composite tensor, so `isinstance(b, tfb.Chain)` misses most chains.
+_CHAIN_TYPES = (tfp_chain._Chain,)  # noqa: SLF001
+
+__all__ = ["FactorOut", "Step", "StackedBijector", "inverse_and_log_det"]
+
+
+def _takes_seed(bijector: tfb.Bijector) -> bool:
+    """Whether a chain member gets a seed folded from the chain's: this package's, chains."""
+    return isinstance(bijector, (FreshBijector, *_CHAIN_TYPES))
+
+
+def inverse_and_log_det(
+    bijector: tfb.Bijector,
+    y: tf.Tensor,
+    *,
+    event_ndims: int | None = None,
+    seed: Any = None,
+    **kwargs: Any,
+) -> tuple[tf.Tensor, tf.Tensor]:
+    """`(bijector.inverse(y), bijector.inverse_log_det_jacobian(y, event_ndims))`, jointly.
+
+    This package's bijectors compute both in one pass (`FreshBijector.inverse_and_log_det`);
+    a `tfb.Chain` is walked bijector by bijector, so residual flows inside it keep their joint
+    pass (like `tfb.Chain`, members take keyword arguments by name, e.g.
+    `**{flow.name: {"seed": s}}`; without one, the i-th member that is this package's or a
+    chain gets `fold_in(seed, i)`); any other bijector (`tfb.Shift`, `tfb.Invert`, ...) is
+    called twice. Values equal those of the two calls for the same seeds.
+
+    Args:
+        bijector: any TFP bijector.
+        y: data-side tensor.
+        event_ndims: rank of the events; default `bijector.inverse_min_event_ndims`.
+        seed: seed of stochastic log-dets; None for fresh randomness.
+        **kwargs: passed on (as TFP's `**kwargs`).
+
+    Returns:
+        `(x, ildj)`.
+    """
+    if event_ndims is None:
+        event_ndims = bijector.inverse_min_event_ndims
+    if isinstance(bijector, FreshBijector):
+        return bijector.inverse_and_log_det(y, event_ndims=event_ndims, seed=seed, **kwargs)
+    if isinstance(bijector, _CHAIN_TYPES):
+        seed = None if seed is None else stateless_random.sanitize_seed(seed)
+        total = None
+        # Chain's forward applies its list last to first, so its inverse goes first to last.
+        for i, member in enumerate(bijector.bijectors):
+            member_kwargs = dict(kwargs.get(member.name, {}))  # Chain's per-name kwargs
+            member_seed = member_kwargs.pop("seed", None)
+            if member_seed is None and seed is not None and _takes_seed(member):
+                member_seed = stateless_random.fold_in(seed, i)
+            y, log_det = inverse_and_log_det(
+                member, y, event_ndims=event_ndims, seed=member_seed, **member_kwargs
+            )
+            event_ndims = member.inverse_event_ndims(event_ndims)
+            total = log_det if total is None else total + log_det
+        if total is None:  # an empty chain is the identity
+            total = tf.zeros([], y.dtype)
+        return y, total
+    if seed is not None:
+        kwargs["seed"] = seed
+    return (
+        bijector.inverse(y, **kwargs),
+        bijector.inverse_log_det_jacobian(y, event_ndims=event_ndims, **kwargs),
+    )
+
+
+class Step(NamedTuple):
+    """One bijector of a stack and the rank of the events it takes (data side)."""
+
+    bijector: tfb.Bijector
+    event_ndims: int
+
+
+class FactorOut(NamedTuple):
+    """Keeps the first half of the last axis; the second half leaves as a latent part."""
+
+
+class StackedBijector(FreshBijector):
+    """Base of bijectors that are a data -> latent list of steps (see the module docstring).
+
+    Subclasses set `self._steps` (a list of `Step` and `FactorOut`) and call
+    `self._set_shapes(input_event_shape)` once the steps exist, and may override `_prepare`
+    (called with every input, e.g. to build lazily) and `_check_events`.
+    """
+
+    _steps: list[Step | FactorOut]
+    _input_event_shape: tuple[int, ...] | None = None
+
+    # -- static shapes -------------------------------------------------------------------------
+
+    def _set_shapes(self, input_event_shape: Sequence[int]) -> None:
+        """Propagates the data event shape through the steps (factor-outs record their parts)."""
+        shape = tuple(int(n) for n in input_event_shape)
+        self._input_event_shape = shape
+        self._part_shapes: list[tuple[int, ...]] = []
+        for step in self._steps:
+            if isinstance(step, FactorOut):
+                kept = shape[-1] // 2
+                self._part_shapes.append((*shape[:-1], shape[-1] - kept))
+                shape = (*shape[:-1], kept)
+            else:
+                shape = tuple(step.bijector.inverse_event_shape(shape).as_list())
+        self._final_shape = shape
+
+    @property
+    def latent_shapes(self) -> list[tuple[int, ...]]:
+        """Shapes of the latent's parts in order: the factored-out ones, then the final one."""
+        return [*self._part_shapes, self._final_shape]
+
+    @property
+    def _latent_event_shape(self) -> tuple[int, ...]:
+        if not self._part_shapes:
+            return self._final_shape
+        return (sum(math.prod(s) for s in self.latent_shapes),)
+
+    # -- what subclasses may override ------------------------------------------------------------
+
+    def _prepare(self, t: tf.Tensor, what: str) -> tf.Tensor:
+        """Checks (and, for lazily built stacks, builds from) an input; `what` names it."""
+        return t
+
+    # -- parts -----------------------------------------------------------------------------------
+
+    @property
+    def blocks(self) -> list[ResidualBlock]:
+        """The residual blocks, in data -> latent order."""
+        return [s.bijector for s in self._bijector_steps() if isinstance(s.bijector, ResidualBlock)]
+
+    @property
+    def actnorms(self) -> list[ActNorm]:
+        """The ActNorm bijectors, in data -> latent order."""
+        return [s.bijector for s in self._bijector_steps() if isinstance(s.bijector, ActNorm)]
+
+    @property
+    def keras_layers(self) -> list[keras.layers.Layer]:
+        return [
+            layer
+            for s in self._bijector_steps()
+            for layer in getattr(s.bijector, "keras_layers", [])
+        ]
+
+    def _bijector_steps(self) -> list[Step]:
+        return [s for s in getattr(self, "_steps", []) if isinstance(s, Step)]
+
+    # -- the walk --------------------------------------------------------------------------------
+
+    def _walk(self, y: tf.Tensor, *, log_det: bool, seed: Any) -> tuple[tf.Tensor, Any]:
+        """Data -> latent through every step; the log-det too when `log_det`.
+
+        Each step's log-det is taken in the same pass as its value (`inverse_and_log_det`), so
+        residual blocks evaluate `g` once and an ActNorm initialised by this batch contributes
+        its initialised scale.
+        """
+        y = self._prepare(y, "y")
+        event_shape = self._input_event_shape
+        batch_shape = tf.shape(y)[: tf.rank(y) - len(event_shape)]
+        t = tf.reshape(y, [-1, *event_shape])
+        total = tf.zeros(tf.shape(t)[:1], t.dtype) if log_det else None
+        seed = None if seed is None else stateless_random.sanitize_seed(seed)
+        parts = []
+        num_blocks = 0
+        for step in self._steps:
+            if isinstance(step, FactorOut):
+                kept = t.shape[-1] // 2
+                parts.append(tf.reshape(t[..., kept:], [tf.shape(t)[0], -1]))
+                t = t[..., :kept]
+                continue
+            bijector, event_ndims = step
+            kwargs = {}
+            if isinstance(bijector, ResidualBlock):
+                if seed is not None:
+                    kwargs["seed"] = stateless_random.fold_in(seed, num_blocks)
+                num_blocks += 1
+            if log_det:
+                t, step_log_det = inverse_and_log_det(
+                    bijector, t, event_ndims=event_ndims, **kwargs
+                )
+                total += step_log_det
+            else:
+                t = bijector.inverse(t)
+        if parts:
+            t = tf.concat([*parts, tf.reshape(t, [tf.shape(t)[0], -1])], axis=-1)
+        z = tf.reshape(t, tf.concat([batch_shape, self._latent_event_shape], axis=0))
+        if log_det:
+            total = tf.reshape(total, batch_shape)
+        return z, total
+
+    def _inverse(self, y: tf.Tensor, **kwargs: Any) -> tf.Tensor:
+        return self._walk(y, log_det=False, seed=None)[0]
+
+    def _inverse_log_det_jacobian(self, y: tf.Tensor, seed: Any = None) -> tf.Tensor:
+        return self._walk(y, log_det=True, seed=seed)[1]
+
+    def _inverse_and_log_det(self, y: tf.Tensor, seed: Any = None) -> tuple[tf.Tensor, tf.Tensor]:
+        return self._walk(y, log_det=True, seed=seed)
+
+    def _forward(self, z: tf.Tensor, **kwargs: Any) -> tf.Tensor:
+        """Latent -> data: every step's `forward`, last step first, re-attaching the parts."""
+        z = self._prepare(z, "z")
+        latent_shape = self._latent_event_shape
+        batch_shape = tf.shape(z)[: tf.rank(z) - len(latent_shape)]
+        t = tf.reshape(z, [-1, *latent_shape])
+        parts = []
+        if self._part_shapes:
+            sizes = [math.prod(s) for s in self.latent_shapes]
+            *parts, t = tf.split(t, sizes, axis=-1)
+            t = tf.reshape(t, [-1, *self._final_shape])
+        for step in reversed(self._steps):
+            if isinstance(step, FactorOut):
+                shape = self._part_shapes[len(parts) - 1]
+                t = tf.concat([t, tf.reshape(parts.pop(), [-1, *shape])], axis=-1)
+            else:
+                t = step.bijector.forward(t)
+        return tf.reshape(t, tf.concat([batch_shape, self._input_event_shape], axis=0))
