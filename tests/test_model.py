@@ -260,3 +260,19 @@ def test_an_image_flow_trains_under_xla():
     assert np.all(np.isfinite(losses))
     for old, weight in zip(before, model.trainable_weights, strict=True):
         assert not np.array_equal(old, weight.numpy()), weight.path
+
+
+def test_the_design_card_distribution_saves_as_a_config(tmp_path):
+    base = tfd.Sample(tfd.Normal(0.0, 1.0), sample_shape=[2])
+    model = FlowModel.from_distribution(
+        tfd.TransformedDistribution(base, ResidualFlowBijector(num_blocks=1, hidden_units=(8,)))
+    )
+    x = eight_gaussians(16, seed=10)
+    model.initialize(x)
+    model.save(tmp_path / "flow.keras")
+    loaded = keras.models.load_model(tmp_path / "flow.keras")
+    np.testing.assert_allclose(loaded.log_prob(x), model.log_prob(x), rtol=1e-6)
+    shifted = tfd.Sample(tfd.Normal(1.0, 1.0), sample_shape=[2])  # not the standard normal
+    custom = FlowModel.from_distribution(tfd.TransformedDistribution(shifted, model.bijector))
+    with pytest.raises(NotImplementedError, match="custom base distribution"):
+        custom.get_config()

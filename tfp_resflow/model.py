@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import keras
+import numpy as np
 import tensorflow as tf
 import tensorflow_probability as tfp
 
@@ -50,6 +51,30 @@ def keras_layers_of(bijector: tfb.Bijector) -> list[keras.layers.Layer]:
         if isinstance(inner, tfb.Bijector):
             stack.append(inner)
     return list(found.values())
+
+
+def _is_standard_normal(base: tfd.Distribution, latent_shape: tf.TensorShape) -> bool:
+    """Whether `base` is `Sample(Normal(0, 1), latent_shape)` with constant parameters."""
+    if not isinstance(base, tfd.Sample) or not isinstance(base.distribution, tfd.Normal):
+        return False
+    normal = base.distribution
+    try:
+        constant = [
+            tf.get_static_value(tf.convert_to_tensor(t)) for t in (normal.loc, normal.scale)
+        ]
+        shape = tf.get_static_value(tf.convert_to_tensor(base.sample_shape))
+    except (TypeError, ValueError):
+        return False
+    if any(c is None for c in constant) or shape is None:
+        return False
+    loc, scale = constant
+    return (
+        np.shape(loc) == ()
+        and np.shape(scale) == ()
+        and float(loc) == 0.0
+        and float(scale) == 1.0
+        and tuple(np.atleast_1d(shape).tolist()) == tuple(latent_shape.as_list())
+    )
 
 
 class _MeanOverExamples(keras.losses.Loss):
@@ -103,10 +128,12 @@ class FlowModel(keras.Model):
         self.num_levels = num_levels
         bits.bits_per_dim(0.0, math.prod(self.event_shape), num_levels)  # validates them
         self.lipschitz_iterations = lipschitz_iterations
-        self._default_base = base is None
+        latent_shape = bijector.inverse_event_shape(self.event_shape)
+        # A given base that is the standard normal over the latent is the default one (so the
+        # design card's TransformedDistribution(Sample(Normal(0, 1)), flow) saves as a config).
+        self._default_base = base is None or _is_standard_normal(base, latent_shape)
         if base is None:  # a standard normal over the latent (its shape may differ, as for
             # multi-scale image flows whose latent is a vector)
-            latent_shape = bijector.inverse_event_shape(self.event_shape)
             base = tfd.Sample(tfd.Normal(0.0, 1.0), sample_shape=latent_shape)
         self.distribution = tfd.TransformedDistribution(base, bijector)
         self.bijector = bijector
