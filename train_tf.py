@@ -8,6 +8,7 @@ samples.png (density.png for 2-D data), checkpoints/, logs/ (TensorBoard) and mo
 Examples:
     python train_tf.py
     python train_tf.py --dataset 8gaussians --epochs 20
+    python train_tf.py --model blocks_per_scale=4,4 hidden_channels=64 solver=anderson
     python train_tf.py --dataset mnist --preset mnist --download   # needs internet once
     python train_tf.py --output-dir runs/default --resume --epochs 60
     python train_tf.py --output-dir runs/default --eval-only
@@ -31,6 +32,12 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
 from tfp_resflow import artifacts, data, distribute, multiscale, presets, training  # noqa: E402
+from tfp_resflow.config import (  # noqa: E402
+    ImageFlowConfig,
+    ResidualFlowConfig,
+    parse_assignments,
+    to_dict,
+)
 from tfp_resflow.flow import ResidualFlowBijector  # noqa: E402
 from tfp_resflow.model import FlowModel  # noqa: E402
 
@@ -41,11 +48,10 @@ HELP = {
     "image dataset such as mnist or cifar10",
     "preset": f"model: one of {', '.join(sorted(presets.PRESETS))}, 'toy' (2-D data), or "
     "'auto' (digits for digits, the dataset's name if it is a preset, toy for 2-D data)",
-    "toy_blocks": "residual blocks of the toy preset",
-    "toy_hidden": "width of the hidden layers of the toy preset's residual functions",
-    "log_det": "training log-det of the toy preset: unbiased (Russian roulette) or exact",
-    "learnable_norm_orders": "learn the norm orders of every residual function (from 2), as "
-    "the authors' --learn-p",
+    "model": "changes to the preset's model config as name=value (lists comma-separated), "
+    "e.g. --model blocks_per_scale=4,4 hidden_channels=64 log_det=exact solver=anderson "
+    "learnable_norm_orders=true; fields of ImageFlowConfig (ResidualFlowConfig for 'toy') and "
+    "of its BlockConfig",
     "epochs": "number of epochs (total, also with --resume)",
     "steps_per_epoch": "optimizer steps per epoch; 0 means one pass over the training data",
     "batch_size": "global batch size (split across replicas)",
@@ -83,6 +89,10 @@ def parse_args(argv: list[str] | None) -> tuple[TrainConfig, argparse.Namespace]
         if isinstance(field.default, bool):  # --flag / --no-flag, not type=bool ("False" is true)
             action = argparse.BooleanOptionalAction
             parser.add_argument(flag, action=action, default=field.default, help=help_text)
+        elif isinstance(field.default, tuple):  # repeatable: --model a=1 b=2 --model c=3
+            parser.add_argument(
+                flag, nargs="+", action="extend", default=[], metavar="NAME=VALUE", help=help_text
+            )
         else:
             parser.add_argument(
                 flag, type=type(field.default), default=field.default, help=help_text
@@ -109,11 +119,12 @@ def parse_args(argv: list[str] | None) -> tuple[TrainConfig, argparse.Namespace]
     )
     args = parser.parse_args(argv)
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
+    values["model"] = tuple(values["model"])
     try:
         config = TrainConfig(**values)
         if args.sample < 0:
             raise ValueError(f"--sample must be >= 0; got {args.sample}.")
-        resolve_preset(config)
+        model_config(config)
     except ValueError as error:
         parser.error(str(error))
     return config, args
@@ -139,21 +150,20 @@ def resolve_preset(config: TrainConfig) -> str:
     return preset
 
 
-def build_model(config: TrainConfig, event_shape: tuple, num_levels: int | None) -> FlowModel:
-    """The flow for the run's preset, wrapped in a FlowModel with the run's loss unit."""
+def model_config(config: TrainConfig) -> ResidualFlowConfig | ImageFlowConfig:
+    """The preset's model config with the run's `--model` changes; ValueError if one is bad."""
     preset = resolve_preset(config)
-    if preset == "toy":
-        flow = ResidualFlowBijector(
-            num_blocks=config.toy_blocks,
-            hidden_units=(config.toy_hidden, config.toy_hidden),
-            log_det=config.log_det,
-            learnable_norm_orders=config.learnable_norm_orders,
-        )
+    base = presets.TOY if preset == "toy" else presets.get_preset(preset)
+    return parse_assignments(base, config.model)
+
+
+def build_model(config: TrainConfig, event_shape: tuple, num_levels: int | None) -> FlowModel:
+    """The run's flow, wrapped in a FlowModel with the run's loss unit."""
+    flow_config = model_config(config)
+    if isinstance(flow_config, ResidualFlowConfig):
+        flow = ResidualFlowBijector(flow_config)
         return FlowModel(flow, event_shape=event_shape, loss_unit="nats")
-    image_config = dataclasses.replace(
-        presets.get_preset(preset), learnable_norm_orders=config.learnable_norm_orders
-    )
-    flow = multiscale.image_flow(event_shape, image_config)
+    flow = multiscale.image_flow(event_shape, flow_config)
     return FlowModel(flow, event_shape=event_shape, loss_unit="bits_per_dim", num_levels=num_levels)
 
 
@@ -271,9 +281,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     if write_files:
-        (run_dir / "config.json").write_text(
-            json.dumps(dataclasses.asdict(config), indent=1) + "\n"
-        )
+        written = {**dataclasses.asdict(config), "model_config": to_dict(model_config(config))}
+        (run_dir / "config.json").write_text(json.dumps(written, indent=1) + "\n")
     if config.strategy == "multiworker":
         distribute.fit_custom_loop(
             strategy,

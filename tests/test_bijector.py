@@ -208,7 +208,9 @@ def test_nan_input_raises_with_validate_args():
         (dict(max_iterations=0), "max_iterations must be an integer >= 1; got 0"),
         (dict(atol=-1.0), "atol must be a number >= 0; got -1.0"),
         (dict(on_nonconvergence="ignore"), "on_nonconvergence .* got 'ignore'"),
-        (dict(log_det="exact", log_det_options={"p": 0.5}), "takes no options"),
+        (dict(geometric_p=0.0), "geometric_p must be a number in \\(0, 1\\); got 0.0"),
+        (dict(solver="newton"), "solver must be one of .* got 'newton'"),
+        (dict(probes=2), "unknown BlockConfig field\\(s\\) \\['probes'\\]"),
     ],
 )
 def test_block_bad_arguments(kwargs, message):
@@ -431,7 +433,10 @@ def test_flow_nan_input_raises_with_validate_args():
     ("kwargs", "message"),
     [
         (dict(num_blocks=0), "num_blocks must be an integer >= 1; got 0"),
-        (dict(lipschitz_constant=1.0), "lipschitz_constant must be in \\(0, 1\\); got 1.0"),
+        (
+            dict(lipschitz_constant=1.0),
+            "lipschitz_constant must be a number in \\(0, 1\\); got 1.0",
+        ),
         (dict(log_det="nope"), "log_det must be one of"),
         (dict(hidden_units=(4,), norm_orders=[2, 2]), "norm_orders needs 3 entries"),
         (dict(norm_orders=[1, 2, 2, 1], learnable_norm_orders=True), "start in \\(1, 5\\)"),
@@ -473,11 +478,11 @@ def test_flow_norm_orders_reach_every_g_and_the_config_round_trips():
         first, last = lipschitz.spectral_layers(block.keras_layers)
         assert (first.domain, first.codomain, last.codomain) == (2.0, math.inf, 2.0)
     config = json.loads(json.dumps(flow.get_config()))
-    assert config["norm_orders"] == [2.0, "inf", 2.0]
+    assert config["config"]["norm_orders"] == [2.0, "inf", 2.0]
     clone = ResidualFlowBijector.from_config(config)
     assert clone.get_config() == flow.get_config()
     learned = ResidualFlowBijector(hidden_units=(4,), learnable_norm_orders=True, event_size=3)
-    assert learned.get_config()["norm_orders"] == [2.0, 2.0, 2.0]
+    assert learned.get_config()["config"]["norm_orders"] == [2.0, 2.0, 2.0]
     assert all(
         isinstance(layer.domain, NormOrder)
         for block in learned.blocks

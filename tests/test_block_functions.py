@@ -71,8 +71,8 @@ def test_blocks_of_one_kind_share_their_functions():
 
 def test_blocks_with_different_settings_do_not_share():
     g1, g2 = mlp(), mlp()
-    a = ResidualBlock(g1, log_det_options={"p": 0.5})
-    b = ResidualBlock(g2, log_det_options={"p": 0.7})
+    a = ResidualBlock(g1, geometric_p=0.5)
+    b = ResidualBlock(g2, geometric_p=0.7)
     assert a._passes() is not b._passes()
     assert ResidualBlock(mlp())._passes() is ResidualBlock(mlp())._passes()
 

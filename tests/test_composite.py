@@ -5,8 +5,6 @@ The joint pass must equal `inverse` plus `inverse_log_det_jacobian` for a fixed 
 bijector of the package, for chains of them and for any other TFP bijector.
 """
 
-import dataclasses
-
 import keras
 import numpy as np
 import pytest
@@ -16,11 +14,11 @@ import tensorflow_probability as tfp
 from tfp_resflow import composite
 from tfp_resflow.actnorm import ActNorm, ActNormLayer
 from tfp_resflow.bijector import ResidualBlock, training_mode
+from tfp_resflow.config import ImageFlowConfig, with_fields
 from tfp_resflow.flow import ResidualFlowBijector
 from tfp_resflow.image import LogitTransform, Squeeze
 from tfp_resflow.multiscale import MultiscaleResidualFlow
 from tfp_resflow.network import lipschitz_mlp
-from tfp_resflow.presets import ImageFlowConfig
 
 tfb = tfp.bijectors
 
@@ -127,7 +125,7 @@ def test_gradients_of_the_joint_pass_equal_those_of_the_two_calls(flow_kind, log
     if flow_kind == "vector":
         flow, y, event_ndims = vector_flow(log_det), vector_data(), 1
     else:
-        config = dataclasses.replace(IMAGE, log_det=log_det, factor_out=False)
+        config = with_fields(IMAGE, log_det=log_det, factor_out=False)
         flow = MultiscaleResidualFlow((4, 4, 2), config, dtype="float64")
         y, event_ndims = image_data(), 3
     flow.inverse(y)  # ActNorm initialisation

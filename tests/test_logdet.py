@@ -190,13 +190,17 @@ def test_exact_log_det_gradient_matches_numpy_finite_differences():
 # Unbiasedness of the Russian-roulette estimator; bias of the truncated series.
 
 ROULETTE_CASES = {
-    "geometric-gaussian": dict(distribution="geometric", p=0.5, probe="gaussian"),
-    "geometric-rademacher": dict(distribution="geometric", p=0.5, probe="rademacher"),
-    "poisson-gaussian": dict(distribution="poisson", rate=2.0, probe="gaussian"),
-    "poisson-rademacher": dict(distribution="poisson", rate=2.0, probe="rademacher"),
-    "geometric-no-exact-terms": dict(distribution="geometric", p=0.6, num_exact_terms=0),
+    "geometric-gaussian": dict(term_distribution="geometric", geometric_p=0.5, probe="gaussian"),
+    "geometric-rademacher": dict(
+        term_distribution="geometric", geometric_p=0.5, probe="rademacher"
+    ),
+    "poisson-gaussian": dict(term_distribution="poisson", poisson_rate=2.0, probe="gaussian"),
+    "poisson-rademacher": dict(term_distribution="poisson", poisson_rate=2.0, probe="rademacher"),
+    "geometric-no-exact-terms": dict(
+        term_distribution="geometric", geometric_p=0.6, num_exact_terms=0
+    ),
     "poisson-one-exact-term-two-probes": dict(
-        distribution="poisson", rate=1.5, num_exact_terms=1, num_probes=2
+        term_distribution="poisson", poisson_rate=1.5, num_exact_terms=1, num_probes=2
     ),
 }
 
@@ -217,7 +221,7 @@ def test_russian_roulette_is_unbiased_on_images():
     _, exact = logdet.exact_log_det(g, x)
     draws = draws_of(
         lambda seed: logdet.russian_roulette_log_det(
-            g, x, seed=seed, distribution="poisson", rate=2.0
+            g, x, seed=seed, term_distribution="poisson", poisson_rate=2.0
         )[1]
     )
     assert draws.shape == (NUM_DRAWS, 2)
@@ -285,10 +289,10 @@ def flat(tensors):
 
 
 GRADIENT_CASES = {
-    "neumann-geometric-rademacher": dict(distribution="geometric", probe="rademacher"),
-    "neumann-poisson-gaussian": dict(distribution="poisson", probe="gaussian"),
-    "neumann-poisson-two-probes": dict(distribution="poisson", num_probes=2),
-    "plain-geometric": dict(distribution="geometric", neumann_gradient=False),
+    "neumann-geometric-rademacher": dict(term_distribution="geometric", probe="rademacher"),
+    "neumann-poisson-gaussian": dict(term_distribution="poisson", probe="gaussian"),
+    "neumann-poisson-two-probes": dict(term_distribution="poisson", num_probes=2),
+    "plain-geometric": dict(term_distribution="geometric", neumann_gradient=False),
 }
 
 
@@ -320,7 +324,7 @@ def test_neumann_value_equals_plain_value_for_a_seed(distribution):
     x = sample_inputs()
     for seed in range(5):
         estimate = functools.partial(
-            logdet.russian_roulette_log_det, g, x, seed=seed, distribution=distribution
+            logdet.russian_roulette_log_det, g, x, seed=seed, term_distribution=distribution
         )
         neumann_gx, neumann = estimate(neumann_gradient=True)
         plain_gx, plain = estimate(neumann_gradient=False)
@@ -413,7 +417,7 @@ ESTIMATORS = {
     "geometric": functools.partial(logdet.russian_roulette_log_det, probe="gaussian"),
     "geometric-plain": functools.partial(logdet.russian_roulette_log_det, neumann_gradient=False),
     "poisson": functools.partial(
-        logdet.russian_roulette_log_det, distribution="poisson", num_probes=2
+        logdet.russian_roulette_log_det, term_distribution="poisson", num_probes=2
     ),
 }
 
@@ -476,14 +480,38 @@ def test_int_seed_and_pair_seed_are_reproducible():
 # Bad arguments.
 
 BAD_ARGUMENTS = [
-    (logdet.russian_roulette_log_det, dict(p=0.0), "p must be in \\(0, 1\\); got 0.0"),
-    (logdet.russian_roulette_log_det, dict(p=1.0), "p must be in \\(0, 1\\); got 1.0"),
-    (logdet.russian_roulette_log_det, dict(p=-0.2), "p must be in \\(0, 1\\); got -0.2"),
-    (logdet.russian_roulette_log_det, dict(rate=0.0), "rate must be > 0; got 0.0"),
-    (logdet.russian_roulette_log_det, dict(rate=-1.0), "rate must be > 0; got -1.0"),
+    (
+        logdet.russian_roulette_log_det,
+        dict(geometric_p=0.0),
+        "geometric_p must be a number in \\(0, 1\\); got 0.0",
+    ),
+    (
+        logdet.russian_roulette_log_det,
+        dict(geometric_p=1.0),
+        "geometric_p must be a number in \\(0, 1\\); got 1.0",
+    ),
+    (
+        logdet.russian_roulette_log_det,
+        dict(geometric_p=-0.2),
+        "geometric_p must be a number in \\(0, 1\\); got -0.2",
+    ),
+    (
+        logdet.russian_roulette_log_det,
+        dict(poisson_rate=0.0),
+        "poisson_rate must be a number > 0; got 0.0",
+    ),
+    (
+        logdet.russian_roulette_log_det,
+        dict(poisson_rate=-1.0),
+        "poisson_rate must be a number > 0; got -1.0",
+    ),
     (logdet.russian_roulette_log_det, dict(num_exact_terms=-1), "num_exact_terms .* got -1"),
     (logdet.russian_roulette_log_det, dict(num_exact_terms=1.5), "num_exact_terms .* got 1.5"),
-    (logdet.russian_roulette_log_det, dict(distribution="uniform"), "distribution .*'uniform'"),
+    (
+        logdet.russian_roulette_log_det,
+        dict(term_distribution="uniform"),
+        "term_distribution .*'uniform'",
+    ),
     (logdet.russian_roulette_log_det, dict(probe="sphere"), "probe .* got 'sphere'"),
     (logdet.russian_roulette_log_det, dict(num_probes=0), "num_probes .* got 0"),
     (logdet.power_series_log_det, dict(num_terms=0), "num_terms must .* got 0"),

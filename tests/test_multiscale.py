@@ -1,6 +1,5 @@
 """Tests of MultiscaleResidualFlow and ImageFlowConfig: round trips, log-dets, bits, saving."""
 
-import dataclasses
 import math
 import re
 
@@ -13,9 +12,9 @@ from checks import assert_finite, brute_force_inverse_log_det
 
 from tfp_resflow import lipschitz
 from tfp_resflow.bijector import ResidualBlock, training_mode
+from tfp_resflow.config import BlockConfig, ImageFlowConfig, to_dict, with_fields
 from tfp_resflow.model import FlowModel
 from tfp_resflow.multiscale import MultiscaleResidualFlow, scale_shapes
-from tfp_resflow.presets import ImageFlowConfig
 
 tfb, tfd = tfp.bijectors, tfp.distributions
 
@@ -38,7 +37,7 @@ def _seed():
 
 
 def tiny(**changes):
-    return dataclasses.replace(TINY, **changes)
+    return with_fields(TINY, **changes)  # block fields (log_det, ...) go to TINY.block
 
 
 def uniform_images(shape, seed=0, dtype=np.float64):
@@ -190,13 +189,15 @@ def test_blocks_get_the_configured_estimator():
     assert len(flow.blocks) == 3  # 1 + 1 convolutional, 1 fully connected
     assert [b.parameters["event_ndims"] for b in flow.blocks] == [3, 3, 1]
     for block in flow.blocks:
-        assert block.parameters["log_det"] == "unbiased"
-        assert block.parameters["log_det_options"] == {
-            "distribution": "geometric",
-            "rate": 2.0,
-            "p": 0.4,
+        assert block.config.log_det == "unbiased"
+        assert block.config.estimator_options("unbiased") == {
+            "term_distribution": "geometric",
+            "poisson_rate": 2.0,
+            "geometric_p": 0.4,
             "num_exact_terms": 5,
             "probe": "gaussian",
+            "num_probes": 1,
+            "neumann_gradient": True,
         }
 
 
@@ -340,12 +341,6 @@ def test_wrong_image_shape_at_call_time_names_it():
         ("fc_hidden_units", (0,)),
         ("logit_alpha", 0.5),
         ("num_levels", 1),
-        ("log_det", "truncated"),
-        ("num_exact_terms", 1.5),
-        ("term_distribution", "uniform"),
-        ("poisson_rate", 0.0),
-        ("geometric_p", 1.0),
-        ("probe", "sphere"),
         ("initial_power_iterations", -1),
         ("learnable_norm_orders", 1),
     ],
@@ -356,6 +351,31 @@ def test_bad_config_names_the_field_and_value(field, value):
         ImageFlowConfig(**{field: value})
 
 
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("log_det", "magic"),
+        ("num_exact_terms", 1.5),
+        ("term_distribution", "uniform"),
+        ("poisson_rate", 0.0),
+        ("geometric_p", 1.0),
+        ("probe", "sphere"),
+        ("solver", "newton"),
+        ("atol", -1.0),
+        ("on_nonconvergence", "ignore"),
+    ],
+)
+def test_bad_block_config_names_the_field_and_value(field, value):
+    message = rf"BlockConfig\.{field} must be .*; got {re.escape(repr(value))}\."
+    with pytest.raises(ValueError, match=message):
+        with_fields(ImageFlowConfig(), **{field: value})
+
+
+def test_image_flows_refuse_the_truncated_series():
+    with pytest.raises(ValueError, match=r"ImageFlowConfig\.block\.log_det must be .*'truncated'"):
+        ImageFlowConfig(block=BlockConfig(log_det="truncated"))
+
+
 def test_learnable_norm_orders_refuse_clipswish():
     with pytest.raises(ValueError, match="learnable_norm_orders must be False with clipswish"):
         ImageFlowConfig(activation="clipswish", learnable_norm_orders=True)
@@ -363,7 +383,8 @@ def test_learnable_norm_orders_refuse_clipswish():
 
 def test_config_round_trips_through_a_dict():
     config = tiny(factor_out=True, logit_alpha=None)
-    assert ImageFlowConfig.from_dict(config.to_dict()) == config
-    assert isinstance(config.to_dict()["blocks_per_scale"], list)
+    assert ImageFlowConfig(**to_dict(config)) == config
+    assert isinstance(to_dict(config)["blocks_per_scale"], list)
+    assert isinstance(to_dict(config)["block"], dict)
     with pytest.raises(ValueError, match="config must be an ImageFlowConfig"):
         MultiscaleResidualFlow((8, 8, 1), {"hidden_channels": 4})

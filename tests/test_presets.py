@@ -35,12 +35,14 @@ def test_paper_presets_have_the_authors_settings(name):
     assert (c.fc_end_blocks, c.logit_alpha, c.num_levels) == (fc_end, alpha, levels)
     assert (c.hidden_channels, c.kernel_sizes, c.lipschitz_constant) == (512, (3, 1, 3), 0.98)
     assert (c.actnorm, c.fc_hidden_units) == (True, (128, 128))
-    assert c.log_det_options() == {
-        "distribution": "poisson",
-        "rate": 2.0,
-        "p": 0.5,  # unused with the Poisson distribution
+    assert c.block.estimator_options(c.block.log_det) == {
+        "term_distribution": "poisson",
+        "poisson_rate": 2.0,
+        "geometric_p": 0.5,  # unused with the Poisson distribution
         "num_exact_terms": exact,
         "probe": "gaussian",
+        "num_probes": 1,
+        "neumann_gradient": True,
     }
 
 

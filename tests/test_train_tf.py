@@ -24,10 +24,9 @@ from tfp_resflow.norm_order import NormOrder  # noqa: E402
 TINY_TOY = [
     "--dataset",
     "8gaussians",
-    "--toy-blocks",
-    "2",
-    "--toy-hidden",
-    "8",
+    "--model",
+    "num_blocks=2",
+    "hidden_units=8,8",
     "--batch-size",
     "32",
     "--num-samples",
@@ -115,10 +114,10 @@ def _learnable_layers(model):
 )
 def test_learnable_norm_orders_flag_reaches_every_layer(args, event_shape, num_levels):
     config, _ = train_tf.parse_args(args)
-    assert config.learnable_norm_orders is False
+    assert train_tf.model_config(config).learnable_norm_orders is False
     assert not any(_learnable_layers(train_tf.build_model(config, event_shape, num_levels)))
-    config, _ = train_tf.parse_args([*args, "--learnable-norm-orders"])
-    assert config.learnable_norm_orders is True
+    config, _ = train_tf.parse_args([*args, "--model", "learnable_norm_orders=true"])
+    assert train_tf.model_config(config).learnable_norm_orders is True
     learnable = _learnable_layers(train_tf.build_model(config, event_shape, num_levels))
     assert learnable
     assert all(learnable)
@@ -133,6 +132,12 @@ def test_learnable_norm_orders_flag_reaches_every_layer(args, event_shape, num_l
         (["--batch-size", "-3"], "batch_size must be a positive integer; got -3"),
         (["--strategy", "horovod"], "strategy must be one of"),
         (["--epochs", "two"], "invalid int value: 'two'"),
+        (["--model", "hidden_channel=3"], "unknown ImageFlowConfig field(s) ['hidden_channel']"),
+        (["--model", "hidden_channels=x"], "hidden_channels must be an integer; got 'x'"),
+        (["--model", "hidden_channels=0"], "ImageFlowConfig.hidden_channels must be an integer"),
+        (["--model", "solver=newton"], "BlockConfig.solver must be one of ('plain', 'anderson')"),
+        (["--model", "blocks_per_scale"], "expected name=value; got 'blocks_per_scale'"),
+        (["--dataset", "moons", "--model", "hidden_channels=4"], "unknown ResidualFlowConfig"),
     ],
 )
 def test_bad_flags_exit_nonzero_with_one_line(args, message, capsys):
@@ -143,6 +148,27 @@ def test_bad_flags_exit_nonzero_with_one_line(args, message, capsys):
     assert len(err.splitlines()) == 1, err
     assert message in err
     assert err.startswith("train_tf.py: error:")
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["--model", "blocks_per_scale=4,4", "hidden_channels=64"], {"hidden_channels": 64}),
+        (["--model", "solver=anderson", "--model", "atol=1e-5"], {"solver": "anderson"}),
+        (["--dataset", "moons", "--model", "hidden_units=16,16"], {"hidden_units": (16, 16)}),
+        (["--model", "logit_alpha=none", "num_exact_terms=4"], {"logit_alpha": None}),
+    ],
+)
+def test_model_flag_sets_any_model_config_field(args, expected):
+    config, _ = train_tf.parse_args(args)
+    model = train_tf.model_config(config)
+    for name, value in expected.items():
+        holder = model if hasattr(model, name) else model.block
+        assert getattr(holder, name) == value
+    if "--model" in args and "atol=1e-5" in args:
+        assert model.block.atol == 1e-5
+    if "num_exact_terms=4" in args:
+        assert model.block.num_exact_terms == 4
 
 
 def test_unknown_dataset_fails_with_one_line_in_a_subprocess():
@@ -331,7 +357,9 @@ def test_killed_run_resumes_from_its_backup(tmp_path, half_written):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("orders", [[], ["--learnable-norm-orders"]], ids=["fixed", "learnable"])
+@pytest.mark.parametrize(
+    "orders", [[], ["--model", "learnable_norm_orders=true"]], ids=["fixed", "learnable"]
+)
 def test_mirrored_on_two_cpus_matches_the_default_strategy(tmp_path, orders):
     # With exact log-dets the loss is deterministic, so both runs compute the same function of
     # the same global batches; only the order of float32 sums differs (per-replica partial sums,
@@ -340,8 +368,8 @@ def test_mirrored_on_two_cpus_matches_the_default_strategy(tmp_path, orders):
     # different data split would change the loss at the first or second decimal.
     common = [
         *TINY_TOY,
-        "--log-det",
-        "exact",
+        "--model",
+        "log_det=exact",
         "--epochs",
         "3",
         "--steps-per-epoch",

@@ -8,7 +8,11 @@ The package is flat; each module is about one idea:
 - `norm_order`: learnable orders of the mixed norms those layers can bound.
 - `activation`: 1-Lipschitz activations (LipSwish and others).
 - `network`: builders of residual functions `g` with `Lip(g) < 1`.
-- `solver`: the fixed-point inverse of a residual map and its implicit gradient.
+- `solver`: fixed-point solvers (plain, Anderson) and the residual inverse's implicit gradient.
+- `validation`: the argument checks, one wording for every message.
+- `config`: `BlockConfig`, `ResidualFlowConfig`, `ImageFlowConfig`; `name=value` parsing.
+- `modes`: `training_mode` (which estimator) and `data_dependent_init`, per call.
+- `fresh_bijector`: the base class of the package's bijectors and its graph-only cache.
 - `block_functions`: a block's passes as traced functions shared by blocks of one kind.
 - `bijector`: `ResidualBlock`, one invertible block as a TFP bijector.
 - `actnorm`: ActNorm with data-dependent initialisation.
@@ -17,7 +21,7 @@ The package is flat; each module is about one idea:
 - `model`: `FlowModel`, the Keras model that trains any of them with `fit`.
 - `optimizer`: `GroupedAdam`, Keras' Adam updating equal-shaped variables together.
 - `bits`: bits per dimension of dequantised data.
-- `image`, `multiscale`, `presets`: image bijectors, the multi-scale flow, the paper's presets.
+- `image`, `multiscale`, `presets`: image bijectors, the multi-scale flow, the named configs.
 - `data`, `training`, `distribute`, `artifacts`: what `train_tf.py` is built from.
 """
 
@@ -26,6 +30,7 @@ from tfp_resflow.actnorm import ActNorm, ActNormLayer
 from tfp_resflow.bijector import ResidualBlock, data_dependent_init, training_mode
 from tfp_resflow.bits import bits_per_dim
 from tfp_resflow.composite import inverse_and_log_det
+from tfp_resflow.config import BlockConfig, ImageFlowConfig, ResidualFlowConfig
 from tfp_resflow.flow import ResidualFlowBijector
 from tfp_resflow.image import LogitTransform, Squeeze
 from tfp_resflow.lipschitz import (
@@ -45,7 +50,7 @@ from tfp_resflow.multiscale import MultiscaleResidualFlow, image_flow
 from tfp_resflow.network import lipschitz_cnn, lipschitz_mlp
 from tfp_resflow.norm_order import NormOrder
 from tfp_resflow.optimizer import GroupedAdam
-from tfp_resflow.presets import PRESETS, ImageFlowConfig
+from tfp_resflow.presets import PRESETS
 
 __version__ = "0.1.0"
 
@@ -53,6 +58,7 @@ __all__ = [
     "PRESETS",
     "ActNorm",
     "ActNormLayer",
+    "BlockConfig",
     "CLipSwish",
     "FlowModel",
     "GroupedAdam",
@@ -64,6 +70,7 @@ __all__ = [
     "NormOrder",
     "ResidualBlock",
     "ResidualFlowBijector",
+    "ResidualFlowConfig",
     "SpectralConv2D",
     "SpectralDense",
     "Squeeze",

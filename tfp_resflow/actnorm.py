@@ -17,7 +17,8 @@ from typing import Any
 import keras
 import tensorflow as tf
 
-from tfp_resflow.bijector import FreshBijector, data_dependent_init_enabled
+from tfp_resflow.fresh_bijector import FreshBijector
+from tfp_resflow.modes import data_dependent_init_enabled
 
 __all__ = ["ActNorm", "ActNormLayer"]
 
@@ -177,7 +178,7 @@ class ActNorm(FreshBijector):
         if not self._layer.built:
             self._layer.build(tuple(t.shape))
             self._track_keras_variables()
-        return self._check_finite(t, name)
+        return self._check_values(t, name)
 
     def _inverse(self, y: tf.Tensor, **kwargs: Any) -> tf.Tensor:
         y = self._prepare(y, "y")

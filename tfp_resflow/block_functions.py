@@ -9,7 +9,7 @@ A residual block `x = y + g(y)` has three passes:
 
 Written as pure functions of `g`'s weight values (Keras' `stateless_call`), each pass is traced
 once with `tf.function` and called by every block whose `g` has the same structure (the same
-layer classes and settings, up to names): a multi-scale flow's 52 blocks need 5 traces, not 52.
+layer classes and `BlockConfig`, up to names): a multi-scale flow's 52 blocks need 5 traces, not 52.
 The functions are not inlined into their caller (`_noinline`), so TensorFlow also optimises and
 instantiates each of them once. Measured on a 20-block flow: tracing 10 s -> 0.5 s, first run
 11 s -> 1.7 s, the same time per step after that.
@@ -22,7 +22,6 @@ Neumann vector for the backward pass; the backward pass recomputes `g` (see `log
 activations of one block at a time are alive.
 """
 
-import dataclasses
 import functools
 import json
 import weakref
@@ -34,10 +33,11 @@ import tensorflow as tf
 
 from tfp_resflow import logdet, solver, stateless_random
 from tfp_resflow.activation import CLipSwish, LipSwish
+from tfp_resflow.config import BlockConfig
 from tfp_resflow.lipschitz import SpectralConv2D, SpectralDense
 from tfp_resflow.norm_order import NormOrder
 
-__all__ = ["BlockFunctions", "BlockSettings", "block_functions", "structure_key"]
+__all__ = ["BlockFunctions", "block_functions", "structure_key"]
 
 # Layer classes whose `get_config()` determines their `call` completely, so two layers with equal
 # configurations (up to names) compute the same function of their weights.
@@ -56,37 +56,6 @@ _SHAREABLE_LAYERS = (
 )
 # Keep each function a call at run time, so that the runtime optimises and instantiates it once.
 _NOT_INLINED = {"_noinline": True}
-
-
-@dataclasses.dataclass(frozen=True)
-class BlockSettings:
-    """What a residual block computes besides `g`: its estimators and its fixed-point solve.
-
-    Options are stored as sorted `(key, value)` tuples so that settings can key a cache.
-    """
-
-    log_det: str | Callable
-    log_det_options: tuple[tuple[str, Any], ...]
-    eval_log_det: str | Callable
-    eval_log_det_options: tuple[tuple[str, Any], ...]
-    atol: float | None
-    rtol: float | None
-    max_iterations: int
-    on_nonconvergence: str
-
-    @property
-    def traceable(self) -> bool:
-        """Whether the estimators are this package's (named), which take `parameters`."""
-        return isinstance(self.log_det, str) and isinstance(self.eval_log_det, str)
-
-    def estimator(self, *, training: bool, event_size: int) -> logdet.LogDetFn:
-        """The training estimator, or the evaluation estimator for events of `event_size`."""
-        options = dict(self.log_det_options)
-        if training:
-            return logdet.make_log_det_fn(self.log_det, options)
-        return logdet.eval_log_det_fn(
-            self.eval_log_det, dict(self.eval_log_det_options), self.log_det, options, event_size
-        )
 
 
 def _strip_names(config: Any) -> Any:
@@ -137,17 +106,17 @@ def joint_pass(
 
 
 class BlockFunctions:
-    """The passes of residual blocks that share a kind of `g` and their `BlockSettings`.
+    """The passes of residual blocks that share a kind of `g` and their `BlockConfig`.
 
     Args:
         template: `g` of the first block of this kind (its structure serves them all).
-        settings: the blocks' settings.
+        config: the blocks' estimators and solver.
         traced: trace the passes as `tf.function`s of the weight values (requires a built Keras
             layer and named estimators); otherwise the passes run inline with the block's `g`.
     """
 
-    def __init__(self, template: Callable, settings: BlockSettings, *, traced: bool) -> None:
-        self.settings = settings
+    def __init__(self, template: Callable, config: BlockConfig, *, traced: bool) -> None:
+        self.config = config
         self.traced = traced
         self._template = template
         if traced:
@@ -195,7 +164,7 @@ class BlockFunctions:
 
     def _estimator(self, training: bool, y: tf.Tensor) -> logdet.LogDetFn:  # noqa: FBT001
         event_size = y.shape[1:].num_elements()
-        return self.settings.estimator(training=training, event_size=event_size or 2**31)
+        return self.config.estimator(training=training, event_size=event_size or 2**31)
 
     def _weights(self, g: keras.layers.Layer) -> tuple[list[tf.Tensor], list[tf.Tensor]]:
         """The values of `g`'s weights, read now (so gradients reach the variables)."""
@@ -211,7 +180,7 @@ class BlockFunctions:
     def _solve_with(
         self, g: Callable, z: tf.Tensor, start: tf.Tensor | None, parameters: Sequence
     ) -> tuple[tf.Tensor, tf.Tensor]:
-        s = self.settings
+        s = self.config
         atol, rtol = solver.tolerances(z.dtype, s.atol, s.rtol)
         return solver.solve_residual(
             g,
@@ -222,6 +191,7 @@ class BlockFunctions:
             rtol=rtol,
             max_iterations=s.max_iterations,
             gradient_check=s.on_nonconvergence == "raise",
+            solver=s.solver,
         )
 
     # -- traced bodies -----------------------------------------------------------------------
@@ -258,19 +228,19 @@ class BlockFunctions:
 _SHARED: "weakref.WeakValueDictionary[tuple, BlockFunctions]" = weakref.WeakValueDictionary()
 
 
-def block_functions(g: Callable, settings: BlockSettings) -> BlockFunctions:
-    """The `BlockFunctions` for a block with residual function `g` and `settings`.
+def block_functions(g: Callable, config: BlockConfig) -> BlockFunctions:
+    """The `BlockFunctions` for a block with residual function `g` and `config`.
 
-    Blocks whose `g` has the same `structure_key` and equal settings share one instance (and
+    Blocks whose `g` has the same `structure_key` and equal configs share one instance (and
     so one trace of each pass); other Keras layers get their own traced functions; anything
     else runs inline.
     """
-    traced = settings.traceable and isinstance(g, keras.layers.Layer) and g.built
+    traced = config.traceable and isinstance(g, keras.layers.Layer) and g.built
     key = structure_key(g) if traced else None
     if key is None:
-        return BlockFunctions(g, settings, traced=traced)
-    shared = _SHARED.get((key, settings))
+        return BlockFunctions(g, config, traced=traced)
+    shared = _SHARED.get((key, config))
     if shared is None:
-        shared = BlockFunctions(g, settings, traced=True)
-        _SHARED[(key, settings)] = shared
+        shared = BlockFunctions(g, config, traced=True)
+        _SHARED[(key, config)] = shared
     return shared

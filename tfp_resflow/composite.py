@@ -28,7 +28,8 @@ from tensorflow_probability.python.bijectors import chain as tfp_chain
 
 from tfp_resflow import stateless_random
 from tfp_resflow.actnorm import ActNorm
-from tfp_resflow.bijector import FreshBijector, ResidualBlock
+from tfp_resflow.bijector import ResidualBlock
+from tfp_resflow.fresh_bijector import FreshBijector
 
 tfb = tfp.bijectors
 # `tfb.Chain(...)` returns an instance of its private base `_Chain` unless every member is a
@@ -152,7 +153,7 @@ class StackedBijector(FreshBijector):
 
     def _prepare(self, t: tf.Tensor, what: str) -> tf.Tensor:
         """Checks (and, for lazily built stacks, builds from) an input; `what` names it."""
-        return t
+        return self._check_values(t, what)
 
     # -- parts -----------------------------------------------------------------------------------
 

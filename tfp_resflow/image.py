@@ -18,7 +18,7 @@ from typing import Any
 
 import tensorflow as tf
 
-from tfp_resflow.bijector import FreshBijector
+from tfp_resflow.fresh_bijector import FreshBijector
 
 __all__ = ["LogitTransform", "Squeeze", "squeezed_shape"]
 
@@ -79,7 +79,7 @@ class Squeeze(FreshBijector):
             )
 
     def _apply(self, t: tf.Tensor, op: Any, out_event: tf.TensorShape) -> tf.Tensor:
-        t = self._check_finite(t, "input")
+        t = self._check_values(t, "input")
         shape = tf.shape(t)
         batch_shape = shape[:-3]
         flat = tf.reshape(t, tf.concat([[-1], shape[-3:]], axis=0))

@@ -34,13 +34,14 @@ References:
     Behrmann et al. (2019). Invertible Residual Networks. ICML. https://arxiv.org/abs/1811.00995
 """
 
+import dataclasses
 import functools
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import tensorflow as tf
 
-from tfp_resflow import stateless_random
+from tfp_resflow import stateless_random, validation
 from tfp_resflow.stateless_random import SeedLike
 
 __all__ = [
@@ -49,7 +50,10 @@ __all__ = [
     "LOG_DET_NAMES",
     "LogDetFn",
     "ResidualFn",
-    "eval_log_det_fn",
+    "ESTIMATORS",
+    "EVAL_LOG_DET_NAMES",
+    "Estimator",
+    "eval_log_det_name",
     "exact_log_det",
     "make_log_det_fn",
     "power_series_log_det",
@@ -60,31 +64,18 @@ ResidualFn = Callable[[tf.Tensor], tf.Tensor]
 LogDetFn = Callable[..., tuple[tf.Tensor, tf.Tensor]]
 """`(residual_fn, x, *, seed=None) -> (g(x), log_det)`; bind options with functools.partial."""
 
-LOG_DET_NAMES = ("unbiased", "exact", "truncated")
 # Evaluation: the exact log-det costs one VJP per event dimension, the authors' evaluation series
 # about 20 + 2 VJPs, so exact is both cheaper and better up to about 20 dimensions.
 EVAL_EXACT_MAX_EVENT_SIZE = 20
 EVAL_NUM_EXACT_TERMS = 20
-_PROBES = ("gaussian", "rademacher")
-_DISTRIBUTIONS = ("geometric", "poisson")
+PROBES = ("gaussian", "rademacher")
+DISTRIBUTIONS = ("geometric", "poisson")
 # Seed sub-streams: the number of terms and the probes must be independent draws.
 _STREAM_NUM_TERMS, _STREAM_PROBE = 0, 1
 
 
 # ------------------------------------------------------------------------------------------------
 # Argument checks: every message names the argument and the value.
-
-
-def _check_int(name: str, value: object, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}; got {value!r}.")
-    return value
-
-
-def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> str:
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {choices}; got {value!r}.")
-    return value  # type: ignore[return-value]
 
 
 def _check_batch(x: tf.Tensor) -> tf.Tensor:
@@ -303,8 +294,8 @@ def _series_log_det(
 
 
 def _check_series_options(probe: str, num_probes: int) -> None:
-    _check_choice("probe", probe, _PROBES)
-    _check_int("num_probes", num_probes, 1)
+    validation.choice("probe", probe, PROBES)
+    validation.integer("num_probes", num_probes, 1)
 
 
 def power_series_log_det(
@@ -346,7 +337,7 @@ def power_series_log_det(
     Raises:
         ValueError: for a bad `num_terms`, `probe` or `num_probes`.
     """
-    _check_int("num_terms", num_terms, 1)
+    validation.integer("num_terms", num_terms, 1)
     _check_series_options(probe, num_probes)
     x = _check_batch(x)
     seed = stateless_random.sanitize_seed(seed)
@@ -411,9 +402,9 @@ def russian_roulette_log_det(
     *,
     seed: SeedLike = None,
     parameters: Sequence[tf.Tensor] = (),
-    distribution: str = "geometric",
-    p: float = 0.5,
-    rate: float = 2.0,
+    term_distribution: str = "geometric",
+    geometric_p: float = 0.5,
+    poisson_rate: float = 2.0,
     num_exact_terms: int = 2,
     probe: str = "rademacher",
     num_probes: int = 1,
@@ -421,8 +412,8 @@ def russian_roulette_log_det(
 ) -> tuple[tf.Tensor, tf.Tensor]:
     """Unbiased Russian-roulette estimate of `log|det(I + J_g(x))|` (Chen et al., 2019, eq. 6).
 
-    Draw N from `distribution`, compute `n = num_exact_terms + N` terms and weight term k by the
-    inverse probability that it is computed:
+    Draw N from `term_distribution`, compute `n = num_exact_terms + N` terms and weight term k by
+    the inverse probability that it is computed:
 
         log_det = sum{ (-1)**(k+1) / k * c_k * v^T J**k v : k = 1..n }
         c_k = 1                                      for k <= num_exact_terms
@@ -435,12 +426,13 @@ def russian_roulette_log_det(
     `d <w^T J, v>` with `w = sum{ (-1)**k c_k v^T J**k : k = 0..n }` (`c_0 = 1`).
 
     Defaults: geometric(0.5) with 2 exact terms is the authors' block default (about 4 terms
-    on average); for images they use `distribution="poisson", rate=2.0, num_exact_terms=2`.
+    on average); for images they use `term_distribution="poisson", poisson_rate=2.0,
+    num_exact_terms=2`.
     Rademacher probes are the default because, for any matrix, their Hutchinson variance is
     never above that of Gaussian probes (it lacks the `2 * sum_i A_ii**2` term).
 
-    The variance is finite for geometric(p) when the spectral radius of `J` is below
-    `sqrt(1 - p)`. Poisson weights grow factorially, but terms that far out are drawn with
+    The variance is finite for geometric(geometric_p) when the spectral radius of `J` is below
+    `sqrt(1 - geometric_p)`. Poisson weights grow factorially, but terms that far out are drawn with
     negligible probability in practice.
 
     Args:
@@ -452,9 +444,10 @@ def russian_roulette_log_det(
         parameters: tensors that `residual_fn` reads by closure and that need gradients, e.g.
             the weight values of a Keras layer's `stateless_call` (the Neumann gradient is a
             custom gradient, which sees only its arguments and the variables `g` reads).
-        distribution: "geometric" (parameter `p`) or "poisson" (parameter `rate`).
-        p: success probability of the geometric distribution, in (0, 1).
-        rate: rate of the Poisson distribution, > 0.
+        term_distribution: distribution of N, "geometric" (parameter `geometric_p`) or
+            "poisson" (parameter `poisson_rate`).
+        geometric_p: success probability of the geometric distribution, in (0, 1).
+        poisson_rate: rate of the Poisson distribution, > 0.
         num_exact_terms: terms that are always computed, >= 0.
         probe: Hutchinson probe distribution, "rademacher" or "gaussian".
         num_probes: independent probes per example, averaged.
@@ -466,21 +459,20 @@ def russian_roulette_log_det(
         `(g(x), log_det)` with `log_det` of shape `[batch]`.
 
     Raises:
-        ValueError: for a bad distribution, `p`, `rate`, `num_exact_terms`, `probe` or
+        ValueError: for a bad `term_distribution`, `geometric_p`, `poisson_rate`,
+            `num_exact_terms`, `probe` or
             `num_probes`, naming the argument and the value.
     """
-    _check_choice("distribution", distribution, _DISTRIBUTIONS)
+    validation.choice("term_distribution", term_distribution, DISTRIBUTIONS)
     # Both parameters are checked whichever distribution is used: a bad value is a bug either way.
-    if isinstance(p, bool) or not (isinstance(p, int | float) and 0.0 < p < 1.0):
-        raise ValueError(f"p must be in (0, 1); got {p!r}.")
-    if isinstance(rate, bool) or not (isinstance(rate, int | float) and rate > 0.0):
-        raise ValueError(f"rate must be > 0; got {rate!r}.")
-    _check_int("num_exact_terms", num_exact_terms, 0)
+    validation.number("geometric_p", geometric_p, above=0, below=1)
+    validation.number("poisson_rate", poisson_rate, above=0)
+    validation.integer("num_exact_terms", num_exact_terms, 0)
     _check_series_options(probe, num_probes)
     x = _check_batch(x)
     seed = stateless_random.sanitize_seed(seed)
 
-    survival = _survival_function(distribution, float(p), float(rate))
+    survival = _survival_function(term_distribution, float(geometric_p), float(poisson_rate))
     extra_terms = _sample_from_survival(survival, stateless_random.fold_in(seed, _STREAM_NUM_TERMS))
 
     def weight(k: tf.Tensor) -> tf.Tensor:
@@ -502,62 +494,68 @@ def russian_roulette_log_det(
 
 
 # ------------------------------------------------------------------------------------------------
-# Estimator selection.
+# The registry: every module and the command line read estimator names and options from here.
+
+
+@dataclasses.dataclass(frozen=True)
+class Estimator:
+    """A registered estimator: its function and the names of the options it takes."""
+
+    function: LogDetFn
+    options: tuple[str, ...]
+
+
+_SERIES_OPTIONS = ("probe", "num_probes", "neumann_gradient")
+ESTIMATORS: dict[str, Estimator] = {
+    "unbiased": Estimator(
+        russian_roulette_log_det,
+        ("num_exact_terms", "term_distribution", "geometric_p", "poisson_rate", *_SERIES_OPTIONS),
+    ),
+    "exact": Estimator(exact_log_det, ()),
+    "truncated": Estimator(power_series_log_det, ("num_terms", *_SERIES_OPTIONS)),
+}
+LOG_DET_NAMES = tuple(ESTIMATORS)
+# Evaluation: "auto", or any registered name.
+EVAL_LOG_DET_NAMES = ("auto", *LOG_DET_NAMES)
 
 
 def make_log_det_fn(log_det: str | LogDetFn, options: Mapping[str, Any] | None = None) -> LogDetFn:
     """Resolves a log-det name and its options to an estimator with the common signature.
 
     Args:
-        log_det: "unbiased" (`russian_roulette_log_det`), "exact" (`exact_log_det`),
-            "truncated" (`power_series_log_det`), or a callable with the `logdet` signature.
+        log_det: a name of `ESTIMATORS` ("unbiased": `russian_roulette_log_det`, "exact":
+            `exact_log_det`, "truncated": `power_series_log_det`) or a callable with the
+            `logdet` signature.
         options: keyword options bound to the estimator (for example
-            `{"distribution": "poisson", "num_exact_terms": 2}`).
+            `{"term_distribution": "poisson", "num_exact_terms": 2}`).
 
     Returns:
         `(residual_fn, x, *, seed=None) -> (g(x), log_det)`.
 
     Raises:
-        ValueError: for an unknown name, or options given with a callable.
+        ValueError: for an unknown name, or an option the estimator does not take.
     """
     options = dict(options or {})
     if callable(log_det):
         return functools.partial(log_det, **options) if options else log_det
-    estimators = {
-        "unbiased": russian_roulette_log_det,
-        "exact": exact_log_det,
-        "truncated": power_series_log_det,
-    }
-    if log_det not in estimators:
-        raise ValueError(f"log_det must be one of {LOG_DET_NAMES} or a callable; got {log_det!r}.")
-    if log_det == "exact" and options:
-        raise ValueError(f"log_det='exact' takes no options; got {sorted(options)}.")
-    return functools.partial(estimators[log_det], **options)
+    validation.choice("log_det", log_det, LOG_DET_NAMES, extra="a callable")
+    estimator = ESTIMATORS[log_det]
+    unknown = sorted(set(options) - set(estimator.options))
+    if unknown:
+        takes = f"takes {list(estimator.options)}" if estimator.options else "takes no options"
+        raise ValueError(f"log_det={log_det!r} {takes}; got {unknown}.")
+    return functools.partial(estimator.function, **options)
 
 
-def eval_log_det_fn(
-    eval_log_det: str | LogDetFn,
-    eval_options: Mapping[str, Any] | None,
-    train_log_det: str | LogDetFn,
-    train_options: Mapping[str, Any],
-    event_size: int,
-) -> LogDetFn:
-    """The evaluation estimator for events of `event_size` dimensions.
+def eval_log_det_name(eval_log_det: str, event_size: int) -> str:
+    """The estimator evaluation uses for events of `event_size` dimensions.
 
     "auto" picks the exact log-det up to `EVAL_EXACT_MAX_EVENT_SIZE` dimensions (one VJP per
     dimension, cheaper than the series there) and the authors' evaluation estimator above: the
-    roulette with `EVAL_NUM_EXACT_TERMS` exact terms, with the training estimator's distribution
-    and probes when it is the roulette. Any other value is resolved by `make_log_det_fn`.
+    roulette, with `EVAL_NUM_EXACT_TERMS` exact terms (see `config.BlockConfig`), whatever the
+    training estimator, so that evaluation log-likelihoods are comparable across ablations.
     """
+    validation.choice("eval_log_det", eval_log_det, EVAL_LOG_DET_NAMES)
     if eval_log_det != "auto":
-        return make_log_det_fn(eval_log_det, eval_options)
-    if event_size <= EVAL_EXACT_MAX_EVENT_SIZE:
-        return exact_log_det
-    # The authors' evaluation: unbiased, with 20 exact terms, whatever the training estimator,
-    # so that evaluation log-likelihoods are comparable across training ablations.
-    options = {"num_exact_terms": EVAL_NUM_EXACT_TERMS, "neumann_gradient": False}
-    if train_log_det == "unbiased":
-        for key in ("distribution", "p", "rate", "probe"):
-            if key in train_options:
-                options[key] = train_options[key]
-    return functools.partial(russian_roulette_log_det, **options)
+        return eval_log_det
+    return "exact" if event_size <= EVAL_EXACT_MAX_EVENT_SIZE else "unbiased"

@@ -26,8 +26,9 @@ import tensorflow as tf
 import tensorflow_probability as tfp
 
 from tfp_resflow import bits, lipschitz
-from tfp_resflow.bijector import FreshBijector, data_dependent_init, training_mode
 from tfp_resflow.composite import inverse_and_log_det
+from tfp_resflow.fresh_bijector import FreshBijector
+from tfp_resflow.modes import data_dependent_init, training_mode
 
 tfb = tfp.bijectors
 tfd = tfp.distributions
@@ -134,7 +135,8 @@ class FlowModel(keras.Model):
         self._default_base = base is None or _is_standard_normal(base, latent_shape)
         if base is None:  # a standard normal over the latent (its shape may differ, as for
             # multi-scale image flows whose latent is a vector)
-            base = tfd.Sample(tfd.Normal(0.0, 1.0), sample_shape=latent_shape)
+            zero = tf.constant(0.0, self.compute_dtype)  # the model's dtype (e.g. float64)
+            base = tfd.Sample(tfd.Normal(zero, 1.0), sample_shape=latent_shape)
         self.distribution = tfd.TransformedDistribution(base, bijector)
         self.bijector = bijector
         self._nll_loss = _MeanOverExamples(name="negative_log_likelihood")
@@ -190,6 +192,12 @@ class FlowModel(keras.Model):
     # -- density -----------------------------------------------------------------------------
 
     def _check_events(self, x: tf.Tensor) -> tf.Tensor:
+        dtype = getattr(x, "dtype", None)  # arrays and tensors; Python lists take the model's
+        if dtype is not None and not tf.as_dtype(dtype).is_floating:
+            raise ValueError(
+                f"{self.name} models floating-point data; got dtype {tf.as_dtype(dtype).name}. "
+                "Cast it (images: scale to [0, 1) and dequantise, as tfp_resflow.data does)."
+            )
         x = tf.convert_to_tensor(x, dtype_hint=self.compute_dtype)
         shape = tuple(x.shape[1:])
         if x.shape.rank is not None and (

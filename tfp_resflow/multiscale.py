@@ -43,8 +43,9 @@ from tfp_resflow import network
 from tfp_resflow.actnorm import ActNorm, ActNormLayer
 from tfp_resflow.bijector import ResidualBlock
 from tfp_resflow.composite import FactorOut, StackedBijector, Step
+from tfp_resflow.config import ImageFlowConfig, to_dict
 from tfp_resflow.image import LogitTransform, Squeeze
-from tfp_resflow.presets import ImageFlowConfig, get_preset
+from tfp_resflow.presets import get_preset
 
 tfb = tfp.bijectors
 
@@ -131,12 +132,7 @@ class MultiscaleResidualFlow(StackedBijector):
     def _new_block(self, g: keras.Model, event_ndims: int, name: str) -> Step:
         c = self._config
         block = ResidualBlock(
-            g,
-            event_ndims=event_ndims,
-            log_det=c.log_det,
-            log_det_options=c.log_det_options(),
-            validate_args=self._validate,
-            name=name,
+            g, c.block, event_ndims=event_ndims, validate_args=self._validate, name=name
         )
         return Step(block, event_ndims)
 
@@ -214,7 +210,7 @@ class MultiscaleResidualFlow(StackedBijector):
         """Constructor arguments, for Keras serialisation."""
         return {
             "input_shape": list(self._image_shape),
-            "config": self._config.to_dict(),
+            "config": to_dict(self._config),
             "dtype": self._dtype_name,
             "validate_args": self._validate,
             "name": self.name,
@@ -226,7 +222,7 @@ class MultiscaleResidualFlow(StackedBijector):
         config = dict(config)
         flow_config = config.pop("config")
         if isinstance(flow_config, Mapping):
-            flow_config = ImageFlowConfig.from_dict(flow_config)
+            flow_config = ImageFlowConfig(**flow_config)
         return cls(config.pop("input_shape"), flow_config, **config)
 
     # -- shapes ----------------------------------------------------------------------------------
@@ -241,7 +237,7 @@ class MultiscaleResidualFlow(StackedBijector):
                 f"{self.name}: {what} must have shape [..., {', '.join(map(str, expected))}]; "
                 f"got shape {shape}."
             )
-        return self._check_finite(t, what)
+        return self._check_values(t, what)
 
     def _inverse_event_shape(self, output_shape: tf.TensorShape) -> tf.TensorShape:
         shape = tf.TensorShape(output_shape)

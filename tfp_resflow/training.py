@@ -33,8 +33,8 @@ import numpy as np
 import tensorflow as tf
 
 from tfp_resflow import artifacts, lipschitz
-from tfp_resflow.bijector import training_mode
 from tfp_resflow.model import FlowModel
+from tfp_resflow.modes import training_mode
 from tfp_resflow.optimizer import GroupedAdam
 
 __all__ = [
@@ -61,10 +61,9 @@ class TrainConfig:
 
     dataset: str = "digits"  # a toy set, "digits" (offline), or a tfds image dataset
     preset: str = "auto"  # image preset name, "toy" for 2-D sets; "auto" picks by dataset
-    toy_blocks: int = 8  # residual blocks of the "toy" preset
-    toy_hidden: int = 64  # width of the two hidden layers of each toy block's g
-    log_det: str = "unbiased"  # training log-det of the "toy" preset: "unbiased" or "exact"
-    learnable_norm_orders: bool = False  # learn the norm orders of every g (from 2)
+    # "name=value" changes to the preset's model config (`config.parse_assignments`), e.g.
+    # ("hidden_channels=64", "solver=anderson"); checked when the model config is made.
+    model: tuple[str, ...] = ()
     epochs: int = 15
     steps_per_epoch: int = 0  # 0: one pass over the training data
     batch_size: int = 64
@@ -94,8 +93,6 @@ class TrainConfig:
             "num_samples",
             "num_eval_draws",
             "eval_batch_size",
-            "toy_blocks",
-            "toy_hidden",
         )
         for name in positive:
             value = getattr(self, name)
@@ -105,10 +102,9 @@ class TrainConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"{name} must be an integer >= 0; got {value!r}.")
-        if not isinstance(self.learnable_norm_orders, bool):
-            raise ValueError(
-                f"learnable_norm_orders must be a bool; got {self.learnable_norm_orders!r}."
-            )
+        if isinstance(self.model, str) or not all(isinstance(a, str) for a in self.model):
+            raise ValueError(f"model must be a tuple of 'name=value' strings; got {self.model!r}.")
+        object.__setattr__(self, "model", tuple(self.model))
         if not (isinstance(self.learning_rate, int | float) and self.learning_rate > 0):
             raise ValueError(f"learning_rate must be > 0; got {self.learning_rate!r}.")
         if not 0.0 <= self.ema_momentum < 1.0:
@@ -117,8 +113,6 @@ class TrainConfig:
             raise ValueError(f"clip_norm must be > 0; got {self.clip_norm!r}.")
         if not self.lipschitz_tolerance > 0:
             raise ValueError(f"lipschitz_tolerance must be > 0; got {self.lipschitz_tolerance!r}.")
-        if self.log_det not in ("unbiased", "exact"):
-            raise ValueError(f"log_det must be 'unbiased' or 'exact'; got {self.log_det!r}.")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {SCHEDULES}; got {self.schedule!r}.")
         if self.strategy not in STRATEGIES:

@@ -1,0 +1,362 @@
+"""The model configurations: frozen dataclasses, one per concept.
+
+    BlockConfig          what every residual block computes besides `g`: the training and
+                         evaluation log-det estimators with their options, the fixed-point
+                         solver with its tolerances, and what to do when it does not converge
+    ResidualFlowConfig   `ResidualFlowBijector` (vector events): its blocks' `g` and a BlockConfig
+    ImageFlowConfig      `MultiscaleResidualFlow` (images): scales, `g`s and a BlockConfig
+
+Each validates itself on construction, so a bad value fails where it is written. The same field
+names serve the constructors (`ResidualFlowBijector(num_blocks=4, solver="anderson")`), the
+saved configurations (`to_dict`) and the command line (`train_tf.py --model num_blocks=4`):
+`with_fields` routes a flat name to the model config or to its block config, and
+`parse_assignments` reads `name=value` strings by each field's type.
+"""
+
+import dataclasses
+import types
+import typing
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, TypeVar
+
+from tfp_resflow import logdet, solver, validation
+from tfp_resflow.activation import ACTIVATIONS
+
+__all__ = [
+    "BlockConfig",
+    "ImageFlowConfig",
+    "ResidualFlowConfig",
+    "from_dict",
+    "parse_assignments",
+    "to_dict",
+    "with_fields",
+]
+
+Config = TypeVar("Config")
+ON_NONCONVERGENCE = ("raise", "nan")
+IMAGE_LOG_DETS = ("unbiased", "exact")
+
+
+def _namer(config: object) -> Callable[[str], str]:
+    return lambda field: f"{type(config).__name__}.{field}"
+
+
+def _normalise(config: object) -> None:
+    """Lists (from JSON or the command line) to tuples; a dict `block` to a BlockConfig."""
+    for field in dataclasses.fields(config):
+        value = getattr(config, field.name)
+        if isinstance(value, list):
+            object.__setattr__(config, field.name, tuple(value))
+        elif field.name == "block" and isinstance(value, Mapping):
+            object.__setattr__(config, field.name, BlockConfig(**value))
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockConfig:
+    """Settings of every residual block: estimators, solver (defaults: the authors' block).
+
+    Args:
+        log_det: training estimator, a name of `logdet.ESTIMATORS` ("unbiased": Russian
+            roulette; "exact": full Jacobian, small events; "truncated": the biased i-ResNet
+            series) or a callable with the `logdet` signature (not serialisable).
+        num_exact_terms: series terms the roulette always computes.
+        term_distribution: distribution of the roulette's extra terms, "geometric" or "poisson".
+        geometric_p: success probability of the geometric distribution, in (0, 1).
+        poisson_rate: rate of the Poisson distribution, > 0.
+        num_terms: terms of the truncated series.
+        probe: Hutchinson probes, "rademacher" (lower variance) or "gaussian" (the authors').
+        num_probes: probes per example, averaged.
+        neumann_gradient: the memory-flat Neumann gradient (else autodiff through the series).
+        eval_log_det: evaluation estimator: "auto" (exact for events of at most
+            `logdet.EVAL_EXACT_MAX_EVENT_SIZE` dimensions, else the roulette with
+            `eval_num_exact_terms` exact terms, as the authors evaluate) or a name as `log_det`.
+        eval_num_exact_terms: exact terms of the evaluation roulette.
+        solver: fixed-point solver of the inverse and of its implicit gradient, a name of
+            `solver.SOLVERS` ("plain" iteration or "anderson" acceleration).
+        atol: absolute tolerance of the solver; None: by dtype (`solver.DEFAULT_TOLERANCE`).
+        rtol: relative tolerance of the solver; None: by dtype.
+        max_iterations: cap on the solver's iterations.
+        on_nonconvergence: "raise" an error naming the largest residual, or return "nan" for
+            the examples that did not converge (they are NaN in either case).
+    """
+
+    log_det: str | logdet.LogDetFn = "unbiased"
+    num_exact_terms: int = 2
+    term_distribution: str = "geometric"
+    geometric_p: float = 0.5
+    poisson_rate: float = 2.0
+    num_terms: int = 10
+    probe: str = "rademacher"
+    num_probes: int = 1
+    neumann_gradient: bool = True
+    eval_log_det: str = "auto"
+    eval_num_exact_terms: int = logdet.EVAL_NUM_EXACT_TERMS
+    solver: str = "plain"
+    atol: float | None = None
+    rtol: float | None = None
+    max_iterations: int = 1000
+    on_nonconvergence: str = "raise"
+
+    def __post_init__(self) -> None:
+        n = _namer(self)
+        if not callable(self.log_det):
+            validation.choice(n("log_det"), self.log_det, logdet.LOG_DET_NAMES, extra="a callable")
+        validation.integer(n("num_exact_terms"), self.num_exact_terms, 0)
+        validation.choice(n("term_distribution"), self.term_distribution, logdet.DISTRIBUTIONS)
+        validation.number(n("geometric_p"), self.geometric_p, above=0, below=1)
+        validation.number(n("poisson_rate"), self.poisson_rate, above=0)
+        validation.integer(n("num_terms"), self.num_terms, 1)
+        validation.choice(n("probe"), self.probe, logdet.PROBES)
+        validation.integer(n("num_probes"), self.num_probes, 1)
+        validation.boolean(n("neumann_gradient"), self.neumann_gradient)
+        validation.choice(n("eval_log_det"), self.eval_log_det, logdet.EVAL_LOG_DET_NAMES)
+        validation.integer(n("eval_num_exact_terms"), self.eval_num_exact_terms, 0)
+        validation.choice(n("solver"), self.solver, solver.SOLVER_NAMES)
+        validation.optional(validation.number, n("atol"), self.atol, at_least=0)
+        validation.optional(validation.number, n("rtol"), self.rtol, at_least=0)
+        validation.integer(n("max_iterations"), self.max_iterations, 1)
+        validation.choice(n("on_nonconvergence"), self.on_nonconvergence, ON_NONCONVERGENCE)
+
+    @property
+    def traceable(self) -> bool:
+        """Whether the estimators are this package's (named), which take `parameters`."""
+        return isinstance(self.log_det, str)
+
+    def estimator(self, *, training: bool, event_size: int) -> logdet.LogDetFn:
+        """The training estimator, or the evaluation estimator for events of `event_size`."""
+        if training:
+            return logdet.make_log_det_fn(self.log_det, self.estimator_options(self.log_det))
+        name = logdet.eval_log_det_name(self.eval_log_det, event_size)
+        options = self.estimator_options(name)
+        if name == "unbiased":  # the authors' evaluation: more exact terms, no gradient needed
+            options.update(num_exact_terms=self.eval_num_exact_terms, neumann_gradient=False)
+        return logdet.make_log_det_fn(name, options)
+
+    def estimator_options(self, log_det: str | logdet.LogDetFn) -> dict[str, Any]:
+        """This config's values of the options that the estimator `log_det` takes."""
+        if callable(log_det):
+            return {}
+        return {key: getattr(self, key) for key in logdet.ESTIMATORS[log_det].options}
+
+
+@dataclasses.dataclass(frozen=True)
+class ResidualFlowConfig:
+    """Settings of a `ResidualFlowBijector` (vector events).
+
+    Args:
+        num_blocks: residual blocks.
+        hidden_units: widths of the hidden layers of each block's `g`.
+        lipschitz_constant: `c` in (0, 1) bounding every linear layer's norm (Chen et al.: 0.9
+            for 2-D data, 0.98 for images).
+        activation: 1-Lipschitz activation of `g`, a name in `activation.ACTIVATIONS`.
+        norm_orders: orders of the norms at the boundaries of each `g`'s linear layers
+            (`len(hidden_units) + 2` of them, first = last, numbers or "inf"); None: all 2.
+        learnable_norm_orders: learn those orders, starting from `norm_orders`.
+        actnorm: an ActNorm before the first block and after every block.
+        block: the blocks' estimators and solver.
+    """
+
+    num_blocks: int = 8
+    hidden_units: tuple[int, ...] = (128, 128)
+    lipschitz_constant: float = 0.9
+    activation: str = "lipswish"
+    norm_orders: tuple[float | str, ...] | None = None
+    learnable_norm_orders: bool = False
+    actnorm: bool = True
+    block: BlockConfig = BlockConfig()
+
+    def __post_init__(self) -> None:
+        _normalise(self)
+        n = _namer(self)
+        validation.integer(n("num_blocks"), self.num_blocks, 1)
+        validation.integers(n("hidden_units"), self.hidden_units, minimum=1, nonempty=False)
+        validation.number(n("lipschitz_constant"), self.lipschitz_constant, above=0, below=1)
+        validation.choice(n("activation"), self.activation, tuple(ACTIVATIONS))
+        validation.boolean(n("learnable_norm_orders"), self.learnable_norm_orders)
+        validation.boolean(n("actnorm"), self.actnorm)
+        if not isinstance(self.block, BlockConfig):
+            validation.fail(n("block"), "a BlockConfig", self.block)
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageFlowConfig:
+    """Settings of a `MultiscaleResidualFlow` (defaults: the authors' CIFAR-10 model).
+
+    Args:
+        blocks_per_scale: residual blocks at each scale; its length is the number of scales.
+        hidden_channels: channels of the hidden convolutions of each `g` ("idim", 512).
+        kernel_sizes: odd kernel size of each convolution of `g`, first to last (3, 1, 3).
+        lipschitz_constant: bound c in (0, 1) on the norm of every linear layer ("coeff").
+        activation: 1-Lipschitz activation of `g`, a name in `activation.ACTIVATIONS`.
+        learnable_norm_orders: learn the norm orders of every `g` from 2 (the authors'
+            `--learn-p`, off in their image runs); see `tfp_resflow.norm_order`.
+        actnorm: ActNorm before the first block and after every block.
+        factor_out: after each scale but the last, half of the channels leave as latents.
+        squeeze_first: squeeze the image once before the first scale.
+        fc_end_blocks: fully connected residual blocks after the last scale (0: none).
+        fc_hidden_units: hidden widths of each fully connected `g` (the authors' 128, 128).
+        logit_alpha: alpha of the `LogitTransform` applied first; None for no logit.
+        num_levels: k, discrete levels per dimension of the data (256 for 8-bit images). The
+            flow does not use it; `FlowModel(..., num_levels=k)` and the data pipeline do.
+        initial_power_iterations: power iterations of every Lipschitz layer when it is built;
+            None converges them (to 1e-6, slow for large models), 0 defers everything to the
+            first `update_lipschitz` call (see `lipschitz.SpectralDense`).
+        block: every block's estimators and solver (the authors' images: the roulette with
+            Poisson(2) extra terms after 2 exact ones and Gaussian probes).
+    """
+
+    blocks_per_scale: tuple[int, ...] = (16, 16, 16)
+    hidden_channels: int = 512
+    kernel_sizes: tuple[int, ...] = (3, 1, 3)
+    lipschitz_constant: float = 0.98
+    activation: str = "lipswish"
+    learnable_norm_orders: bool = False
+    actnorm: bool = True
+    factor_out: bool = False
+    squeeze_first: bool = False
+    fc_end_blocks: int = 4
+    fc_hidden_units: tuple[int, ...] = (128, 128)
+    logit_alpha: float | None = 0.05
+    num_levels: int = 256
+    initial_power_iterations: int | None = None
+    block: BlockConfig = BlockConfig(term_distribution="poisson", probe="gaussian")
+
+    def __post_init__(self) -> None:
+        _normalise(self)
+        n = _namer(self)
+        validation.integers(n("blocks_per_scale"), self.blocks_per_scale, minimum=1)
+        validation.integer(n("hidden_channels"), self.hidden_channels, 1)
+        validation.integers(n("kernel_sizes"), self.kernel_sizes, odd=True)
+        validation.number(n("lipschitz_constant"), self.lipschitz_constant, above=0, below=1)
+        validation.choice(n("activation"), self.activation, tuple(ACTIVATIONS))
+        for name in ("learnable_norm_orders", "actnorm", "factor_out", "squeeze_first"):
+            validation.boolean(n(name), getattr(self, name))
+        if self.learnable_norm_orders and self.activation == "clipswish":
+            validation.fail(
+                n("learnable_norm_orders"),
+                "False with clipswish (1-Lipschitz in l2 only)",
+                self.learnable_norm_orders,
+            )
+        validation.integer(n("fc_end_blocks"), self.fc_end_blocks, 0)
+        validation.integers(n("fc_hidden_units"), self.fc_hidden_units, nonempty=False)
+        alpha = self.logit_alpha
+        validation.optional(validation.number, n("logit_alpha"), alpha, at_least=0, below=0.5)
+        validation.integer(n("num_levels"), self.num_levels, 2)
+        iterations = self.initial_power_iterations
+        validation.optional(validation.integer, n("initial_power_iterations"), iterations, 0)
+        if not isinstance(self.block, BlockConfig):
+            validation.fail(n("block"), "a BlockConfig", self.block)
+        if self.block.log_det not in IMAGE_LOG_DETS:  # the series' cost grows with the event
+            validation.fail(n("block.log_det"), f"one of {IMAGE_LOG_DETS}", self.block.log_det)
+
+
+# ------------------------------------------------------------------------------------------------
+# Flat field names, dictionaries and the command line.
+
+
+def to_dict(config: object) -> dict[str, Any]:
+    """JSON-ready fields (tuples as lists, the block config as a dict).
+
+    Raises:
+        NotImplementedError: for a callable estimator, which cannot be written down.
+    """
+    fields = dataclasses.asdict(config)
+    block = fields.get("block", fields)
+    if callable(block.get("log_det")):
+        raise NotImplementedError("a callable log_det cannot be serialised; use a name.")
+    return _json_ready(fields)
+
+
+def _json_ready(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _json_ready(v) for k, v in value.items()}
+    if isinstance(value, tuple | list):
+        return [_json_ready(v) for v in value]
+    return "inf" if value == float("inf") else value
+
+
+def from_dict(cls: type[Config], fields: Mapping[str, Any]) -> Config:
+    """Inverse of `to_dict`; an unknown key raises a `TypeError` naming it."""
+    return cls(**fields)
+
+
+def _field_names(cls: type) -> tuple[str, ...]:
+    return tuple(f.name for f in dataclasses.fields(cls))
+
+
+def with_fields(config: Config, **fields: Any) -> Config:
+    """`config` with fields replaced; names of `BlockConfig` fields go to `config.block`.
+
+    Raises:
+        ValueError: for a name that is neither a field of `config` nor of its block config,
+            listing the valid names; for a bad value, naming the field.
+    """
+    own = {k: v for k, v in fields.items() if k in _field_names(type(config))}
+    rest = {k: v for k, v in fields.items() if k not in own}
+    block_names = _field_names(BlockConfig) if hasattr(config, "block") else ()
+    unknown = sorted(k for k in rest if k not in block_names)
+    if unknown:
+        valid = sorted({*_field_names(type(config)), *block_names} - {"block"})
+        raise ValueError(
+            f"unknown {type(config).__name__} field(s) {unknown}; valid: {', '.join(valid)}."
+        )
+    if rest:
+        own["block"] = dataclasses.replace(own.get("block", config.block), **rest)
+    return dataclasses.replace(config, **own)
+
+
+def parse_assignments(config: Config, assignments: Iterable[str]) -> Config:
+    """`config` with `name=value` assignments applied, each value read by the field's type.
+
+    Lists are comma-separated (`blocks_per_scale=4,4`), `none` is None, bools are
+    `true`/`false`. Example: `parse_assignments(ImageFlowConfig(), ["hidden_channels=64"])`.
+
+    Raises:
+        ValueError: for a malformed assignment, an unknown field or a bad value.
+    """
+    types_by_name = {**_field_types(BlockConfig), **_field_types(type(config))}
+    fields: dict[str, Any] = {}
+    for assignment in assignments:
+        name, sep, text = assignment.partition("=")
+        name = name.strip()
+        if not sep or not name:
+            raise ValueError(f"expected name=value; got {assignment!r}.")
+        if name == "block":
+            raise ValueError("set the block's fields by name, e.g. solver=anderson.")
+        if name not in types_by_name:
+            with_fields(config, **{name: None})  # raises, listing the valid names
+        fields[name] = _parse(name, text.strip(), types_by_name[name])
+    return with_fields(config, **fields)
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _parse(name: str, text: str, annotation: Any) -> Any:
+    """`text` as a value of type `annotation` (the types the configs use)."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        if type(None) in args and text.lower() == "none":
+            return None
+        for option in args:  # the first type that reads the text; a callable cannot be typed
+            if option is type(None) or typing.get_origin(option) is Callable:
+                continue
+            try:
+                return _parse(name, text, option)
+            except ValueError:
+                continue
+        raise ValueError(f"cannot read {name}={text!r}.")
+    if origin is tuple:
+        return tuple(_parse(name, part.strip(), args[0]) for part in text.split(",") if part)
+    if annotation is bool:
+        if text.lower() not in ("true", "false"):
+            raise ValueError(f"{name} must be true or false; got {text!r}.")
+        return text.lower() == "true"
+    if annotation in (int, float):
+        try:
+            return annotation(text)
+        except ValueError:
+            kind = "an integer" if annotation is int else "a number"
+            raise ValueError(f"{name} must be {kind}; got {text!r}.") from None
+    return text
