@@ -1,0 +1,185 @@
+"""Evaluations of `g` and time to sample, for each fixed-point solver and tolerance.
+
+Sampling inverts every residual block with its solver (`BlockConfig.solver`). For each model,
+solver ("plain", "anderson") and tolerance (atol = rtol), this script samples the same latent
+draws and reports:
+
+    g per block      evaluations of `g` (each on the whole batch) per block and sample call,
+                     mean and maximum over the blocks: the first iterate `z - g(z)`, then one
+                     per iteration (counted inside the traced solve functions)
+    sample (s)       seconds to sample, median of `--repeats` calls after a first (tracing) one
+    max |x - plain|  largest difference to plain iteration's samples at the same tolerance
+
+Models:
+
+    digits  the `digits` preset trained by `python train_tf.py` (15 epochs, about 2.5 minutes;
+            or `--digits-model runs/default/model.keras`), the model the README's default run
+            produces
+    mnist   the `mnist` preset as built (10 power iterations per layer, untrained: a trained
+            MNIST model is out of reach of 2 CPU cores)
+
+    python benchmarks/solver.py
+    python benchmarks/solver.py --models digits --tolerances 1e-6 --num-samples 16   # quick
+
+Prints a markdown table and writes `benchmarks/results/solver.json` (or `--output`).
+"""
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+from measure import write_results  # noqa: E402
+
+from tfp_resflow import block_functions, multiscale, presets  # noqa: E402
+from tfp_resflow.bijector import ResidualBlock  # noqa: E402
+from tfp_resflow.config import with_fields  # noqa: E402
+from tfp_resflow.model import FlowModel  # noqa: E402
+from tfp_resflow.solver import SOLVER_NAMES  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results" / "solver.json"
+MODELS = ("digits", "mnist")
+
+
+class EvaluationCounter:
+    """Counts evaluations of `g` in the traced block functions, per block's `forward` call.
+
+    Patches `BlockFunctions._stateless_g` (every traced pass calls `g` through it) to add one to
+    a variable before each evaluation, and `ResidualBlock._forward` to record the count of each
+    block's solve (eager, so the variable can be read between blocks).
+    """
+
+    def __init__(self) -> None:
+        self.count = tf.Variable(0, dtype=tf.int64, trainable=False)
+        self.per_block: list[int] = []
+        counter = self.count
+        stateless_g = block_functions.BlockFunctions._stateless_g  # noqa: SLF001
+        forward = ResidualBlock._forward  # noqa: SLF001
+
+        def counted_g(functions, trainable, non_trainable):  # noqa: ANN001, ANN202
+            g = stateless_g(functions, trainable, non_trainable)
+
+            def evaluate(t: tf.Tensor) -> tf.Tensor:
+                with tf.control_dependencies([counter.assign_add(1)]):
+                    return g(tf.identity(t))
+
+            return evaluate
+
+        def recorded_forward(block, z, **kwargs):  # noqa: ANN001, ANN202
+            before = int(counter.numpy())
+            x = forward(block, z, **kwargs)
+            self.per_block.append(int(counter.numpy()) - before)
+            return x
+
+        block_functions.BlockFunctions._stateless_g = counted_g  # noqa: SLF001
+        ResidualBlock._forward = recorded_forward  # noqa: SLF001
+
+
+def trained_digits(path: Path | None) -> FlowModel:
+    """The default run's model: loaded from `path`, or trained now by `train_tf.py`."""
+    if path is None:
+        run = Path(tempfile.mkdtemp(prefix="solver_benchmark_"))
+        print(f"training the digits preset in {run} (python train_tf.py) ...", file=sys.stderr)
+        command = [sys.executable, str(ROOT / "train_tf.py"), "--output-dir", str(run)]
+        subprocess.run([*command, "--verbose", "0"], check=True, cwd=ROOT)
+        path = run / "model.keras"
+    return keras.models.load_model(path)
+
+
+def with_solver(model: FlowModel, solver: str, tolerance: float) -> FlowModel:
+    """A copy of an image-flow model whose blocks use `solver` at `tolerance`."""
+    flow = model.bijector
+    config = with_fields(flow.config, solver=solver, atol=tolerance, rtol=tolerance)
+    copy = FlowModel(
+        multiscale.image_flow(flow.image_shape, config),
+        flow.image_shape,
+        loss_unit=model.loss_unit,
+        num_levels=model.num_levels,
+    )
+    copy.build((None, *flow.image_shape))
+    copy.set_weights(model.get_weights())
+    return copy
+
+
+def measure(model: FlowModel, counter: EvaluationCounter, args: argparse.Namespace) -> dict:
+    """Samples `args.num_samples` with a fixed seed: evaluations per block, time, samples."""
+    model.sample(args.num_samples, seed=[0, 1])  # traces the solve functions
+    times = []
+    for _ in range(args.repeats):
+        counter.per_block.clear()
+        start = time.perf_counter()
+        samples = model.sample(args.num_samples, seed=[0, 1]).numpy()
+        times.append(time.perf_counter() - start)
+    per_block = list(counter.per_block)
+    return {
+        "g_per_block_mean": round(float(np.mean(per_block)), 1),
+        "g_per_block_max": int(np.max(per_block)),
+        "sample_seconds": round(statistics.median(times), 3),
+        "samples": samples,
+    }
+
+
+def run_model(name: str, counter: EvaluationCounter, args: argparse.Namespace) -> list[dict]:
+    if name == "digits":
+        base = trained_digits(args.digits_model)
+    else:
+        keras.utils.set_random_seed(0)
+        shape = presets.PRESET_INPUT_SHAPES[name]
+        base = FlowModel(
+            multiscale.image_flow(shape, name), shape, loss_unit="bits_per_dim", num_levels=256
+        )
+        base.build((None, *shape))
+    rows = []
+    for tolerance in args.tolerances:
+        reference = None
+        for solver in args.solvers:
+            result = measure(with_solver(base, solver, tolerance), counter, args)
+            samples = result.pop("samples")
+            if reference is None:
+                reference = samples
+            difference = float(np.max(np.abs(samples - reference)))
+            row = {"model": name, "solver": solver, "tolerance": tolerance, **result}
+            rows.append({**row, "max_difference_to_first_solver": difference})
+            print(f"  {rows[-1]}", file=sys.stderr)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", choices=MODELS, default=MODELS)
+    parser.add_argument("--solvers", nargs="+", choices=SOLVER_NAMES, default=SOLVER_NAMES)
+    parser.add_argument("--tolerances", nargs="+", type=float, default=[1e-6, 1e-4])
+    parser.add_argument("--num-samples", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=2, help="timed sample calls per setting")
+    parser.add_argument("--digits-model", type=Path, help="a trained digits model.keras")
+    parser.add_argument("--output", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+
+    counter = EvaluationCounter()
+    rows = [row for name in args.models for row in run_model(name, counter, args)]
+    print(
+        f"| model | solver | tolerance | g per block (mean) | g per block (max) "
+        f"| sample {args.num_samples} (s) | max abs difference to {args.solvers[0]} |"
+    )
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for r in rows:
+        print(
+            f"| {r['model']} | {r['solver']} | {r['tolerance']:g} | {r['g_per_block_mean']} "
+            f"| {r['g_per_block_max']} | {r['sample_seconds']} "
+            f"| {r['max_difference_to_first_solver']:.2e} |"
+        )
+    write_results(args.output, __file__, argv, rows=rows)
+
+
+if __name__ == "__main__":
+    main()
