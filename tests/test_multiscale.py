@@ -10,7 +10,7 @@ import tensorflow as tf
 import tensorflow_probability as tfp
 from checks import assert_finite, brute_force_inverse_log_det
 
-from tfp_resflow import lipschitz
+from tfp_resflow import lipschitz, logdet
 from tfp_resflow.bijector import ResidualBlock, training_mode
 from tfp_resflow.config import BlockConfig, ImageFlowConfig, to_dict, with_fields
 from tfp_resflow.model import FlowModel
@@ -371,9 +371,9 @@ def test_bad_block_config_names_the_field_and_value(field, value):
         with_fields(ImageFlowConfig(), **{field: value})
 
 
-def test_image_flows_refuse_the_truncated_series():
-    with pytest.raises(ValueError, match=r"ImageFlowConfig\.block\.log_det must be .*'truncated'"):
-        ImageFlowConfig(block=BlockConfig(log_det="truncated"))
+def test_image_flows_take_every_registered_estimator():
+    for name in logdet.LOG_DET_NAMES:  # the truncated series too, for the ablations
+        assert ImageFlowConfig(block=BlockConfig(log_det=name)).block.log_det == name
 
 
 def test_learnable_norm_orders_refuse_clipswish():

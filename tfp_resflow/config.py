@@ -34,7 +34,6 @@ __all__ = [
 
 Config = TypeVar("Config")
 ON_NONCONVERGENCE = ("raise", "nan")
-IMAGE_LOG_DETS = ("unbiased", "exact")
 
 
 def _namer(config: object) -> Callable[[str], str]:
@@ -246,8 +245,6 @@ class ImageFlowConfig:
         validation.optional(validation.integer, n("initial_power_iterations"), iterations, 0)
         if not isinstance(self.block, BlockConfig):
             validation.fail(n("block"), "a BlockConfig", self.block)
-        if self.block.log_det not in IMAGE_LOG_DETS:  # the series' cost grows with the event
-            validation.fail(n("block.log_det"), f"one of {IMAGE_LOG_DETS}", self.block.log_det)
 
 
 # ------------------------------------------------------------------------------------------------
