@@ -19,6 +19,7 @@ The package is flat; each module is about one idea:
 - `composite`: stacks of bijectors walked in one pass; the joint inverse-and-log-det.
 - `flow`: `ResidualFlowBijector`, a stack of blocks for vector events.
 - `model`: `FlowModel`, the Keras model that trains any of them with `fit`.
+- `hybrid`: `HybridFlowModel`, one flow that models p(x) and classifies (a head on its features).
 - `optimizer`: `GroupedAdam`, Keras' Adam updating equal-shaped variables together.
 - `bits`: bits per dimension of dequantised data.
 - `image`, `multiscale`, `presets`: image bijectors, the multi-scale flow, the named configs.
@@ -32,6 +33,7 @@ from tfp_resflow.bits import bits_per_dim
 from tfp_resflow.composite import inverse_and_log_det
 from tfp_resflow.config import BlockConfig, ImageFlowConfig, ResidualFlowConfig
 from tfp_resflow.flow import ResidualFlowBijector
+from tfp_resflow.hybrid import ClassificationHead, HybridFlowModel
 from tfp_resflow.image import LogitTransform, Squeeze
 from tfp_resflow.lipschitz import (
     SpectralConv2D,
@@ -60,8 +62,10 @@ __all__ = [
     "ActNormLayer",
     "BlockConfig",
     "CLipSwish",
+    "ClassificationHead",
     "FlowModel",
     "GroupedAdam",
+    "HybridFlowModel",
     "ImageFlowConfig",
     "LipSwish",
     "LogDetFn",

@@ -10,11 +10,16 @@ steps, in data -> latent order,
 
     Step(bijector, event_ndims)   apply `bijector.inverse` to events of rank `event_ndims`
     FactorOut()                   the second half of the channels leaves as a latent part
+    Features()                    the activation here is a feature for a classifier
 
 walked once for `inverse`, `inverse_log_det_jacobian` and `inverse_and_log_det` (the k-th
 residual block's seed is `fold_in(seed, k)`), and backwards for `forward`. The latent is the
 final tensor, or, with factor-outs, the concatenation of the flattened parts and the flattened
 final tensor.
+
+`inverse_log_det_and_features` also returns the features a classification head reads in the same
+pass (`tfp_resflow.hybrid`): the activations at the `Features()` marks and the parts that leave at
+the factor-outs (the authors' heads), or the latent for a stack without either.
 """
 
 import math
@@ -36,7 +41,7 @@ tfb = tfp.bijectors
 # composite tensor, so `isinstance(b, tfb.Chain)` misses most chains.
 _CHAIN_TYPES = (tfp_chain._Chain,)  # noqa: SLF001
 
-__all__ = ["FactorOut", "Step", "StackedBijector", "inverse_and_log_det"]
+__all__ = ["FactorOut", "Features", "Step", "StackedBijector", "inverse_and_log_det"]
 
 
 def _takes_seed(bijector: tfb.Bijector) -> bool:
@@ -111,15 +116,19 @@ class FactorOut(NamedTuple):
     """Keeps the first half of the last axis; the second half leaves as a latent part."""
 
 
+class Features(NamedTuple):
+    """Marks an activation that a classification head reads (no effect on the flow)."""
+
+
 class StackedBijector(FreshBijector):
     """Base of bijectors that are a data -> latent list of steps (see the module docstring).
 
-    Subclasses set `self._steps` (a list of `Step` and `FactorOut`) and call
+    Subclasses set `self._steps` (a list of `Step`, `FactorOut` and `Features`) and call
     `self._set_shapes(input_event_shape)` once the steps exist, and may override `_prepare`
     (called with every input, e.g. to build lazily) and `_check_events`.
     """
 
-    _steps: list[Step | FactorOut]
+    _steps: list[Step | FactorOut | Features]
     _input_event_shape: tuple[int, ...] | None = None
 
     # -- static shapes -------------------------------------------------------------------------
@@ -130,6 +139,8 @@ class StackedBijector(FreshBijector):
         self._input_event_shape = shape
         self._part_shapes: list[tuple[int, ...]] = []
         for step in self._steps:
+            if isinstance(step, Features):
+                continue
             if isinstance(step, FactorOut):
                 kept = shape[-1] // 2
                 self._part_shapes.append((*shape[:-1], shape[-1] - kept))
@@ -180,12 +191,33 @@ class StackedBijector(FreshBijector):
 
     # -- the walk --------------------------------------------------------------------------------
 
-    def _walk(self, y: tf.Tensor, *, log_det: bool, seed: Any) -> tuple[tf.Tensor, Any]:
+    def inverse_log_det_and_features(
+        self, y: tf.Tensor, *, seed: Any = None
+    ) -> tuple[tf.Tensor, tf.Tensor, list[tf.Tensor]]:
+        """`(inverse(y), inverse_log_det_jacobian(y), features)` in one pass.
+
+        Shapes: `y` `[..., *event]`; the latent and log-det as `inverse_and_log_det`; each
+        feature has one batch axis (the flattened batch shape) followed by its own event shape:
+        the activations at the `Features()` marks and the parts leaving at the factor-outs, in
+        data -> latent order, or `[latent]` for a stack without either.
+        """
+        features: list[tf.Tensor] = []
+        with self._name_and_control_scope("inverse_log_det_and_features"):
+            y = tf.convert_to_tensor(y, dtype_hint=self.dtype, name="y")
+            z, log_det = self._walk(y, log_det=True, seed=seed, features=features)
+        if not features:
+            features.append(tf.reshape(z, [-1, *self._latent_event_shape]))
+        return z, log_det, features
+
+    def _walk(
+        self, y: tf.Tensor, *, log_det: bool, seed: Any, features: list | None = None
+    ) -> tuple[tf.Tensor, Any]:
         """Data -> latent through every step; the log-det too when `log_det`.
 
         Each step's log-det is taken in the same pass as its value (`inverse_and_log_det`), so
         residual blocks evaluate `g` once and an ActNorm initialised by this batch contributes
-        its initialised scale.
+        its initialised scale. `features`, if given, receives the activations marked by
+        `Features()` and the parts leaving at factor-outs.
         """
         y = self._prepare(y, "y")
         event_shape = self._input_event_shape
@@ -196,8 +228,14 @@ class StackedBijector(FreshBijector):
         parts = []
         num_blocks = 0
         for step in self._steps:
+            if isinstance(step, Features):
+                if features is not None:
+                    features.append(t)
+                continue
             if isinstance(step, FactorOut):
                 kept = t.shape[-1] // 2
+                if features is not None:
+                    features.append(t[..., kept:])
                 parts.append(tf.reshape(t[..., kept:], [tf.shape(t)[0], -1]))
                 t = t[..., :kept]
                 continue
@@ -242,6 +280,8 @@ class StackedBijector(FreshBijector):
             *parts, t = tf.split(t, sizes, axis=-1)
             t = tf.reshape(t, [-1, *self._final_shape])
         for step in reversed(self._steps):
+            if isinstance(step, Features):
+                continue
             if isinstance(step, FactorOut):
                 shape = self._part_shapes[len(parts) - 1]
                 t = tf.concat([t, tf.reshape(parts.pop(), [-1, *shape])], axis=-1)

@@ -42,7 +42,7 @@ import tensorflow_probability as tfp
 from tfp_resflow import network
 from tfp_resflow.actnorm import ActNorm, ActNormLayer
 from tfp_resflow.bijector import ResidualBlock
-from tfp_resflow.composite import FactorOut, StackedBijector, Step
+from tfp_resflow.composite import FactorOut, Features, StackedBijector, Step
 from tfp_resflow.config import ImageFlowConfig, to_dict
 from tfp_resflow.image import LogitTransform, Squeeze
 from tfp_resflow.presets import get_preset
@@ -141,7 +141,7 @@ class MultiscaleResidualFlow(StackedBijector):
         layer_options = {"dtype": self._dtype_name}
         if c.initial_power_iterations is not None:
             layer_options["initial_power_iterations"] = c.initial_power_iterations
-        steps: list[Step | FactorOut] = []  # data -> latent order
+        steps: list[Step | FactorOut | Features] = []  # data -> latent order
         if c.logit_alpha is not None:
             steps.append(Step(LogitTransform(c.logit_alpha, validate_args=self._validate), 3))
         if c.squeeze_first:
@@ -166,6 +166,10 @@ class MultiscaleResidualFlow(StackedBijector):
                 steps.append(self._new_block(g, 3, f"block_{i}_{j}"))
                 if c.actnorm:
                     steps.append(self._new_actnorm(shape))
+            # The classification head reads each scale's output: its factored-out part (the
+            # FactorOut records it), or the whole activation (the authors' heads).
+            if i == last or not c.factor_out:
+                steps.append(Features())
             if i < last:
                 steps.append(Step(Squeeze(validate_args=self._validate), 3))
                 if c.factor_out:
