@@ -115,7 +115,7 @@ def test_new_layer_per_call_and_config_round_trip():
     [
         (lambda: get_activation("relu6"), "got 'relu6'"),
         (lambda: get_activation(None), "got None"),
-        (lambda: LipSwish(0.0), "initial_beta must be a positive number; got 0.0"),
+        (lambda: LipSwish(0.0), "initial_beta must be a number > 0; got 0.0"),
         (lambda: LipSwish(-1), "got -1"),
     ],
 )

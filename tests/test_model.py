@@ -204,6 +204,14 @@ def test_bad_constructor_arguments():
         FlowModel(ResidualFlowBijector(), event_shape=[2], num_levels=1)
     with pytest.raises(ValueError, match="bijector must be a tfb.Bijector"):
         FlowModel(lambda x: x, event_shape=[2])
+    with pytest.raises(ValueError, match="power_iterations must be a positive integer; got 0"):
+        FlowModel(ResidualFlowBijector(), event_shape=[2], power_iterations=0)
+
+
+def test_power_iterations_are_kept_in_the_config():
+    model = FlowModel(ResidualFlowBijector(), event_shape=[2], power_iterations=3)
+    assert model.get_config()["power_iterations"] == 3
+    assert FlowModel.from_config(model.get_config()).power_iterations == 3
 
 
 # ------------------------------------------------------------------------------------------------

@@ -103,10 +103,10 @@ def test_cnn_structure_follows_the_authors():
 
 
 def test_zero_init_last_makes_g_constant_and_config_round_trips():
-    g = lipschitz_mlp(3, (5,), zero_init_last=True, num_power_iterations=2)
+    g = lipschitz_mlp(3, (5,), zero_init_last=True, power_iterations=2)
     x = tf.random.stateless_normal((4, 3), seed=(0, 0))
     np.testing.assert_array_equal(g(x).numpy(), np.zeros((4, 3)))
-    assert [layer.num_power_iterations for layer in spectral_layers(g)] == [2, 2]
+    assert [layer.power_iterations for layer in spectral_layers(g)] == [2, 2]
     clone = keras.Sequential.from_config(g.get_config())
     clone.set_weights(g.get_weights())
     dense = [layer for layer in clone.layers if isinstance(layer, SpectralDense)]
@@ -169,8 +169,11 @@ def test_keras_file_keeps_the_ties_and_the_learned_orders(tmp_path):
     ("make", "message"),
     [
         (lambda: lipschitz_mlp(0), "event_size must be a positive integer; got 0"),
-        (lambda: lipschitz_mlp(3, 4), "hidden_units must be a sequence"),
-        (lambda: lipschitz_mlp(3, (4, 0)), "hidden_units must hold positive integers"),
+        (lambda: lipschitz_mlp(3, 4), "hidden_units must be a tuple of integers >= 1; got 4"),
+        (
+            lambda: lipschitz_mlp(3, (4, 0)),
+            "hidden_units must be a tuple of integers >= 1; got (4, 0)",
+        ),
         (lambda: lipschitz_mlp(3, lipschitz_constant=1.0), "got 1.0"),
         (lambda: lipschitz_mlp(3, activation="relu"), "got 'relu'"),
         (lambda: lipschitz_mlp(3, (4,), norm_orders=[2, 2]), "needs 3 entries"),
@@ -193,7 +196,7 @@ def test_keras_file_keeps_the_ties_and_the_learned_orders(tmp_path):
         (lambda: lipschitz_cnn((4, 4)), "input_shape must be (height, width, channels)"),
         (lambda: lipschitz_cnn((4, 4, 2), 0), "hidden_channels"),
         (lambda: lipschitz_cnn((4, 4, 2), 8, (3, 2)), "odd"),
-        (lambda: lipschitz_cnn((4, 4, 2), 8, ()), "must not be empty"),
+        (lambda: lipschitz_cnn((4, 4, 2), 8, ()), "kernel_sizes must be a non-empty tuple"),
         (lambda: lipschitz_cnn((4, 4, 2), 8, lipschitz_constant=0), "got 0"),
     ],
 )

@@ -4,7 +4,9 @@ The package is flat; each module is about one idea:
 
 - `logdet`: estimators of `log|det(I + J_g(x))|` and their memory-lean gradients.
 - `stateless_random`: seeded random numbers that agree in eager, graph and XLA modes.
-- `lipschitz`: Keras layers whose operator norm is at most `c < 1`.
+- `operator_norm`: induced norms `||A||_{p->q}`: closed forms and the generalized power method.
+- `lipschitz`: Keras layers whose operator norm is at most `c < 1` (`SpectralDense`; the
+  convolution in `spectral_conv`, their shared base in `spectral_layer`).
 - `norm_order`: learnable orders of the mixed norms those layers can bound.
 - `activation`: 1-Lipschitz activations (LipSwish and others).
 - `network`: builders of residual functions `g` with `Lip(g) < 1`.
@@ -19,6 +21,7 @@ The package is flat; each module is about one idea:
 - `composite`: stacks of bijectors walked in one pass; the joint inverse-and-log-det.
 - `flow`: `ResidualFlowBijector`, a stack of blocks for vector events.
 - `model`: `FlowModel`, the Keras model that trains any of them with `fit`.
+- `base_distribution`: the default base, a standard normal over a flow's latent.
 - `hybrid`: `HybridFlowModel`, one flow that models p(x) and classifies (a head on its features).
 - `optimizer`: `GroupedAdam`, Keras' Adam updating equal-shaped variables together.
 - `bits`: bits per dimension of dequantised data.

@@ -28,11 +28,12 @@ __all__ = [
 ]
 
 import math
-import numbers
 from collections.abc import Callable
 
 import keras
 import tensorflow as tf
+
+from tfp_resflow import validation
 
 # d/dx [x * sigmoid(beta * x)] = f(beta * x) with f(t) = s(t) + t * s(t) * (1 - s(t)), s the
 # sigmoid, so its range does not depend on beta > 0: it peaks at f(2.3994) = 1.099839. Dividing
@@ -69,13 +70,7 @@ class LipSwish(keras.layers.Layer):
         self, initial_beta: float = _DEFAULT_BETA, *, trainable_beta: bool = True, **kwargs
     ) -> None:
         super().__init__(**kwargs)
-        if (
-            isinstance(initial_beta, bool)
-            or not isinstance(initial_beta, numbers.Real)
-            or not initial_beta > 0
-        ):
-            raise ValueError(f"initial_beta must be a positive number; got {initial_beta!r}")
-        self.initial_beta = float(initial_beta)
+        self.initial_beta = validation.number("initial_beta", initial_beta, above=0)
         self.trainable_beta = trainable_beta
         # A scalar needs no input shape, so it is created here rather than in build.
         self.b = self.add_weight(
@@ -157,6 +152,4 @@ def get_activation(name: str, **kwargs) -> keras.layers.Layer:
         ValueError: If `name` is not in `ACTIVATIONS`.
     """
     key = name.lower() if isinstance(name, str) else name
-    if key not in ACTIVATIONS:
-        raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}; got {name!r}")
-    return ACTIVATIONS[key](**kwargs)
+    return ACTIVATIONS[validation.choice("activation", key, tuple(ACTIVATIONS))](**kwargs)

@@ -17,6 +17,7 @@ from typing import Any
 import keras
 import tensorflow as tf
 
+from tfp_resflow import validation
 from tfp_resflow.fresh_bijector import FreshBijector
 from tfp_resflow.modes import data_dependent_init_enabled
 
@@ -38,11 +39,7 @@ class ActNormLayer(keras.layers.Layer):
 
     def __init__(self, *, min_variance: float = MIN_VARIANCE, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        if isinstance(min_variance, bool) or not (
-            isinstance(min_variance, int | float) and min_variance > 0
-        ):
-            raise ValueError(f"min_variance must be > 0; got {min_variance!r}.")
-        self.min_variance = float(min_variance)
+        self.min_variance = validation.number("min_variance", min_variance, above=0)
 
     def build(self, input_shape: tuple) -> None:
         features = input_shape[-1]
@@ -149,7 +146,7 @@ class ActNorm(FreshBijector):
         parameters = dict(locals())
         with tf.name_scope(name) as name:
             if event_ndims not in (1, 3):
-                raise ValueError(f"event_ndims must be 1 or 3; got {event_ndims!r}.")
+                validation.fail("event_ndims", "1 or 3", event_ndims)
             self._layer = layer if layer is not None else ActNormLayer()
             self._event_ndims = event_ndims
             super().__init__(

@@ -20,6 +20,8 @@ import math
 
 import tensorflow as tf
 
+from tfp_resflow import validation
+
 __all__ = ["bits_per_dim"]
 
 
@@ -36,14 +38,10 @@ def bits_per_dim(log_prob: tf.Tensor, num_dims: int, num_levels: int | None = No
         `(-log_prob + D log k) / (D ln 2)`, same shape as `log_prob`.
 
     Raises:
-        ValueError: if `num_dims` or `num_levels` is not a positive integer.
+        ValueError: if `num_dims` is not a positive integer or `num_levels` not one >= 2.
     """
-    if isinstance(num_dims, bool) or not isinstance(num_dims, int) or num_dims < 1:
-        raise ValueError(f"num_dims must be a positive integer; got {num_dims!r}.")
-    offset = 0.0
-    if num_levels is not None:
-        if isinstance(num_levels, bool) or not isinstance(num_levels, int) or num_levels < 2:
-            raise ValueError(f"num_levels must be an integer >= 2; got {num_levels!r}.")
-        offset = num_dims * math.log(num_levels)
+    num_dims = validation.positive_integer("num_dims", num_dims)
+    num_levels = validation.optional(validation.integer, "num_levels", num_levels, 2)
+    offset = 0.0 if num_levels is None else num_dims * math.log(num_levels)
     log_prob = tf.convert_to_tensor(log_prob)
     return (-log_prob + tf.constant(offset, log_prob.dtype)) / (num_dims * math.log(2.0))

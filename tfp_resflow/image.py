@@ -18,6 +18,7 @@ from typing import Any
 
 import tensorflow as tf
 
+from tfp_resflow import validation
 from tfp_resflow.fresh_bijector import FreshBijector
 
 __all__ = ["LogitTransform", "Squeeze", "squeezed_shape"]
@@ -157,11 +158,7 @@ class LogitTransform(FreshBijector):
     ) -> None:
         parameters = dict(locals())
         with tf.name_scope(name) as name:
-            if isinstance(alpha, bool) or not isinstance(alpha, int | float):
-                raise ValueError(f"alpha must be a number in [0, 0.5); got {alpha!r}.")
-            if not 0.0 <= alpha < 0.5:
-                raise ValueError(f"alpha must be a number in [0, 0.5); got {alpha!r}.")
-            self._alpha = float(alpha)
+            self._alpha = validation.number("alpha", alpha, at_least=0, below=0.5)
             super().__init__(
                 forward_min_event_ndims=0,
                 is_constant_jacobian=False,

@@ -21,11 +21,11 @@ from collections.abc import Sequence
 from typing import Any
 
 import keras
-import numpy as np
 import tensorflow as tf
 import tensorflow_probability as tfp
 
-from tfp_resflow import bits, lipschitz
+from tfp_resflow import bits, lipschitz, validation
+from tfp_resflow.base_distribution import is_standard_normal, standard_normal
 from tfp_resflow.composite import inverse_and_log_det
 from tfp_resflow.fresh_bijector import FreshBijector
 from tfp_resflow.modes import data_dependent_init, training_mode
@@ -54,30 +54,6 @@ def keras_layers_of(bijector: tfb.Bijector) -> list[keras.layers.Layer]:
     return list(found.values())
 
 
-def _is_standard_normal(base: tfd.Distribution, latent_shape: tf.TensorShape) -> bool:
-    """Whether `base` is `Sample(Normal(0, 1), latent_shape)` with constant parameters."""
-    if not isinstance(base, tfd.Sample) or not isinstance(base.distribution, tfd.Normal):
-        return False
-    normal = base.distribution
-    try:
-        constant = [
-            tf.get_static_value(tf.convert_to_tensor(t)) for t in (normal.loc, normal.scale)
-        ]
-        shape = tf.get_static_value(tf.convert_to_tensor(base.sample_shape))
-    except (TypeError, ValueError):
-        return False
-    if any(c is None for c in constant) or shape is None:
-        return False
-    loc, scale = constant
-    return (
-        np.shape(loc) == ()
-        and np.shape(scale) == ()
-        and float(loc) == 0.0
-        and float(scale) == 1.0
-        and tuple(np.atleast_1d(shape).tolist()) == tuple(latent_shape.as_list())
-    )
-
-
 class _MeanOverExamples(keras.losses.Loss):
     """Averages a per-example loss that the model already computed (`y_pred`).
 
@@ -103,8 +79,8 @@ class FlowModel(keras.Model):
             `(-log p(x) + D log k) / (D ln 2)` with D = prod(event_shape).
         num_levels: k, the number of discrete levels per dimension of dequantised data scaled
             to [0, 1) (256 for 8-bit images), for "bits_per_dim"; None for continuous data.
-        lipschitz_iterations: power iterations per Lipschitz layer after every training step;
-            None uses each layer's own default.
+        power_iterations: power iterations per Lipschitz layer after every training step;
+            None uses each layer's own default (`power_iterations` of `SpectralDense`).
         **kwargs: passed to `keras.Model` (e.g. `name`).
     """
 
@@ -116,27 +92,26 @@ class FlowModel(keras.Model):
         base: tfd.Distribution | None = None,
         loss_unit: str = "nats",
         num_levels: int | None = None,
-        lipschitz_iterations: int | None = None,
+        power_iterations: int | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         if not isinstance(bijector, tfb.Bijector):
-            raise ValueError(f"bijector must be a tfb.Bijector; got {bijector!r}.")
-        if loss_unit not in LOSS_UNITS:
-            raise ValueError(f"loss_unit must be one of {LOSS_UNITS}; got {loss_unit!r}.")
+            validation.fail("bijector", "a tfb.Bijector", bijector)
+        self.loss_unit = validation.choice("loss_unit", loss_unit, LOSS_UNITS)
         self.event_shape = tuple(int(d) for d in event_shape)
-        self.loss_unit = loss_unit
         self.num_levels = num_levels
         bits.bits_per_dim(0.0, math.prod(self.event_shape), num_levels)  # validates them
-        self.lipschitz_iterations = lipschitz_iterations
+        self.power_iterations = validation.optional(
+            validation.positive_integer, "power_iterations", power_iterations
+        )
         latent_shape = bijector.inverse_event_shape(self.event_shape)
         # A given base that is the standard normal over the latent is the default one (so the
         # design card's TransformedDistribution(Sample(Normal(0, 1)), flow) saves as a config).
-        self._default_base = base is None or _is_standard_normal(base, latent_shape)
-        if base is None:  # a standard normal over the latent (its shape may differ, as for
-            # multi-scale image flows whose latent is a vector)
-            zero = tf.constant(0.0, self.compute_dtype)  # the model's dtype (e.g. float64)
-            base = tfd.Sample(tfd.Normal(zero, 1.0), sample_shape=latent_shape)
+        self._default_base = base is None or is_standard_normal(base, latent_shape)
+        if base is None:  # over the latent, whose shape may differ from the data's (as for
+            # multi-scale image flows, whose latent is a vector); in the model's dtype
+            base = standard_normal(latent_shape, self.compute_dtype)
         self.distribution = tfd.TransformedDistribution(base, bijector)
         self.bijector = bijector
         self._nll_loss = _MeanOverExamples(name="negative_log_likelihood")
@@ -284,12 +259,12 @@ class FlowModel(keras.Model):
 
     def train_step(self, data: Any) -> dict:
         logs = super().train_step(data)
-        self.update_lipschitz(self.lipschitz_iterations)
+        self.update_lipschitz(self.power_iterations)
         return logs
 
     def update_lipschitz(
         self,
-        num_iterations: int | None = None,
+        power_iterations: int | None = None,
         *,
         atol: float | None = None,
         rtol: float | None = None,
@@ -298,7 +273,7 @@ class FlowModel(keras.Model):
         """Runs power iterations in every Lipschitz layer; see `lipschitz.update_lipschitz`."""
         return lipschitz.update_lipschitz(
             self.flow_layers,
-            num_iterations,
+            power_iterations,
             atol=atol,
             rtol=rtol,
             max_iterations=max_iterations,
@@ -318,7 +293,7 @@ class FlowModel(keras.Model):
             "event_shape": list(self.event_shape),
             "loss_unit": self.loss_unit,
             "num_levels": self.num_levels,
-            "lipschitz_iterations": self.lipschitz_iterations,
+            "power_iterations": self.power_iterations,
         }
 
     @classmethod

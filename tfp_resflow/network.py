@@ -18,26 +18,16 @@ the first one, so the bound above holds in the learned l_p (see `tfp_resflow.nor
 
 __all__ = ["check_norm_orders", "lipschitz_cnn", "lipschitz_mlp"]
 
-import numbers
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import keras
 
+from tfp_resflow import validation
 from tfp_resflow.activation import get_activation
-from tfp_resflow.lipschitz import SpectralConv2D, SpectralDense, _check_count, _check_order
+from tfp_resflow.lipschitz import SpectralDense
 from tfp_resflow.norm_order import MAX_ORDER, MIN_ORDER, NormOrder
-
-
-def _positive_ints(name: str, values: object, *, odd: bool = False) -> tuple[int, ...]:
-    if not isinstance(values, Sequence):
-        raise ValueError(f"{name} must be a sequence of positive integers; got {values!r}")
-    values = tuple(values)
-    for n in values:
-        if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n <= 0:
-            raise ValueError(f"{name} must hold positive integers; got {values!r}")
-        if odd and n % 2 == 0:
-            raise ValueError(f"{name} must hold odd integers (centred kernels); got {values!r}")
-    return tuple(int(n) for n in values)
+from tfp_resflow.operator_norm import check_order
+from tfp_resflow.spectral_conv import SpectralConv2D
 
 
 def check_norm_orders(
@@ -52,13 +42,12 @@ def check_norm_orders(
         ValueError: On a wrong count or type, first != last, an order outside [1, inf]
             (outside (1, 5) if `learnable`), or CLipSwish with orders other than 2.
     """
-    if not isinstance(learnable, bool):
-        raise ValueError(f"learnable_norm_orders must be a bool; got {learnable!r}")
+    validation.boolean("learnable_norm_orders", learnable)
     if norm_orders is None:
         norm_orders = [2] * (num_linear + 1)
     if isinstance(norm_orders, str) or not isinstance(norm_orders, Sequence):
-        raise ValueError(f"norm_orders must be a sequence of orders; got {norm_orders!r}")
-    orders = [_check_order("norm_orders", p) for p in norm_orders]
+        validation.fail("norm_orders", "a sequence of orders", norm_orders)
+    orders = [check_order("norm_orders", p) for p in norm_orders]
     if len(orders) != num_linear + 1:
         raise ValueError(
             f"norm_orders needs {num_linear + 1} entries (one per layer boundary); "
@@ -94,6 +83,50 @@ def _orders(
     return shared, shared[1:] + shared[:1]  # codomain i = domain i+1; last = first domain
 
 
+def _residual_function(
+    input_shape: tuple[int, ...],
+    layer_class: Callable[..., keras.layers.Layer],
+    layer_args: list[tuple],
+    *,
+    lipschitz_constant: float,
+    activation: str,
+    activation_first: bool,
+    norm_orders: Sequence | None,
+    learnable_norm_orders: bool,
+    zero_init_last: bool,
+    name: str | None,
+    layer_kwargs: dict,
+) -> keras.Sequential:
+    """Builds `g` = linear o phi o ... o phi o linear [o phi] on inputs of `input_shape`.
+
+    The i-th linear layer is `layer_class(*layer_args[i], ...)`, with the i-th boundary
+    orders and `layer_kwargs` (which hold `dtype`); the orders are checked first.
+    """
+    dtype = layer_kwargs["dtype"]
+    domains, codomains = _orders(
+        norm_orders, len(layer_args), activation, learnable=learnable_norm_orders, dtype=dtype
+    )
+    layers = [keras.Input(input_shape, dtype=dtype)]
+    if activation_first:
+        layers.append(get_activation(activation, dtype=dtype))
+    for i, args in enumerate(layer_args):
+        last = i == len(layer_args) - 1
+        if i > 0:
+            layers.append(get_activation(activation, dtype=dtype))
+        initializer = "zeros" if last and zero_init_last else "glorot_uniform"
+        layers.append(
+            layer_class(
+                *args,
+                lipschitz_constant=lipschitz_constant,
+                domain=domains[i],
+                codomain=codomains[i],
+                kernel_initializer=initializer,
+                **layer_kwargs,
+            )
+        )
+    return keras.Sequential(layers, name=name)
+
+
 def lipschitz_mlp(
     event_size: int,
     hidden_units: Sequence[int] = (128, 128),
@@ -126,7 +159,7 @@ def lipschitz_mlp(
         zero_init_last: Start the last kernel at zero, so g = bias and the block is a shift.
         dtype: Layer dtype, e.g. "float64".
         name: Model name.
-        **layer_kwargs: Passed to every `SpectralDense` (e.g. `num_power_iterations`).
+        **layer_kwargs: Passed to every `SpectralDense` (e.g. `power_iterations`).
 
     Returns:
         A `keras.Sequential` built for input [None, D].
@@ -134,30 +167,21 @@ def lipschitz_mlp(
     Raises:
         ValueError: On a non-positive size, a bad order list or an unknown activation.
     """
-    event_size = _check_count("event_size", event_size)
-    widths = (*_positive_ints("hidden_units", hidden_units), event_size)
-    domains, codomains = _orders(
-        norm_orders, len(widths), activation, learnable=learnable_norm_orders, dtype=dtype
+    event_size = validation.positive_integer("event_size", event_size)
+    widths = (*validation.integers("hidden_units", hidden_units, nonempty=False), event_size)
+    return _residual_function(
+        (event_size,),
+        SpectralDense,
+        [(width,) for width in widths],
+        lipschitz_constant=lipschitz_constant,
+        activation=activation,
+        activation_first=activation_first,
+        norm_orders=norm_orders,
+        learnable_norm_orders=learnable_norm_orders,
+        zero_init_last=zero_init_last,
+        name=name,
+        layer_kwargs={"dtype": dtype, **layer_kwargs},
     )
-    layers = [keras.Input((event_size,), dtype=dtype)]
-    if activation_first:
-        layers.append(get_activation(activation, dtype=dtype))
-    for i, width in enumerate(widths):
-        last = i == len(widths) - 1
-        layers.append(
-            SpectralDense(
-                width,
-                lipschitz_constant=lipschitz_constant,
-                domain=domains[i],
-                codomain=codomains[i],
-                kernel_initializer="zeros" if last and zero_init_last else "glorot_uniform",
-                dtype=dtype,
-                **layer_kwargs,
-            )
-        )
-        if not last:
-            layers.append(get_activation(activation, dtype=dtype))
-    return keras.Sequential(layers, name=name)
 
 
 def lipschitz_cnn(
@@ -194,7 +218,7 @@ def lipschitz_cnn(
         zero_init_last: Start the last kernel at zero.
         dtype: Layer dtype, e.g. "float64".
         name: Model name.
-        **layer_kwargs: Passed to every `SpectralConv2D` (e.g. `num_power_iterations`).
+        **layer_kwargs: Passed to every `SpectralConv2D` (e.g. `power_iterations`).
 
     Returns:
         A `keras.Sequential` built for input [None, H, W, C].
@@ -202,33 +226,22 @@ def lipschitz_cnn(
     Raises:
         ValueError: On a bad shape, width, kernel size, order list or activation.
     """
-    shape = _positive_ints("input_shape", input_shape)
+    shape = validation.integers("input_shape", input_shape)
     if len(shape) != 3:
-        raise ValueError(f"input_shape must be (height, width, channels); got {input_shape!r}")
-    hidden_channels = _check_count("hidden_channels", hidden_channels)
-    kernels = _positive_ints("kernel_sizes", kernel_sizes, odd=True)
-    if not kernels:
-        raise ValueError(f"kernel_sizes must not be empty; got {kernel_sizes!r}")
-    domains, codomains = _orders(
-        norm_orders, len(kernels), activation, learnable=learnable_norm_orders, dtype=dtype
+        validation.fail("input_shape", "(height, width, channels)", input_shape)
+    hidden_channels = validation.positive_integer("hidden_channels", hidden_channels)
+    kernels = validation.integers("kernel_sizes", kernel_sizes, odd=True)
+    channels = [hidden_channels] * (len(kernels) - 1) + [shape[-1]]
+    return _residual_function(
+        shape,
+        SpectralConv2D,
+        list(zip(channels, kernels, strict=True)),
+        lipschitz_constant=lipschitz_constant,
+        activation=activation,
+        activation_first=activation_first,
+        norm_orders=norm_orders,
+        learnable_norm_orders=learnable_norm_orders,
+        zero_init_last=zero_init_last,
+        name=name,
+        layer_kwargs={"dtype": dtype, **layer_kwargs},
     )
-    layers = [keras.Input(shape, dtype=dtype)]
-    if activation_first:
-        layers.append(get_activation(activation, dtype=dtype))
-    for i, k in enumerate(kernels):
-        last = i == len(kernels) - 1
-        layers.append(
-            SpectralConv2D(
-                shape[-1] if last else hidden_channels,
-                k,
-                lipschitz_constant=lipschitz_constant,
-                domain=domains[i],
-                codomain=codomains[i],
-                kernel_initializer="zeros" if last and zero_init_last else "glorot_uniform",
-                dtype=dtype,
-                **layer_kwargs,
-            )
-        )
-        if not last:
-            layers.append(get_activation(activation, dtype=dtype))
-    return keras.Sequential(layers, name=name)

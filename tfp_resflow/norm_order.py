@@ -19,13 +19,23 @@ Reference: Chen et al. (2019), Residual Flows for Invertible Generative Modeling
 https://arxiv.org/abs/1906.02735; the map is the authors' `asym_squash`.
 """
 
-__all__ = ["MAX_ORDER", "MIN_ORDER", "NormOrder", "logit_of_order", "order_of_logit"]
+__all__ = [
+    "MAX_ORDER",
+    "MIN_ORDER",
+    "NormOrder",
+    "check_order_spec",
+    "logit_of_order",
+    "order_config",
+    "order_of_logit",
+]
 
 import math
-import numbers
 
 import keras
 import tensorflow as tf
+
+from tfp_resflow import validation
+from tfp_resflow.operator_norm import check_order
 
 MIN_ORDER, MAX_ORDER = 1.0, 5.0
 _SHIFT = math.atanh(0.5)  # puts p(0) = 2
@@ -42,12 +52,7 @@ def order_of_logit(t: tf.Tensor) -> tf.Tensor:
 
 def logit_of_order(order: float) -> float:
     """The t with `order_of_logit(t) = order`, for an order in (1, 5) (Python floats)."""
-    if (
-        isinstance(order, bool)
-        or not isinstance(order, numbers.Real)
-        or not MIN_ORDER < order < MAX_ORDER
-    ):
-        raise ValueError(f"a learnable order must be in (1, 5); got {order!r}")
+    validation.number("a learnable order", order, above=MIN_ORDER, below=MAX_ORDER)
     y = -math.atanh((order - 3.0) / 2.0)  # leaky_elu(_SHIFT - t) = y
     x = y
     if y < 0:  # invert 0.3 x + 0.7 (exp(x) - 1) = y: Newton from x = 0 (convex, increasing)
@@ -95,3 +100,26 @@ class NormOrder(keras.layers.Layer):
 
     def get_config(self) -> dict:
         return {**super().get_config(), "initial_order": self.initial_order}
+
+
+def check_order_spec(name: str, value: object) -> float | NormOrder:
+    """A layer's order: a fixed one (`operator_norm.check_order`) or a learnable `NormOrder`.
+
+    A `NormOrder` may also be given as its serialized config (`order_config`).
+    """
+    if isinstance(value, dict):
+        value = keras.saving.deserialize_keras_object(value)
+    if isinstance(value, NormOrder):
+        return value
+    return check_order(name, value)
+
+
+def order_config(order: float | NormOrder) -> object:
+    """A layer order as a JSON-ready config: a number, "inf", or a `NormOrder`'s config."""
+    if isinstance(order, NormOrder):
+        # Every occurrence carries the object's id, so that Keras' object sharing (active
+        # while saving and loading .keras files) restores one NormOrder for each tie. Keras
+        # marks only repeats, on a dict that the enclosing serialization then copies: lost.
+        config = keras.saving.serialize_keras_object(order)
+        return {**config, "shared_object_id": id(order)}
+    return "inf" if order == math.inf else order  # not float('inf'), which JSON cannot hold

@@ -29,6 +29,8 @@ from typing import Any
 import keras
 import tensorflow as tf
 
+from tfp_resflow import validation
+
 __all__ = ["GroupedAdam"]
 
 
@@ -58,9 +60,7 @@ class GroupedAdam(keras.optimizers.Adam):
 
     def __init__(self, *args: Any, skip_nonfinite: bool = False, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        if not isinstance(skip_nonfinite, bool):
-            raise ValueError(f"skip_nonfinite must be a bool; got {skip_nonfinite!r}.")
-        self.skip_nonfinite = skip_nonfinite
+        self.skip_nonfinite = validation.boolean("skip_nonfinite", skip_nonfinite)
 
     def get_config(self) -> dict:
         return {**super().get_config(), "skip_nonfinite": self.skip_nonfinite}

@@ -19,6 +19,8 @@ from collections.abc import Sequence
 
 import tensorflow as tf
 
+from tfp_resflow import validation
+
 __all__ = [
     "SeedLike",
     "fold_in",
@@ -74,7 +76,7 @@ def sanitize_seed(seed: SeedLike) -> tf.Tensor:
     if seed is None:
         seed = tf.random.uniform([2], minval=0, maxval=2**31 - 1, dtype=tf.int64)
     elif isinstance(seed, bool):
-        raise ValueError(f"seed must be None, an int or a pair of ints; got {seed!r}.")
+        validation.fail("seed", "None, an int or a pair of ints", seed)
     elif isinstance(seed, int):
         seed = tf.constant([0, seed], tf.int64)
     seed = tf.convert_to_tensor(seed)
