@@ -24,12 +24,39 @@ import sys
 import time
 from pathlib import Path
 
-from measure import current_rss_mb, peak_rss_mb, run_worker, write_results
+from measure import current_rss_mb, peak_rss_mb, print_table, run_worker, write_results
 
 RESULTS = Path(__file__).resolve().parent / "results" / "logdet_memory.json"
 NETWORKS = ("mlp", "conv")
 METHODS = ("neumann", "naive")
 TIMED_STEPS = 5
+
+
+def _network(network: str) -> tuple:
+    """The residual function `g` (Lip(g) < 1, so the series is finite) and its input batch."""
+    import keras
+    import tensorflow as tf
+
+    small = keras.initializers.VarianceScaling(0.3)  # keeps Lip(g) < 1 so the series is finite
+    if network == "mlp":
+        g = keras.Sequential(
+            [
+                keras.Input((64,)),
+                keras.layers.Dense(512, activation="elu", kernel_initializer=small),
+                keras.layers.Dense(512, activation="elu", kernel_initializer=small),
+                keras.layers.Dense(64, kernel_initializer=small),
+            ]
+        )
+        return g, tf.random.normal([256, 64])
+    g = keras.Sequential(
+        [
+            keras.Input((28, 28, 1)),
+            keras.layers.Conv2D(64, 3, padding="same", activation="elu", kernel_initializer=small),
+            keras.layers.Conv2D(64, 1, activation="elu", kernel_initializer=small),
+            keras.layers.Conv2D(1, 3, padding="same", kernel_initializer=small),
+        ]
+    )
+    return g, tf.random.uniform([64, 28, 28, 1])
 
 
 def measure_configuration(network: str, method: str, num_terms: int) -> dict:
@@ -41,29 +68,7 @@ def measure_configuration(network: str, method: str, num_terms: int) -> dict:
     from tfp_resflow import logdet
 
     keras.utils.set_random_seed(0)
-    small = keras.initializers.VarianceScaling(0.3)  # keeps Lip(g) < 1 so the series is finite
-    if network == "mlp":
-        g = keras.Sequential(
-            [
-                keras.Input((64,)),
-                keras.layers.Dense(512, activation="elu", kernel_initializer=small),
-                keras.layers.Dense(512, activation="elu", kernel_initializer=small),
-                keras.layers.Dense(64, kernel_initializer=small),
-            ]
-        )
-        x = tf.random.normal([256, 64])
-    else:
-        g = keras.Sequential(
-            [
-                keras.Input((28, 28, 1)),
-                keras.layers.Conv2D(
-                    64, 3, padding="same", activation="elu", kernel_initializer=small
-                ),
-                keras.layers.Conv2D(64, 1, activation="elu", kernel_initializer=small),
-                keras.layers.Conv2D(1, 3, padding="same", kernel_initializer=small),
-            ]
-        )
-        x = tf.random.uniform([64, 28, 28, 1])
+    g, x = _network(network)
 
     @tf.function
     def step(seed: tf.Tensor) -> tf.Tensor:
@@ -92,6 +97,48 @@ def measure_configuration(network: str, method: str, num_terms: int) -> dict:
     }
 
 
+def _print_table(rows: list[dict]) -> None:
+    columns = [
+        "g",
+        "gradient",
+        "terms",
+        "peak RSS (MB)",
+        "peak - RSS before first step (MB)",
+        "step (s, median of 5)",
+    ]
+    cells = [
+        [
+            r["network"],
+            r["method"],
+            r["num_terms"],
+            f"{r['peak_rss_mb']:.0f}",
+            f"{r['peak_rss_mb'] - r['rss_before_first_step_mb']:.0f}",
+            f"{r['step_seconds_median']:.3f}",
+        ]
+        for r in rows
+    ]
+    print_table(columns, cells)
+
+
+def _peak_ratios(rows: list[dict], networks: list[str]) -> dict[str, float]:
+    """Peak RSS at the most terms over peak RSS at the fewest, per network and method."""
+    ratios = {}
+    for network in networks:
+        for method in METHODS:
+            peaks = {
+                r["num_terms"]: r["peak_rss_mb"]
+                for r in rows
+                if r["network"] == network and r["method"] == method
+            }
+            low, high = min(peaks), max(peaks)
+            ratios[f"{network}/{method}"] = round(peaks[high] / peaks[low], 3)
+            print(
+                f"{network} {method}: peak at {high} terms / at {low} terms = "
+                f"{ratios[f'{network}/{method}']:.3f}"
+            )
+    return ratios
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--terms", type=int, nargs="+", default=[2, 5, 10, 20])
@@ -112,32 +159,8 @@ def main(argv: list[str] | None = None) -> None:
             for terms in args.terms:
                 rows.append(run_worker(__file__, [network, method, str(terms)]))
                 print(f"  done {network} {method} {terms}", file=sys.stderr)
-
-    print(
-        "| g | gradient | terms | peak RSS (MB) | peak - RSS before first step (MB) "
-        "| step (s, median of 5) |"
-    )
-    print("| --- | --- | --- | --- | --- | --- |")
-    for r in rows:
-        above = r["peak_rss_mb"] - r["rss_before_first_step_mb"]
-        print(
-            f"| {r['network']} | {r['method']} | {r['num_terms']} | {r['peak_rss_mb']:.0f} "
-            f"| {above:.0f} | {r['step_seconds_median']:.3f} |"
-        )
-    ratios = {}
-    for network in args.networks:
-        for method in METHODS:
-            peaks = {
-                r["num_terms"]: r["peak_rss_mb"]
-                for r in rows
-                if r["network"] == network and r["method"] == method
-            }
-            low, high = min(peaks), max(peaks)
-            ratios[f"{network}/{method}"] = round(peaks[high] / peaks[low], 3)
-            print(
-                f"{network} {method}: peak at {high} terms / at {low} terms = "
-                f"{ratios[f'{network}/{method}']:.3f}"
-            )
+    _print_table(rows)
+    ratios = _peak_ratios(rows, args.networks)
     write_results(args.output, __file__, argv, rows=rows, peak_ratio_max_over_min_terms=ratios)
 
 

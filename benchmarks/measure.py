@@ -1,5 +1,6 @@
 """What the benchmark scripts share: resident memory, one worker process per configuration,
-and the results file (the scripts import it as a sibling: `python benchmarks/<script>.py`)."""
+the markdown table and the results file (the scripts import it as a sibling:
+`python benchmarks/<script>.py`)."""
 
 import json
 import os
@@ -42,3 +43,11 @@ def write_results(output: Path, script: str, argv: list[str] | None, **results: 
         json.dumps({"command": command, "machine": machine, **results}, indent=2) + "\n"
     )
     print(f"wrote {output}")
+
+
+def print_table(columns: list[str], rows: list[list[object]]) -> None:
+    """Prints a markdown table: a header of `columns`, then one line per row of cells."""
+    print("| " + " | ".join(columns) + " |")
+    print("|" + " --- |" * len(columns))
+    for row in rows:
+        print("| " + " | ".join(str(cell) for cell in row) + " |")

@@ -34,7 +34,13 @@ import sys  # noqa: E402
 import threading  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-from measure import current_rss_mb, peak_rss_mb, run_worker, write_results  # noqa: E402
+from measure import (  # noqa: E402
+    current_rss_mb,
+    peak_rss_mb,
+    print_table,
+    run_worker,
+    write_results,
+)
 
 RESULTS = Path(__file__).resolve().parent / "results" / "train_step.json"
 CONFIGURATIONS = ("toy", "digits-authors", "digits", "mnist-16", "mnist-32", "mnist-64")
@@ -100,6 +106,31 @@ def _model_and_data(name: str):  # noqa: ANN202
     return model, images
 
 
+def _timed_steps(model, batch, steps: int) -> tuple[list[float], float, float]:
+    """`steps` timed training steps: their seconds, the last loss, and the peak RSS (MB)."""
+    times = []
+    with _RssSampler() as steps_rss:
+        for _ in range(steps):
+            x = batch()
+            t = time.perf_counter()
+            loss = float(model.train_on_batch(x))
+            times.append(time.perf_counter() - t)
+    return times, loss, steps_rss.peak_mb
+
+
+def _sampling(model, num_samples: int) -> dict:
+    """Seconds to draw `num_samples` samples, and whether they are finite."""
+    import numpy as np
+
+    start = time.perf_counter()
+    samples = model.sample(num_samples).numpy()
+    return {
+        "sample_seconds": round(time.perf_counter() - start, 2),
+        "num_samples": num_samples,
+        "samples_finite": bool(np.isfinite(samples).all()),
+    }
+
+
 def measure_configuration(options: dict) -> dict:
     """One configuration, in this process: build, initialise, first step, timed steps, sampling."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -122,13 +153,7 @@ def measure_configuration(options: dict) -> dict:
     start = time.perf_counter()
     first_loss = float(model.train_on_batch(batch()))  # traces, then runs one step
     end_of_first_step = time.perf_counter()
-    times = []
-    with _RssSampler() as steps_rss:
-        for _ in range(options["steps"]):
-            x = batch()
-            t = time.perf_counter()
-            loss = float(model.train_on_batch(x))
-            times.append(time.perf_counter() - t)
+    times, loss, steps_peak_mb = _timed_steps(model, batch, options["steps"])
     row = {
         "configuration": options["name"],
         "batch_size": int(batch().shape[0]),
@@ -143,15 +168,38 @@ def measure_configuration(options: dict) -> dict:
         "losses": [round(first_loss, 3), round(loss, 3)],
         "peak_rss_gb": round(peak_rss_mb() / 1024.0, 2),
         "rss_before_first_step_gb": round(rss_before_first_step / 1024.0, 2),
-        "peak_rss_during_timed_steps_gb": round(steps_rss.peak_mb / 1024.0, 2),
+        "peak_rss_during_timed_steps_gb": round(steps_peak_mb / 1024.0, 2),
     }
     if options["name"] != "toy":
-        start = time.perf_counter()
-        samples = model.sample(options["num_samples"]).numpy()
-        row["sample_seconds"] = round(time.perf_counter() - start, 2)
-        row["num_samples"] = options["num_samples"]
-        row["samples_finite"] = bool(np.isfinite(samples).all())
+        row.update(_sampling(model, options["num_samples"]))
     return row
+
+
+def _print_table(rows: list[dict]) -> None:
+    columns = [
+        "configuration",
+        "batch",
+        "parameters",
+        "step (s, median)",
+        "first step incl. tracing (s)",
+        "process start to end of first step (s)",
+        "sample 64 (s)",
+        "peak RSS (GB)",
+    ]
+    cells = [
+        [
+            r["configuration"],
+            r["batch_size"],
+            f"{r['trainable_parameters']:,}",
+            r["step_seconds_median"],
+            r["first_step_seconds_with_tracing"],
+            r["seconds_to_first_step_end"],
+            r.get("sample_seconds", "-"),
+            r["peak_rss_gb"],
+        ]
+        for r in rows
+    ]
+    print_table(columns, cells)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -173,18 +221,7 @@ def main(argv: list[str] | None = None) -> None:
         rows.append(run_worker(__file__, [json.dumps(options)]))
         print(f"  done: {rows[-1]}", file=sys.stderr)
 
-    print(
-        "| configuration | batch | parameters | step (s, median) | first step incl. tracing (s) "
-        "| process start to end of first step (s) | sample 64 (s) | peak RSS (GB) |"
-    )
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
-    for r in rows:
-        print(
-            f"| {r['configuration']} | {r['batch_size']} | {r['trainable_parameters']:,} "
-            f"| {r['step_seconds_median']} | {r['first_step_seconds_with_tracing']} "
-            f"| {r['seconds_to_first_step_end']} | {r.get('sample_seconds', '-')} "
-            f"| {r['peak_rss_gb']} |"
-        )
+    _print_table(rows)
     write_results(args.output, __file__, argv, rows=rows)
 
 

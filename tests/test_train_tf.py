@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import train_tf  # noqa: E402
-from tfp_resflow import lipschitz  # noqa: E402
+from tfp_resflow import evaluation, lipschitz, training  # noqa: E402
 from tfp_resflow.norm_order import NormOrder  # noqa: E402
 
 # A toy run small enough to trace and train in seconds.
@@ -114,11 +114,11 @@ def _learnable_layers(model):
 )
 def test_learnable_norm_orders_flag_reaches_every_layer(args, event_shape, num_levels):
     config, _ = train_tf.parse_args(args)
-    assert train_tf.model_config(config).learnable_norm_orders is False
-    assert not any(_learnable_layers(train_tf.build_model(config, event_shape, num_levels)))
+    assert training.model_config(config).learnable_norm_orders is False
+    assert not any(_learnable_layers(training.build_model(config, event_shape, num_levels)))
     config, _ = train_tf.parse_args([*args, "--model", "learnable_norm_orders=true"])
-    assert train_tf.model_config(config).learnable_norm_orders is True
-    learnable = _learnable_layers(train_tf.build_model(config, event_shape, num_levels))
+    assert training.model_config(config).learnable_norm_orders is True
+    learnable = _learnable_layers(training.build_model(config, event_shape, num_levels))
     assert learnable
     assert all(learnable)
 
@@ -161,7 +161,7 @@ def test_bad_flags_exit_nonzero_with_one_line(args, message, capsys):
 )
 def test_model_flag_sets_any_model_config_field(args, expected):
     config, _ = train_tf.parse_args(args)
-    model = train_tf.model_config(config)
+    model = training.model_config(config)
     for name, value in expected.items():
         holder = model if hasattr(model, name) else model.block
         assert getattr(holder, name) == value
@@ -270,17 +270,14 @@ def weights_checksum_of_backup(run_dir, config_args):
     As Keras' `BackupAndRestore(double_checkpoint=True)`: if the kill interrupted the writing
     of `latest.weights.h5`, the previous backup (`*.bkp`, weights and metadata) is used.
     """
-    from tfp_resflow import data, training
+    from tfp_resflow import data
 
     config, _ = train_tf.parse_args([*config_args])
     train, event_shape, num_levels = data.load_dataset(
         config.dataset, "train", batch_size=config.batch_size, seed=config.seed
     )
-    model = train_tf.build_model(config, tuple(event_shape), num_levels)
-    model.build((None, *event_shape))
-    model.initialize(next(iter(train)))
-    model.compile(optimizer=training.make_optimizer(config, 100))
-    model.optimizer.build(model.trainable_variables)
+    init_batch = next(iter(train))
+    model = training.compiled_model(config, tuple(event_shape), num_levels, init_batch, 100)
     backup = Path(run_dir) / "backup"
     suffix = ""
     try:
@@ -292,7 +289,11 @@ def weights_checksum_of_backup(run_dir, config_args):
         shutil.copyfile(backup / f"latest.weights.h5{suffix}", previous)
         model.load_weights(previous)
     epoch = json.loads((backup / f"training_metadata.json{suffix}").read_text())["epoch"]
-    return training.weights_checksum(model.weights), int(model.optimizer.iterations.numpy()), epoch
+    return (
+        evaluation.weights_checksum(model.weights),
+        int(model.optimizer.iterations.numpy()),
+        epoch,
+    )
 
 
 @pytest.mark.slow

@@ -2,7 +2,8 @@
 
 The package is flat; each module is about one idea:
 
-- `logdet`: estimators of `log|det(I + J_g(x))|` and their memory-lean gradients.
+- `logdet`: estimators of `log|det(I + J_g(x))|` and their registry.
+- `series`: the Hutchinson power series behind them and its memory-lean Neumann gradient.
 - `stateless_random`: seeded random numbers that agree in eager, graph and XLA modes.
 - `operator_norm`: induced norms `||A||_{p->q}`: closed forms and the generalized power method.
 - `lipschitz`: Keras layers whose operator norm is at most `c < 1` (`SpectralDense`; the
@@ -10,7 +11,8 @@ The package is flat; each module is about one idea:
 - `norm_order`: learnable orders of the mixed norms those layers can bound.
 - `activation`: 1-Lipschitz activations (LipSwish and others).
 - `network`: builders of residual functions `g` with `Lip(g) < 1`.
-- `solver`: fixed-point solvers (plain, Anderson) and the residual inverse's implicit gradient.
+- `fixed_point`: fixed-point solvers (plain iteration, Anderson acceleration), by name.
+- `solver`: the residual inverse and its implicit gradient.
 - `validation`: the argument checks, one wording for every message.
 - `config`: `BlockConfig`, `ResidualFlowConfig`, `ImageFlowConfig`; `name=value` parsing.
 - `modes`: `training_mode` (which estimator) and `data_dependent_init`, per call.
@@ -26,7 +28,8 @@ The package is flat; each module is about one idea:
 - `optimizer`: `GroupedAdam`, Keras' Adam updating equal-shaped variables together.
 - `bits`: bits per dimension of dequantised data.
 - `image`, `multiscale`, `presets`: image bijectors, the multi-scale flow, the named configs.
-- `data`, `training`, `distribute`, `artifacts`: what `train_tf.py` is built from.
+- `data`, `toy_data`, `training`, `evaluation`, `distribute`, `artifacts`: what `train_tf.py`
+  is built from.
 """
 
 from tfp_resflow.activation import CLipSwish, LipSwish, get_activation

@@ -3,7 +3,7 @@
 Builds a random contraction `g(x) = tanh(x W + b)` with `||W||_2 = 0.9` on 8-dimensional events
 and compares, for a batch of 4 examples, the exact `log|det(I + J_g(x))|` with the mean of 1000
 unbiased Russian-roulette estimates, and the exact gradient with the mean Neumann gradient.
-(The main training job, `train_tf.py`, arrives with a later issue.)
+(Training is `train_tf.py`.)
 """
 
 import os

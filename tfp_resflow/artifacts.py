@@ -1,8 +1,9 @@
-"""Pictures a run writes, as PNG files encoded by TensorFlow (no plotting library needed).
+"""Files a run writes: pictures as PNG (encoded by TensorFlow, no plotting library), checkpoints.
 
 - `image_grid`: a grid of images in [0, 1] (samples of an image model).
 - `density_panels`: for 2-D data, three square panels side by side: a histogram of the data,
   the model density on a grid, and a histogram of samples from the model.
+- `checkpoint_dir`, `latest_checkpoint`: where a run's checkpoints go, and the newest one.
 """
 
 import math
@@ -12,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 
-__all__ = ["density_panels", "image_grid", "write_png"]
+__all__ = ["checkpoint_dir", "density_panels", "image_grid", "latest_checkpoint", "write_png"]
 
 
 def write_png(path: str | Path, image: np.ndarray) -> None:
@@ -87,3 +88,17 @@ def density_panels(
         out.append(panel / top if top > 0 else panel)
         out.append(np.full((bins, 1), 0.5))
     return np.round(np.concatenate(out[:-1], axis=1) * 255.0).astype(np.uint8)
+
+
+def checkpoint_dir(run_dir: Path) -> Path:
+    """Where the per-epoch checkpoints (weights and optimizer state) of a run go."""
+    return Path(run_dir) / "checkpoints"
+
+
+def latest_checkpoint(run_dir: Path) -> tuple[Path, int] | None:
+    """The newest `epoch_NNN.weights.h5` in the run and its epoch, or None."""
+    found = sorted(checkpoint_dir(run_dir).glob("epoch_*.weights.h5"))
+    if not found:
+        return None
+    path = found[-1]
+    return path, int(path.name.split("_")[1].split(".")[0])

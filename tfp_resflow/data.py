@@ -1,4 +1,7 @@
-"""`tf.data` pipelines: 2-D toy sets, the scikit-learn 8x8 digits, and any tfds image set.
+"""`tf.data` image pipelines (the scikit-learn 8x8 digits, any tfds image set) and `load_dataset`.
+
+`load_dataset` is the one entry point for every data set, the 2-D toy sets of
+`tfp_resflow.toy_data` included; the conventions below hold for all of them.
 
 Images with k levels per dimension are uniformly dequantised and scaled to [0, 1):
 
@@ -21,17 +24,26 @@ need a seed, so that every worker builds the same order. Nothing is downloaded u
 `download=True` is passed (see `image_dataset`).
 """
 
-from collections.abc import Callable, Sequence
-
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 from sklearn.datasets import load_digits
 
+from tfp_resflow import validation
+from tfp_resflow.toy_data import (
+    TOY_DATASETS,
+    TOY_NUM_SAMPLES,
+    batch_pipeline,
+    seed_words,
+    toy_dataset,
+    toy_samples,
+)
+
 __all__ = [
     "DIGITS_NUM_LEVELS",
     "DIGITS_NUM_TRAIN",
     "DIGITS_SHAPE",
+    # Re-exported from `toy_data`, where they live, for code that finds them here (notebooks).
     "TOY_DATASETS",
     "TOY_NUM_SAMPLES",
     "digits_dataset",
@@ -45,175 +57,7 @@ __all__ = [
 DIGITS_NUM_LEVELS = 17  # load_digits pixels are counts 0..16 (4x4 blocks of a 32x32 bitmap).
 DIGITS_SHAPE = (8, 8, 1)
 DIGITS_NUM_TRAIN = 1500  # of 1797 images; the other 297 form the test split.
-TOY_NUM_SAMPLES = 50_000  # default points per toy split in `load_dataset`.
 _SHUFFLE_BUFFER = 10_000  # tfds examples are already shuffled on disk when prepared.
-_TOY_SPLITS = {"train": 0, "validation": 1, "test": 2}
-
-
-def _eight_gaussians(rng: np.random.Generator, n: int) -> np.ndarray:
-    angle = rng.integers(8, size=n) * (np.pi / 4)
-    centre = 2 * np.sqrt(2) * np.stack([np.cos(angle), np.sin(angle)], axis=-1)
-    return centre + rng.normal(scale=0.5 / np.sqrt(2), size=(n, 2))
-
-
-def _checkerboard(rng: np.random.Generator, n: int) -> np.ndarray:
-    col = rng.integers(4, size=n)
-    row = 2 * rng.integers(2, size=n) + col % 2  # same parity as col: the "black" cells
-    return 2.0 * (np.stack([col, row], axis=-1) + rng.uniform(size=(n, 2))) - 4.0
-
-
-def _two_spirals(rng: np.random.Generator, n: int) -> np.ndarray:
-    theta = 3 * np.pi * np.sqrt(rng.uniform(size=n))  # sqrt: roughly uniform along the arc
-    arm = rng.choice([-1.0, 1.0], size=(n, 1))
-    curve = theta[:, None] / 3 * np.stack([-np.cos(theta), np.sin(theta)], axis=-1)
-    return arm * curve + rng.normal(scale=0.1, size=(n, 2))
-
-
-def _on_circles(rng: np.random.Generator, radii: Sequence[float], n: int) -> np.ndarray:
-    radius = np.asarray(radii)[rng.integers(len(radii), size=n)]
-    angle = rng.uniform(0, 2 * np.pi, size=n)
-    return radius[:, None] * np.stack([np.cos(angle), np.sin(angle)], axis=-1)
-
-
-def _rings(rng: np.random.Generator, n: int) -> np.ndarray:
-    return _on_circles(rng, [0.75, 1.5, 2.25, 3.0], n) + rng.normal(scale=0.08, size=(n, 2))
-
-
-def _circles(rng: np.random.Generator, n: int) -> np.ndarray:
-    return 3 * (_on_circles(rng, [0.5, 1.0], n) + rng.normal(scale=0.08, size=(n, 2)))
-
-
-def _moons(rng: np.random.Generator, n: int) -> np.ndarray:
-    t = rng.uniform(0, np.pi, size=n)
-    upper = np.stack([np.cos(t), np.sin(t)], axis=-1)
-    lower = np.stack([1 - np.cos(t), 0.5 - np.sin(t)], axis=-1)
-    x = np.where(rng.integers(2, size=(n, 1)) == 1, upper, lower)
-    return 2 * (x + rng.normal(scale=0.1, size=(n, 2))) + [-1.0, -0.2]
-
-
-def _pinwheel(rng: np.random.Generator, n: int) -> np.ndarray:
-    radial = 1 + 0.3 * rng.standard_normal(n)
-    tangential = 0.1 * rng.standard_normal(n)
-    # Each arm bends away from its axis by 0.25 * exp(radius) radians.
-    angle = rng.integers(5, size=n) * (2 * np.pi / 5) + 0.25 * np.exp(radial)
-    cos, sin = np.cos(angle), np.sin(angle)
-    return 2 * np.stack([radial * cos - tangential * sin, radial * sin + tangential * cos], -1)
-
-
-def _swissroll(rng: np.random.Generator, n: int) -> np.ndarray:
-    t = 1.5 * np.pi * (1 + 2 * rng.uniform(size=n))
-    roll = t[:, None] * np.stack([np.cos(t), np.sin(t)], axis=-1)
-    return (roll + rng.normal(size=(n, 2))) / 5
-
-
-_TOY_GENERATORS: dict[str, Callable[[np.random.Generator, int], np.ndarray]] = {
-    "8gaussians": _eight_gaussians,
-    "checkerboard": _checkerboard,
-    "2spirals": _two_spirals,
-    "rings": _rings,
-    "moons": _moons,
-    "pinwheel": _pinwheel,
-    "circles": _circles,
-    "swissroll": _swissroll,
-}
-TOY_DATASETS = tuple(_TOY_GENERATORS)
-
-
-def _check_positive_int(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
-        raise ValueError(f"{name} must be a positive integer; got {value!r}.")
-    return int(value)
-
-
-def _check_choice(name: str, value: object, choices: Sequence[str]) -> str:
-    if value not in choices:
-        raise ValueError(f"Unknown {name} {value!r}; valid: {', '.join(choices)}.")
-    return value
-
-
-def toy_samples(name: str, num_samples: int, *, seed: int | Sequence[int] | None) -> np.ndarray:
-    """Draws points from a 2-D toy density of the FFJORD and Residual Flow papers.
-
-    Scales follow FFJORD's `toy_data.py`, so every set fits in about [-4, 4]^2:
-
-    - "8gaussians": 8 Gaussians (std 0.5/sqrt(2)) centred on a circle of radius 2 sqrt(2).
-    - "checkerboard": uniform on the 8 cells of a 4x4 board of 2x2 squares on [-4, 4]^2 with
-      floor(x1 / 2) + floor(x2 / 2) even.
-    - "2spirals": two interleaved spirals r = theta / 3, theta in [0, 3 pi], noise std 0.1.
-    - "rings": 4 concentric circles of radii 0.75, 1.5, 2.25, 3, noise std 0.08.
-    - "moons": two interleaving half circles (scikit-learn's moons, noise 0.1), times 2,
-      shifted by (-1, -0.2).
-    - "pinwheel": 5 curved arms at radius about 2 (radial std 0.6, tangential std 0.2).
-    - "circles": 2 concentric circles of radii 1.5 and 3, noise std 0.24.
-    - "swissroll": the spiral r = t / 5, t in [1.5 pi, 4.5 pi], noise std 0.2.
-
-    Args:
-        name: one of `TOY_DATASETS`.
-        num_samples: N, the number of points.
-        seed: anything `np.random.default_rng` accepts; None for fresh randomness.
-
-    Returns:
-        float32 array of shape `[N, 2]`.
-
-    Raises:
-        ValueError: for an unknown name or a non-positive `num_samples`.
-    """
-    generator = _TOY_GENERATORS[_check_choice("toy dataset", name, TOY_DATASETS)]
-    num_samples = _check_positive_int("num_samples", num_samples)
-    return generator(np.random.default_rng(seed), num_samples).astype(np.float32)
-
-
-def _seed_words(seed: int | None, count: int) -> list[int | None]:
-    """Independent TF op seeds derived from one user seed (all None if it is None)."""
-    if seed is None:
-        return [None] * count
-    return [int(w) for w in np.random.SeedSequence(seed).generate_state(count) >> 1]
-
-
-def _batch(ds: tf.data.Dataset, batch_size: int, *, training: bool) -> tf.data.Dataset:
-    # Training drops the last partial batch: a constant batch shape avoids a retrace (or an XLA
-    # recompile) at the end of every epoch.
-    return ds.batch(batch_size, drop_remainder=training).prefetch(tf.data.AUTOTUNE)
-
-
-def toy_dataset(
-    name: str,
-    *,
-    batch_size: int,
-    num_samples: int,
-    seed: int | None = None,
-    split: str = "train",
-    training: bool = True,
-) -> tf.data.Dataset:
-    """A `tf.data.Dataset` of a fixed set of points from a toy density (`toy_samples`).
-
-    Args:
-        name: one of `TOY_DATASETS`.
-        batch_size: points per batch.
-        num_samples: number of points in the set.
-        seed: seeds both the points and the shuffling; None for fresh randomness (with
-            `training=False`, None means 0).
-        split: "train", "validation" or "test": independent sets for the same seed.
-        training: if True, an endless stream reshuffled every epoch (see the module
-            docstring); else one pass in a fixed order.
-
-    Returns:
-        A dataset of float32 batches of shape `[batch_size, 2]` (features only).
-
-    Raises:
-        ValueError: for an unknown name or split, or a non-positive count.
-    """
-    stream = _TOY_SPLITS[_check_choice("split", split, tuple(_TOY_SPLITS))]
-    batch_size = _check_positive_int("batch_size", batch_size)
-    if seed is None and not training:
-        seed = 0
-    points = toy_samples(name, num_samples, seed=None if seed is None else [stream, seed])
-    ds = tf.data.Dataset.from_tensor_slices(points)
-    if training:
-        ds = ds.repeat().shuffle(
-            len(points), seed=_seed_words(seed, 1)[0], reshuffle_each_iteration=False
-        )
-    return _batch(ds, batch_size, training=training)
 
 
 def _dequantize(n: tf.Tensor, num_levels: int, seed: tf.Tensor) -> tf.Tensor:
@@ -244,7 +88,7 @@ def _image_pipeline(
         if flip:
             raise ValueError("flip=True needs training=True (evaluation is deterministic).")
         seed = 0 if seed is None else seed
-    shuffle_seed, noise_seed = _seed_words(seed, 2)
+    shuffle_seed, noise_seed = seed_words(seed, 2)
     if training:
         images = images.repeat().shuffle(
             shuffle_buffer, seed=shuffle_seed, reshuffle_each_iteration=False
@@ -261,15 +105,14 @@ def _image_pipeline(
         return _dequantize(n, num_levels, tf.stack([key, 0]))
 
     ds = tf.data.Dataset.zip(images, keys).map(transform, num_parallel_calls=tf.data.AUTOTUNE)
-    return _batch(ds, batch_size, training=training)
+    return batch_pipeline(ds, batch_size, training=training)
 
 
 def _check_num_levels(num_levels: object, source_levels: int) -> int:
-    if isinstance(num_levels, bool) or not isinstance(num_levels, int | np.integer):
-        raise ValueError(f"num_levels must be an integer; got {num_levels!r}.")
-    if not 2 <= num_levels <= source_levels:
-        raise ValueError(f"num_levels must be in [2, {source_levels}]; got {num_levels!r}.")
-    return int(num_levels)
+    num_levels = validation.integer("num_levels", num_levels, 2)
+    if num_levels > source_levels:
+        validation.fail("num_levels", f"an integer in [2, {source_levels}]", num_levels)
+    return num_levels
 
 
 def digits_dataset(
@@ -301,8 +144,8 @@ def digits_dataset(
     Raises:
         ValueError: for an unknown split or bad arguments.
     """
-    _check_choice("split", split, ("train", "test"))
-    batch_size = _check_positive_int("batch_size", batch_size)
+    validation.choice("split", split, ("train", "test"))
+    batch_size = validation.positive_integer("batch_size", batch_size)
     images = load_digits().images.astype(np.uint8)[..., None]
     order = np.random.default_rng(split_seed).permutation(len(images))
     part = order[:DIGITS_NUM_TRAIN] if split == "train" else order[DIGITS_NUM_TRAIN:]
@@ -371,7 +214,7 @@ def image_dataset(
         ValueError: for an unknown dataset (tfds' `DatasetNotFoundError`) or bad arguments.
         FileNotFoundError: if the data is not prepared and `download` is False.
     """
-    batch_size = _check_positive_int("batch_size", batch_size)
+    batch_size = validation.positive_integer("batch_size", batch_size)
     num_levels = _check_num_levels(num_levels, 256)
     builder = tfds.builder(name, data_dir=data_dir)
     key = _image_key(name, builder.info.features)
@@ -439,6 +282,31 @@ def load_dataset(
     """
     if training is None:
         training = split.startswith("train")
+    _check_options_apply(name, flip=flip, num_levels=num_levels, num_samples=num_samples)
+    common = {"batch_size": batch_size, "seed": seed, "training": training}
+    if name in TOY_DATASETS:
+        num_samples = TOY_NUM_SAMPLES if num_samples is None else num_samples
+        return toy_dataset(name, num_samples=num_samples, split=split, **common), (2,), None
+    if name == "digits":
+        ds = digits_dataset(split, flip=flip, **common)
+        return ds, DIGITS_SHAPE, DIGITS_NUM_LEVELS
+    num_levels = 256 if num_levels is None else num_levels
+    ds, _ = image_dataset(
+        name,
+        split,
+        num_levels=num_levels,
+        flip=flip,
+        data_dir=data_dir,
+        download=download,
+        **common,
+    )
+    return ds, tuple(ds.element_spec.shape[1:]), num_levels
+
+
+def _check_options_apply(
+    name: str, *, flip: bool, num_levels: int | None, num_samples: int | None
+) -> None:
+    """Raises if an option of `load_dataset` is given for a dataset it does not apply to."""
     is_toy, is_digits = name in TOY_DATASETS, name == "digits"
     misplaced = {
         "num_levels": num_levels is not None and (is_toy or is_digits),
@@ -448,33 +316,6 @@ def load_dataset(
     if any(misplaced.values()):
         given = ", ".join(k for k, v in misplaced.items() if v)
         raise ValueError(f"{given} does not apply to dataset {name!r}.")
-    if is_toy:
-        num_samples = TOY_NUM_SAMPLES if num_samples is None else num_samples
-        ds = toy_dataset(
-            name,
-            batch_size=batch_size,
-            num_samples=num_samples,
-            seed=seed,
-            split=split,
-            training=training,
-        )
-        return ds, (2,), None
-    if is_digits:
-        ds = digits_dataset(split, batch_size=batch_size, seed=seed, training=training, flip=flip)
-        return ds, DIGITS_SHAPE, DIGITS_NUM_LEVELS
-    num_levels = 256 if num_levels is None else num_levels
-    ds, info = image_dataset(
-        name,
-        split,
-        batch_size=batch_size,
-        num_levels=num_levels,
-        seed=seed,
-        training=training,
-        flip=flip,
-        data_dir=data_dir,
-        download=download,
-    )
-    return ds, tuple(ds.element_spec.shape[1:]), num_levels
 
 
 def num_examples(

@@ -17,11 +17,16 @@ epoch hooks, so evaluation and files are the same as with `fit`.
 import json
 import os
 import time
+from collections.abc import Callable
 
 import keras
 import tensorflow as tf
 
-__all__ = ["fit_custom_loop", "is_chief", "make_strategy", "task_index"]
+from tfp_resflow import validation
+
+__all__ = ["STRATEGIES", "fit_custom_loop", "is_chief", "make_strategy", "task_index"]
+
+STRATEGIES = ("default", "mirrored", "multiworker", "tpu")
 
 
 def make_strategy(name: str, *, cpu_devices: int = 0) -> tf.distribute.Strategy:
@@ -38,6 +43,7 @@ def make_strategy(name: str, *, cpu_devices: int = 0) -> tf.distribute.Strategy:
     Raises:
         ValueError: for an unknown name or a multi-worker run without TF_CONFIG.
     """
+    validation.choice("strategy", name, STRATEGIES)
     if cpu_devices > 0:
         cpu = tf.config.list_physical_devices("CPU")[0]
         tf.config.set_logical_device_configuration(
@@ -54,14 +60,10 @@ def make_strategy(name: str, *, cpu_devices: int = 0) -> tf.distribute.Strategy:
         if "TF_CONFIG" not in os.environ:
             raise ValueError("strategy 'multiworker' needs the TF_CONFIG environment variable.")
         return tf.distribute.MultiWorkerMirroredStrategy()
-    if name == "tpu":
-        resolver = tf.distribute.cluster_resolver.TPUClusterResolver(
-            tpu=os.environ.get("TPU_NAME", "")
-        )
-        tf.config.experimental_connect_to_cluster(resolver)
-        tf.tpu.experimental.initialize_tpu_system(resolver)
-        return tf.distribute.TPUStrategy(resolver)
-    raise ValueError(f"unknown strategy {name!r}.")
+    resolver = tf.distribute.cluster_resolver.TPUClusterResolver(tpu=os.environ.get("TPU_NAME", ""))
+    tf.config.experimental_connect_to_cluster(resolver)
+    tf.tpu.experimental.initialize_tpu_system(resolver)
+    return tf.distribute.TPUStrategy(resolver)
 
 
 def task_index(strategy: tf.distribute.Strategy) -> int:
@@ -99,16 +101,8 @@ def fit_custom_loop(
     Returns:
         `{"loss": [mean training loss of each epoch]}`, like `History.history`.
     """
-    options = tf.data.Options()
-    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
-    iterator = iter(strategy.experimental_distribute_dataset(dataset.with_options(options)))
-
-    @tf.function
-    def train_step(batch: tf.Tensor) -> tf.Tensor:
-        logs = strategy.run(model.train_step, args=(batch,))
-        # The loss tracker is a Keras Mean metric: every replica reports the same result.
-        return strategy.experimental_local_results(logs["loss"])[0]
-
+    iterator = iter(strategy.experimental_distribute_dataset(_sharded_by_data(dataset)))
+    train_step = _distributed_train_step(strategy, model)
     callbacks = list(callbacks or [])
     for callback in callbacks:
         callback.set_model(model)
@@ -133,3 +127,24 @@ def fit_custom_loop(
         callback.on_train_end()
     model.optimizer.finalize_variable_values(model.trainable_weights)  # EMA, as fit does
     return history
+
+
+def _sharded_by_data(dataset: tf.data.Dataset) -> tf.data.Dataset:
+    """`dataset`, sharded by data across workers (generated datasets have no files)."""
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+    return dataset.with_options(options)
+
+
+def _distributed_train_step(
+    strategy: tf.distribute.Strategy, model: keras.Model
+) -> Callable[[tf.Tensor], tf.Tensor]:
+    """A traced step running `model.train_step` on every replica; returns the loss."""
+
+    @tf.function
+    def train_step(batch: tf.Tensor) -> tf.Tensor:
+        logs = strategy.run(model.train_step, args=(batch,))
+        # The loss tracker is a Keras Mean metric: every replica reports the same result.
+        return strategy.experimental_local_results(logs["loss"])[0]
+
+    return train_step

@@ -11,22 +11,10 @@ value of the residual branch (a residual block's output is `x + g(x)`, so it nee
 evaluation of `g`), and `parameters` lists tensors that `g` reads by closure and that need
 gradients (the variables it reads are found automatically).
 
-The series behind the stochastic estimators (valid when the spectral radius of `J` is below 1):
-
-    log|det(I + J)| = sum{ (-1)**(k+1) / k * tr(J**k) : k >= 1 }
-    tr(J**k) = E_v[ v^T J**k v ]      (Hutchinson; E[v v^T] = I)
-
-`v^T J**k` is k vector-Jacobian products (VJPs) of `g`, so an estimate with n terms costs
-n VJPs and no Jacobian. The gradient of the log-det has its own series (Neumann series of the
-inverse; Chen et al., 2019, eq. 8):
-
-    d/dtheta log|det(I + J)| = tr((I + J)^-1 dJ/dtheta)
-                             = sum{ (-1)**k tr(J**k dJ/dtheta) : k >= 0 }
-
-With `neumann_gradient=True` the estimators return the log-det *value* of the series estimate,
-while the gradient (with respect to `x` and every variable `g` reads) is the Neumann estimate
-`d/dtheta <w^T J, v>` with the constant vector `w = sum{ (-1)**k c_k v^T J**k }`. Only `x`, `v`
-and `w` are kept for the backward pass, so memory does not grow with the number of terms.
+The stochastic estimators (truncated and roulette) sum the Hutchinson power series of the
+log-det: n terms cost n vector-Jacobian products and no Jacobian. With `neumann_gradient=True`
+their gradient is the memory-flat Neumann estimate (Chen et al., 2019, eq. 8). The series, its
+weights and its gradient, with their math, are in `tfp_resflow.series`.
 
 References:
     Chen, Behrmann, Duvenaud, Jacobsen (2019). Residual Flows for Invertible Generative
@@ -42,6 +30,14 @@ from typing import Any
 import tensorflow as tf
 
 from tfp_resflow import stateless_random, validation
+from tfp_resflow.series import (
+    DISTRIBUTIONS,
+    PROBES,
+    ResidualFn,
+    sample_from_survival,
+    series_log_det,
+    survival_function,
+)
 from tfp_resflow.stateless_random import SeedLike
 
 __all__ = [
@@ -60,7 +56,6 @@ __all__ = [
     "russian_roulette_log_det",
 ]
 
-ResidualFn = Callable[[tf.Tensor], tf.Tensor]
 LogDetFn = Callable[..., tuple[tf.Tensor, tf.Tensor]]
 """`(residual_fn, x, *, seed=None) -> (g(x), log_det)`; bind options with functools.partial."""
 
@@ -68,8 +63,6 @@ LogDetFn = Callable[..., tuple[tf.Tensor, tf.Tensor]]
 # about 20 + 2 VJPs, so exact is both cheaper and better up to about 20 dimensions.
 EVAL_EXACT_MAX_EVENT_SIZE = 20
 EVAL_NUM_EXACT_TERMS = 20
-PROBES = ("gaussian", "rademacher")
-DISTRIBUTIONS = ("geometric", "poisson")
 # Seed sub-streams: the number of terms and the probes must be independent draws.
 _STREAM_NUM_TERMS, _STREAM_PROBE = 0, 1
 
@@ -144,155 +137,6 @@ def exact_log_det(
 # Series estimators.
 
 
-def _event_dot(a: tf.Tensor, b: tf.Tensor) -> tf.Tensor:
-    """Per-example inner product over all event axes, `[B, *event] x 2 -> [B]`."""
-    return tf.reduce_sum(tf.reshape(a * b, tf.stack([tf.shape(a)[0], -1])), axis=-1)
-
-
-def _draw_probe(shape: tf.Tensor, seed: tf.Tensor, dtype: tf.DType, probe: str) -> tf.Tensor:
-    if probe == "gaussian":
-        return stateless_random.normal(shape, seed, dtype)
-    return stateless_random.rademacher(shape, seed, dtype)
-
-
-def _series_log_det(
-    residual_fn: ResidualFn,
-    x: tf.Tensor,
-    *,
-    parameters: Sequence[tf.Tensor],
-    probe_seed: tf.Tensor,
-    num_terms: tf.Tensor,
-    term_weight: Callable[[tf.Tensor], tf.Tensor],
-    neumann_weight: Callable[[tf.Tensor], tf.Tensor],
-    probe: str,
-    num_probes: int,
-    neumann_gradient: bool,
-    maximum_iterations: int | None,
-) -> tuple[tf.Tensor, tf.Tensor]:
-    """The weighted Hutchinson power series shared by the truncated and roulette estimators.
-
-        log_det = mean_probes sum{ (-1)**(k+1) / k * term_weight(k) * <u_k, v> : k = 1..n }
-        u_0 = v,  u_k = u_{k-1}^T J  (one VJP each)
-        w = sum{ (-1)**k * neumann_weight(k) * u_k : k = 0..n }   (Neumann vector)
-
-    Args:
-        residual_fn: `g`.
-        x: `[B, *event]`.
-        parameters: tensors `g` reads by closure that need gradients (the Neumann gradient's
-            custom gradient sees only its arguments and the variables `g` reads).
-        probe_seed: sanitised seed for the probes.
-        num_terms: int32 scalar `n`, may be random.
-        term_weight: `k -> weight` (float64 scalar) of series term k >= 1.
-        neumann_weight: `k -> weight` of `u_k` in the Neumann vector, k >= 0.
-        probe: "gaussian" or "rademacher".
-        num_probes: probes per example; the batch is tiled that many times.
-        neumann_gradient: whether the gradient is the Neumann estimate (memory-flat).
-        maximum_iterations: static bound on `n`, or None (then the plain estimator cannot be
-            differentiated under XLA, which needs static loop bounds for backprop).
-
-    Returns:
-        `(g(x), log_det)`.
-    """
-    batch = tf.shape(x)[0]
-    dtype = x.dtype
-
-    def tile(t: tf.Tensor) -> tf.Tensor:
-        # Several probes per example: tile the batch so that each VJP serves all probes at once.
-        return tf.concat([t] * num_probes, axis=0) if num_probes > 1 else t
-
-    def first_tile(t: tf.Tensor) -> tf.Tensor:
-        return t[:batch] if num_probes > 1 else t
-
-    def mean_over_probes(per_row: tf.Tensor) -> tf.Tensor:
-        return tf.reduce_mean(tf.reshape(per_row, tf.stack([num_probes, batch])), axis=0)
-
-    v = _draw_probe(tf.shape(tile(x)), probe_seed, dtype, probe)
-
-    def sign(k: tf.Tensor) -> tf.Tensor:  # (-1)**(k+1)
-        return tf.where(k % 2 == 1, tf.constant(1.0, dtype), tf.constant(-1.0, dtype))
-
-    def run_series(
-        x_tiled: tf.Tensor, *, with_neumann_vector: bool
-    ) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
-        with tf.GradientTape(persistent=True) as tape:
-            tape.watch(x_tiled)
-            gx_tiled = residual_fn(x_tiled)
-
-        def body(
-            k: tf.Tensor, u: tf.Tensor, log_det: tf.Tensor, w: tf.Tensor
-        ) -> tuple[tf.Tensor, ...]:
-            u = tape.gradient(gx_tiled, x_tiled, output_gradients=u)  # u_k = u_{k-1}^T J
-            kf = tf.cast(k, dtype)
-            weight = tf.cast(term_weight(k), dtype)
-            log_det += sign(k) * weight / kf * _event_dot(u, v)
-            if with_neumann_vector:
-                w += -sign(k) * tf.cast(neumann_weight(k), dtype) * u
-            return k + 1, u, log_det, w
-
-        w0 = tf.cast(neumann_weight(tf.constant(0)), dtype) * v if with_neumann_vector else v
-        _, _, log_det, w = tf.while_loop(
-            lambda k, *_: k <= num_terms,
-            body,
-            (tf.constant(1), v, tf.zeros([tf.shape(x_tiled)[0]], dtype), w0),
-            maximum_iterations=maximum_iterations,
-        )
-        return first_tile(gx_tiled), mean_over_probes(log_det), w
-
-    if not neumann_gradient:
-        # Plain estimator: autodiff through the series; memory grows with the number of terms.
-        gx, log_det, _ = run_series(tile(x), with_neumann_vector=False)
-        return gx, log_det
-
-    num_parameters = len(parameters)
-
-    @tf.custom_gradient
-    def series_with_neumann_gradient(
-        x_in: tf.Tensor, *parameters_in: tf.Tensor
-    ) -> tuple[tuple[tf.Tensor, tf.Tensor], Callable[..., object]]:
-        del parameters_in  # The same tensors that `residual_fn` reads.
-        x_tiled = tile(x_in)
-        gx, log_det, w = run_series(x_tiled, with_neumann_vector=True)
-
-        def grad_fn(
-            d_gx: tf.Tensor | None, d_log_det: tf.Tensor | None, variables: list | None = None
-        ) -> object:
-            # Recompute g once the upstream gradients exist: without this ordering the runtime
-            # may run every block's recomputation early and hold all of their activations.
-            upstream = [t for t in (d_gx, d_log_det) if t is not None]
-            with tf.control_dependencies(upstream):
-                x_again = tf.identity(x_tiled)
-            # The inner tape gives w^T J, the outer one differentiates
-            #   <g(x), d_gx> + sum_b d_log_det[b] * <w_b^T J_b, v_b>
-            # with w and v held constant: the value path and the Neumann estimate in one
-            # recomputation. Each example keeps its own upstream weight (the authors'
-            # memory-efficient backward uses the first example's weight for all).
-            watched = [x_again, *parameters, *(variables or [])]
-            with tf.GradientTape() as outer:
-                outer.watch(watched)
-                with tf.GradientTape() as inner:
-                    inner.watch(x_again)
-                    gx_tiled = residual_fn(x_again)
-                w_jacobian = inner.gradient(gx_tiled, x_again, output_gradients=w)
-                surrogate = tf.zeros([], dtype)
-                if d_log_det is not None:
-                    per_probe = tile(d_log_det / num_probes)
-                    surrogate += tf.reduce_sum(per_probe * _event_dot(w_jacobian, v))
-                if d_gx is not None:
-                    surrogate += tf.reduce_sum(first_tile(gx_tiled) * d_gx)
-            grads = outer.gradient(
-                surrogate, watched, unconnected_gradients=tf.UnconnectedGradients.ZERO
-            )
-            d_x = tf.add_n(tf.split(grads[0], num_probes, axis=0)) if num_probes > 1 else grads[0]
-            input_grads = [d_x, *grads[1 : 1 + num_parameters]]
-            if variables is None:
-                return input_grads
-            return input_grads, grads[1 + num_parameters :]
-
-        return (gx, log_det), grad_fn
-
-    return series_with_neumann_gradient(x, *parameters)
-
-
 def _check_series_options(probe: str, num_probes: int) -> None:
     validation.choice("probe", probe, PROBES)
     validation.integer("num_probes", num_probes, 1)
@@ -346,7 +190,7 @@ def power_series_log_det(
         # u_k for k < num_terms: d/dtheta tr(J**k) / k = tr(J**(k-1) dJ/dtheta).
         return tf.where(k < num_terms, tf.constant(1.0, tf.float64), tf.constant(0.0, tf.float64))
 
-    return _series_log_det(
+    return series_log_det(
         residual_fn,
         x,
         parameters=tuple(parameters),
@@ -359,41 +203,6 @@ def power_series_log_det(
         neumann_gradient=neumann_gradient,
         maximum_iterations=num_terms,
     )
-
-
-def _survival_function(
-    distribution: str, p: float, rate: float
-) -> Callable[[tf.Tensor], tf.Tensor]:
-    """Returns `j -> P(N >= j)` (float64) for the number N of terms beyond the exact ones.
-
-    geometric(p), N in {1, 2, ...}:  P(N >= j) = (1 - p)**(j - 1)          for j >= 1
-    poisson(rate), N in {0, 1, ...}: P(N >= j) = igamma(j, rate)            for j >= 1
-    (igamma is the regularised lower incomplete gamma function; it is accurate in the tail,
-    where `1 - cdf` would cancel.) Both are 1 for smaller j.
-    """
-
-    def survival(j: tf.Tensor) -> tf.Tensor:
-        j = tf.cast(j, tf.float64)
-        if distribution == "geometric":
-            tail = tf.pow(tf.constant(1.0 - p, tf.float64), j - 1.0)
-        else:
-            tail = tf.math.igamma(tf.maximum(j, 1.0), tf.constant(rate, tf.float64))
-        first_random_term = 1.0 if distribution == "geometric" else 0.0
-        return tf.where(j <= first_random_term, tf.ones_like(tail), tail)
-
-    return survival
-
-
-def _sample_from_survival(survival: Callable[[tf.Tensor], tf.Tensor], seed: tf.Tensor) -> tf.Tensor:
-    """Draws N with `P(N >= j) = survival(j)` by inverting the survival function.
-
-    With `t ~ U(0, 1)`, `N = max{ j : survival(j) >= t }`; then `N >= j` exactly when
-    `survival(j) >= t`, which has probability `survival(j)`. The same function gives the
-    roulette weights, so sampling and weighting cannot disagree.
-    """
-    t = stateless_random.uniform([], seed, tf.float64)
-    (n,) = tf.while_loop(lambda j: survival(j + 1) >= t, lambda j: (j + 1,), (tf.constant(0),))
-    return n
 
 
 def russian_roulette_log_det(
@@ -472,13 +281,13 @@ def russian_roulette_log_det(
     x = _check_batch(x)
     seed = stateless_random.sanitize_seed(seed)
 
-    survival = _survival_function(term_distribution, float(geometric_p), float(poisson_rate))
-    extra_terms = _sample_from_survival(survival, stateless_random.fold_in(seed, _STREAM_NUM_TERMS))
+    survival = survival_function(term_distribution, float(geometric_p), float(poisson_rate))
+    extra_terms = sample_from_survival(survival, stateless_random.fold_in(seed, _STREAM_NUM_TERMS))
 
     def weight(k: tf.Tensor) -> tf.Tensor:
         return 1.0 / survival(k - num_exact_terms)
 
-    return _series_log_det(
+    return series_log_det(
         residual_fn,
         x,
         parameters=tuple(parameters),

@@ -9,10 +9,12 @@ gradient is not taken through the iterations: with `dL/dx` given,
 
 another contraction (Lip of `a -> a J` is also below 1), solved with vector-Jacobian products.
 
-Both fixed points are found by a pluggable solver, `solver(step, start, scale, *, atol, rtol,
-max_iterations) -> (x, converged)`, registered by name in `SOLVERS`: `plain` iteration, or
-`anderson` acceleration, which often needs far fewer evaluations of `step` (each one a pass
-through the residual block) when `Lip(g)` is close to 1, where the plain iteration is slowest.
+Both fixed points are found by a pluggable solver of `tfp_resflow.fixed_point`, `solver(step,
+start, scale, *, atol, rtol, max_iterations) -> (x, converged)`, registered by name in `SOLVERS`:
+`plain` iteration, or `anderson` acceleration, which often needs far fewer evaluations of `step`
+(each one a pass through the residual block) when `Lip(g)` is close to 1, where the plain
+iteration is slowest. The registry's names are re-exported here, where the configs and blocks
+have always found them.
 
 References:
     Behrmann, Grathwohl, Chen, Duvenaud, Jacobsen (2019). Invertible Residual Networks. ICML.
@@ -21,299 +23,34 @@ References:
     49(4), 1715-1735. https://doi.org/10.1137/10078356X
 """
 
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import numpy as np
 import tensorflow as tf
 
+from tfp_resflow.fixed_point import (
+    DEFAULT_TOLERANCE,
+    SOLVER_NAMES,
+    SOLVERS,
+    fixed_point,
+    get_solver,
+    tolerances,
+)
+
 __all__ = [
-    "ANDERSON_MEMORY",
-    "ANDERSON_REGULARIZATION",
+    # The solver registry, re-exported from `fixed_point` for `config`, `bijector`,
+    # `block_functions` and the notebooks.
     "DEFAULT_TOLERANCE",
     "SOLVERS",
     "SOLVER_NAMES",
-    "anderson",
     "fixed_point",
     "get_solver",
-    "plain",
+    "tolerances",
+    # Ours.
+    "nan_unless",
     "solve_residual",
 ]
-
-Solver = Callable[..., tuple[tf.Tensor, tf.Tensor]]
-
-# Default fixed-point tolerances per dtype: a few hundred ulps, so that the iteration stops at
-# the precision of the arithmetic instead of at an arbitrary 1e-5 (the authors' squared-step test
-# effectively stops at |step| ~ 3e-3).
-DEFAULT_TOLERANCE = {"float16": 1e-3, "bfloat16": 1e-2, "float32": 1e-6, "float64": 1e-12}
-
-
-def tolerances(dtype: tf.DType, atol: float | None, rtol: float | None) -> tuple[float, float]:
-    """`(atol, rtol)` with the defaults of `DEFAULT_TOLERANCE` filled in for `dtype`."""
-    default = DEFAULT_TOLERANCE.get(tf.as_dtype(dtype).name, 1e-6)
-    return (default if atol is None else atol), (default if rtol is None else rtol)
-
-
-# Anderson's history length, a common choice: more costs memory (`[batch, 2 * memory, event]`) and
-# a worse-conditioned least-squares problem, for little gain on a nonlinear map.
-ANDERSON_MEMORY = 5
-# Tikhonov term of Anderson's normal equations, relative (see `anderson`). Raised to a few ulps of
-# the dtype of the solve: below, it would not change the rounded matrix, and two equal residuals
-# would make it exactly singular, which `tf.linalg.solve` reports as an error.
-ANDERSON_REGULARIZATION = 1e-10
-
-
-def _per_example_done(new: tf.Tensor, old: tf.Tensor, tolerance: tf.Tensor) -> tf.Tensor:
-    """`[batch]`: every element of the example moved by at most `tolerance`."""
-    ok = tf.abs(new - old) <= tolerance
-    return tf.reduce_all(tf.reshape(ok, [tf.shape(ok)[0], -1]), axis=1)
-
-
-def plain(
-    step: Callable[[tf.Tensor], tf.Tensor],
-    start: tf.Tensor,
-    scale: tf.Tensor,
-    *,
-    atol: float,
-    rtol: float,
-    max_iterations: int,
-) -> tuple[tf.Tensor, tf.Tensor]:
-    """Iterates `x <- step(x)` until every element moves by at most `atol + rtol * |scale|`.
-
-    Args:
-        step: the map, `[batch, *event] -> [batch, *event]`.
-        start: the first iterate, `[batch, *event]`.
-        scale: tensor of the same shape setting the relative tolerance (e.g. the right-hand side).
-        atol: absolute tolerance per element.
-        rtol: relative tolerance per element.
-        max_iterations: cap on the number of steps.
-
-    Returns:
-        `(x, converged)`: the last iterate and a per-example flag of shape `[batch]`.
-    """
-    tolerance = atol + rtol * tf.abs(scale)
-
-    def body(i: tf.Tensor, x: tf.Tensor, done: tf.Tensor) -> tuple[tf.Tensor, ...]:
-        new = step(x)
-        return i + 1, new, _per_example_done(new, x, tolerance)
-
-    _, x, done = tf.while_loop(
-        lambda i, x, done: tf.logical_and(i < max_iterations, ~tf.reduce_all(done)),
-        body,
-        (tf.constant(0), start, tf.zeros([tf.shape(start)[0]], tf.bool)),
-    )
-    return x, done
-
-
-# The name other modules and older code call the plain iteration by.
-fixed_point = plain
-
-
-def anderson(
-    step: Callable[[tf.Tensor], tf.Tensor],
-    start: tf.Tensor,
-    scale: tf.Tensor,
-    *,
-    atol: float,
-    rtol: float,
-    max_iterations: int,
-    memory: int = ANDERSON_MEMORY,
-    safeguard: bool = True,
-) -> tuple[tf.Tensor, tf.Tensor]:
-    """Anderson-accelerated (type II) fixed-point iteration of `step`, per example.
-
-    With an example's last `k <= memory` iterates `x_i`, their images `s_i = step(x_i)` and
-    residuals `f_i = s_i - x_i` (events flattened to vectors), the next iterate mixes the images
-    with the weights that best cancel the residuals (Walker & Ni, 2011, with damping 1):
-
-        alpha = argmin ||sum_i alpha_i f_i||_2  subject to  sum_i alpha_i = 1,
-        x_next = sum_i alpha_i s_i.
-
-    On a linear map this is GMRES (Walker & Ni, 2011), so it gains most where the plain iteration
-    is slowest, with the eigenvalues of `J_step` clustered near 1 on the real axis; with one
-    entry (`k = 1`) it is the plain step. The weights come from the tiny normal equations of the
-    constrained problem, a batch of `k x k` systems solved with `tf.linalg.solve`, with a
-    Tikhonov term relative to each residual's norm:
-
-        alpha = y / sum(y)  with  (F F^T + lambda diag(|f_i|^2)) y = 1,   F = [f_1; ...; f_k],
-
-    solved as `(U U^T + lambda I) u = D^-1 1`, `y = D^-1 u`, with `U` the unit residuals and
-    `D = diag(|f_i| / max_j |f_j|)`; `lambda` is `ANDERSON_REGULARIZATION`, or a few ulps of the
-    dtype if larger.
-
-    Safeguard: an extrapolation can leave the region where `step` contracts (a strongly nonlinear
-    or non-smooth map) or is finite. An accelerated iterate whose residual norm is not finite or
-    exceeds that of the last accepted iterate is rejected: the example takes the plain step from
-    its last accepted iterate instead, and its history restarts from that iterate. (Comparing
-    with the residual of that plain step would cost one more evaluation per iteration.) Plain
-    steps are never rejected and each rejection costs one evaluation, so where every extrapolation
-    is rejected the iteration still makes the plain iteration's progress, at half its speed.
-
-    Convergence is judged as by `plain`: an example has converged when every element of
-    `step(x) - x` is at most `atol + rtol * |scale|`, and its result is then that `step(x)`; it is
-    frozen from then on. Every iteration evaluates `step` once (on the whole batch), so
-    `max_iterations` caps the evaluations as for `plain`. The history costs
-    `2 * memory * batch * event_size` elements.
-
-    Args:
-        step: the map, `[batch, *event] -> [batch, *event]`, examples independent.
-        start: the first iterate, `[batch, *event]`.
-        scale: tensor of the same shape setting the relative tolerance (e.g. the right-hand side).
-        atol: absolute tolerance per element.
-        rtol: relative tolerance per element.
-        max_iterations: cap on the number of evaluations of `step`.
-        memory: the number of iterates mixed (`k` above; 1 is the plain iteration).
-        safeguard: reject the accelerated iterates that do not decrease the residual (off only
-            to show what the safeguard prevents).
-
-    Returns:
-        `(x, converged)`: the result `[batch, *event]` (for an unconverged example, the plain
-        step from its last accepted iterate) and a per-example flag of shape `[batch]`.
-
-    Raises:
-        ValueError: if `memory < 1`.
-
-    References:
-        Walker, Ni (2011). Anderson acceleration for fixed-point iterations. SIAM J. Numer. Anal.
-        49(4), 1715-1735. https://doi.org/10.1137/10078356X
-    """
-    if memory < 1:
-        raise ValueError(f"Anderson acceleration needs memory >= 1, got {memory}")
-    dtype = start.dtype
-    # The small least-squares problem in at least single precision: half-precision matrix
-    # solves are not available, and its rounding is what the Tikhonov term must exceed.
-    work = tf.float64 if dtype == tf.float64 else tf.float32
-    regularization = max(ANDERSON_REGULARIZATION, 8 * float(np.finfo(work.as_numpy_dtype).eps))
-    tolerance = atol + rtol * tf.abs(scale)
-    shape = tf.shape(start)
-    batch = shape[0]
-    size = start.shape[1:].num_elements()  # static where known, for the shapes in the loop
-    if size is None:
-        size = tf.reduce_prod(shape[1:])
-
-    def flat(t: tf.Tensor) -> tf.Tensor:
-        return tf.reshape(t, [batch, -1])
-
-    slots = tf.range(memory)
-
-    def mix(residuals: tf.Tensor, images: tf.Tensor, count: tf.Tensor) -> tf.Tensor:
-        """`sum_i alpha_i s_i` over each example's `count` newest entries (at the end)."""
-        valid = slots[None, :] >= memory - count[:, None]  # [batch, memory]
-        valid_w = tf.cast(valid, work)
-        f = tf.cast(residuals, work)
-        norms = tf.where(valid, tf.norm(f, axis=2), tf.zeros([], work))
-        # Solved for `u = D y`: the Gram matrix of the unit residuals has a unit diagonal (so
-        # `lambda` is relative, and nothing under- or overflows), and its conditioning reflects
-        # the angles between the residuals, not their magnitudes, which span orders of magnitude
-        # over a history (with the plain Gram matrix the newest, smallest residuals would drown
-        # in `lambda`).
-        largest = tf.reduce_max(norms, axis=1, keepdims=True)
-        relative = tf.math.divide_no_nan(norms, largest)
-        relative = tf.where(relative > 0, relative, tf.ones_like(relative))
-        unit = tf.math.divide_no_nan(f, norms[:, :, None])
-        gram = tf.matmul(unit, unit, transpose_b=True)
-        gram = tf.where(tf.math.is_finite(gram), gram, tf.zeros_like(gram))
-        # Invalid slots get an identity row and a zero right-hand side, hence weight 0.
-        gram = gram * valid_w[:, :, None] * valid_w[:, None, :] + tf.linalg.diag(
-            regularization * valid_w + (1 - valid_w)
-        )
-        u = tf.linalg.solve(gram, (valid_w / relative)[:, :, None])[:, :, 0]
-        y = u / relative
-        alpha = y / tf.reduce_sum(y, axis=1, keepdims=True)
-        mixed = tf.einsum("bm,bmn->bn", tf.cast(alpha, dtype), images)
-        # A degenerate solve (sum(y) ~ 0) falls back to the plain step without spending an
-        # evaluation of `step` on a non-finite point.
-        finite = tf.reduce_all(tf.math.is_finite(alpha), axis=1, keepdims=True)
-        return tf.where(finite, mixed, images[:, -1])
-
-    def body(
-        i: tf.Tensor,
-        x: tf.Tensor,
-        is_plain: tf.Tensor,
-        residuals: tf.Tensor,
-        images: tf.Tensor,
-        count: tf.Tensor,
-        last_norm: tf.Tensor,
-        done: tf.Tensor,
-    ) -> tuple[tf.Tensor, ...]:
-        image = step(x)
-        converged = _per_example_done(image, x, tolerance)
-        residual = flat(image - x)
-        norm = tf.norm(tf.cast(residual, work), axis=1)
-        finite = tf.math.is_finite(norm)
-        accept = finite & (is_plain | (norm <= last_norm)) if safeguard else tf.ones_like(done)
-        active = ~done
-        newly_done = active & converged
-        push = active & ~converged & accept
-        reject = active & ~converged & ~accept
-
-        def pushed(history: tf.Tensor, entry: tf.Tensor) -> tf.Tensor:
-            rolled = tf.concat([history[:, 1:], entry[:, None]], axis=1)
-            return tf.where(push[:, None, None], rolled, history)
-
-        residuals = pushed(residuals, residual)
-        images = pushed(images, flat(image))
-        count = tf.where(push, tf.minimum(count + 1, memory), count)
-        # A rejected example keeps only its newest accepted entry: the older ones led astray.
-        count = tf.where(reject, tf.minimum(count, 1), count)
-        last_norm = tf.where(push, norm, last_norm)
-        newest = tf.where((count > 0)[:, None], images[:, -1], flat(x))
-        following = tf.where(
-            push[:, None], mix(residuals, images, count), tf.where(reject[:, None], newest, flat(x))
-        )
-        following = tf.where(newly_done[:, None], flat(image), following)
-        # Only the extrapolations are judged: a plain step (the first one of a history or a
-        # fallback) always stands, which is what guarantees progress.
-        is_plain = tf.where(push, count <= 1, tf.ones_like(is_plain))
-        return (
-            i + 1,
-            tf.reshape(following, shape),
-            is_plain,
-            residuals,
-            images,
-            count,
-            last_norm,
-            done | newly_done,
-        )
-
-    history = tf.zeros(tf.stack([batch, memory, size]), dtype)
-    _, x, _, _, images, count, _, done = tf.while_loop(
-        lambda i, *state: tf.logical_and(i < max_iterations, ~tf.reduce_all(state[-1])),
-        body,
-        (
-            tf.constant(0),
-            start,
-            tf.ones([batch], tf.bool),
-            history,
-            history,
-            tf.zeros([batch], tf.int32),
-            tf.fill([batch], tf.constant(float("inf"), work)),
-            tf.zeros([batch], tf.bool),
-        ),
-    )
-    # An unconverged example returns the plain step from its last accepted iterate (as `plain`
-    # returns its last step), not an extrapolation that may have been rejected.
-    fallback = tf.where((count > 0)[:, None], images[:, -1], flat(x))
-    x = tf.where(done[:, None], flat(x), fallback)
-    return tf.reshape(x, shape), done
-
-
-SOLVERS: dict[str, Solver] = {"plain": plain, "anderson": anderson}
-SOLVER_NAMES = tuple(SOLVERS)
-
-
-def get_solver(name: str) -> Solver:
-    """The solver registered in `SOLVERS` under `name`.
-
-    Raises:
-        ValueError: for a name not in `SOLVERS`.
-    """
-    try:
-        return SOLVERS[name]
-    except KeyError:
-        raise ValueError(
-            f"unknown fixed-point solver {name!r}; known solvers: {', '.join(SOLVER_NAMES)}"
-        ) from None
 
 
 def nan_unless(converged: tf.Tensor, x: tf.Tensor) -> tf.Tensor:
@@ -356,59 +93,73 @@ def solve_residual(
         `(x, converged)`: the last iterate `[batch, *event]` and a float per-example flag
         `[batch]` (1 converged, 0 not), which carries no gradient.
     """
-    num_parameters = len(parameters)
     find_fixed_point = get_solver(solver)  # here, so an unknown name fails before any tracing
+    options = {"atol": atol, "rtol": rtol, "max_iterations": max_iterations}
 
     @tf.custom_gradient
     def solve(z_in: tf.Tensor, *parameters_in: tf.Tensor) -> tuple[Any, Callable[..., Any]]:
         del parameters_in  # The same tensors that `residual_fn` reads.
         x0 = z_in - residual_fn(z_in) if start is None else tf.stop_gradient(start)
-        x, converged = find_fixed_point(
-            lambda x: z_in - residual_fn(x),
-            x0,
-            z_in,
-            atol=atol,
-            rtol=rtol,
-            max_iterations=max_iterations,
-        )
+        x, converged = find_fixed_point(lambda x: z_in - residual_fn(x), x0, z_in, **options)
 
         def grad_fn(dx: tf.Tensor, d_converged: Any, variables: list | None = None) -> Any:
             del d_converged
-            with tf.GradientTape(persistent=True) as tape:
-                tape.watch([x, *parameters])  # variables `g` reads are watched automatically
-                gx = residual_fn(x)
-            a, ok = find_fixed_point(
-                lambda a: dx - tape.gradient(gx, x, output_gradients=a),
-                dx,
-                dx,
-                atol=atol,
-                rtol=rtol,
-                max_iterations=max_iterations,
-            )
+            solve_gradient = functools.partial(find_fixed_point, **options)
             if gradient_check:
-                # No residual here: a tf.cond in a gradient breaks pfor (batch_jacobian).
-                check = tf.debugging.Assert(
-                    tf.reduce_all(ok),
-                    [
-                        "the implicit gradient of a residual block's fixed-point inverse did "
-                        f"not converge within {max_iterations} iterations (tolerances "
-                        f"{(atol, rtol)}); examples not converged:",
-                        tf.reduce_sum(tf.cast(~ok, tf.int32)),
-                    ],
-                )
-                with tf.control_dependencies([check]):
-                    a = tf.identity(a)
-            a = nan_unless(ok, a)
-            watched = [*parameters, *(variables or [])]
-            grads = tape.gradient(
-                gx, watched, output_gradients=-a, unconnected_gradients=tf.UnconnectedGradients.ZERO
-            )
-            input_grads = [a, *grads[:num_parameters]]
-            if variables is None:
-                return input_grads
-            return input_grads, grads[num_parameters:]
+                solve_gradient = _checked(solve_gradient, options)
+            return _implicit_gradient(residual_fn, parameters, solve_gradient, x, dx, variables)
 
         return (x, tf.cast(converged, z_in.dtype)), grad_fn
 
     x, converged = solve(z, *parameters)
     return x, tf.stop_gradient(converged)
+
+
+def _implicit_gradient(
+    residual_fn: Callable[[tf.Tensor], tf.Tensor],
+    parameters: Sequence[tf.Tensor],
+    solve: Callable[..., tuple[tf.Tensor, tf.Tensor]],
+    x: tf.Tensor,
+    dx: tf.Tensor,
+    variables: list | None,
+) -> Any:
+    """Gradients for `z`, `parameters` (and `variables`) from `a (I + J_g(x)) = dL/dx`.
+
+    `solve(step, start, scale)` is the fixed-point solver with its tolerances bound.
+    """
+    with tf.GradientTape(persistent=True) as tape:
+        tape.watch([x, *parameters])  # variables `g` reads are watched automatically
+        gx = residual_fn(x)
+    a, ok = solve(lambda a: dx - tape.gradient(gx, x, output_gradients=a), dx, dx)
+    a = nan_unless(ok, a)
+    watched = [*parameters, *(variables or [])]
+    grads = tape.gradient(
+        gx, watched, output_gradients=-a, unconnected_gradients=tf.UnconnectedGradients.ZERO
+    )
+    input_grads = [a, *grads[: len(parameters)]]
+    if variables is None:
+        return input_grads
+    return input_grads, grads[len(parameters) :]
+
+
+def _checked(
+    solve: Callable[..., tuple[tf.Tensor, tf.Tensor]], options: dict[str, Any]
+) -> Callable[..., tuple[tf.Tensor, tf.Tensor]]:
+    """`solve`, asserting at run time that every example's iteration converged."""
+
+    def checked_solve(*args: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        a, ok = solve(*args)
+        # No residual here: a tf.cond in a gradient breaks pfor (batch_jacobian).
+        check = tf.debugging.Assert(
+            tf.reduce_all(ok),
+            [
+                "the implicit gradient of a residual block's fixed-point inverse did "
+                f"not converge within {options['max_iterations']} iterations (tolerances "
+                f"{(options['atol'], options['rtol'])}); examples not converged:",
+                tf.reduce_sum(tf.cast(~ok, tf.int32)),
+            ],
+        )
+        with tf.control_dependencies([check]):
+            return tf.identity(a), ok
+
+    return checked_solve

@@ -1,0 +1,301 @@
+"""The Hutchinson power series behind the stochastic log-det estimators, and its Neumann gradient.
+
+For a residual map `x -> x + g(x)` whose Jacobian `J = J_g(x)` has spectral radius below 1:
+
+    log|det(I + J)| = sum{ (-1)**(k+1) / k * tr(J**k) : k >= 1 }
+    tr(J**k) = E_v[ v^T J**k v ]      (Hutchinson; E[v v^T] = I)
+
+`v^T J**k` is k vector-Jacobian products (VJPs) of `g`, so an estimate with n terms costs
+n VJPs and no Jacobian. With term weights `c_k` (1 for the truncated series, inverse
+probabilities for the Russian roulette) `series_log_det` computes, per example,
+
+    log_det = mean_probes sum{ (-1)**(k+1) / k * c_k * <u_k, v> : k = 1..n }
+    u_0 = v,  u_k = u_{k-1}^T J  (one VJP each)
+
+The gradient of the log-det has its own series (Neumann series of the inverse; Chen et al.,
+2019, eq. 8):
+
+    d/dtheta log|det(I + J)| = tr((I + J)^-1 dJ/dtheta)
+                             = sum{ (-1)**k tr(J**k dJ/dtheta) : k >= 0 }
+
+With `neumann_gradient=True` the value is the series estimate above, while the gradient (with
+respect to `x` and every variable `g` reads) is the Neumann estimate `d/dtheta <w^T J, v>` with
+the constant vector
+
+    w = sum{ (-1)**k * d_k * u_k : k = 0..n }      (d_k: the Neumann weights)
+
+Only `x`, `v` and `w` are kept for the backward pass, so memory does not grow with the number of
+terms. The roulette draws the number of terms beyond the exact ones from a distribution given by
+its survival function `P(N >= j)` (`survival_function`, `sample_from_survival`), which also gives
+its weights, `c_k = 1 / P(N >= k - num_exact_terms)`.
+
+References:
+    Chen, Behrmann, Duvenaud, Jacobsen (2019). Residual Flows for Invertible Generative
+    Modeling. NeurIPS. https://arxiv.org/abs/1906.02735
+    Behrmann et al. (2019). Invertible Residual Networks. ICML. https://arxiv.org/abs/1811.00995
+"""
+
+import dataclasses
+from collections.abc import Callable, Sequence
+
+import tensorflow as tf
+
+from tfp_resflow import stateless_random
+
+__all__ = [
+    "DISTRIBUTIONS",
+    "PROBES",
+    "sample_from_survival",
+    "series_log_det",
+    "survival_function",
+]
+
+PROBES = ("gaussian", "rademacher")
+DISTRIBUTIONS = ("geometric", "poisson")
+
+ResidualFn = Callable[[tf.Tensor], tf.Tensor]
+Weight = Callable[[tf.Tensor], tf.Tensor]
+
+
+def _event_dot(a: tf.Tensor, b: tf.Tensor) -> tf.Tensor:
+    """Per-example inner product over all event axes, `[B, *event] x 2 -> [B]`."""
+    return tf.reduce_sum(tf.reshape(a * b, tf.stack([tf.shape(a)[0], -1])), axis=-1)
+
+
+def _draw_probe(shape: tf.Tensor, seed: tf.Tensor, dtype: tf.DType, probe: str) -> tf.Tensor:
+    if probe == "gaussian":
+        return stateless_random.normal(shape, seed, dtype)
+    return stateless_random.rademacher(shape, seed, dtype)
+
+
+def _tile(t: tf.Tensor, num_probes: int) -> tf.Tensor:
+    # Several probes per example: tile the batch so that each VJP serves all probes at once.
+    return tf.concat([t] * num_probes, axis=0) if num_probes > 1 else t
+
+
+def _sign(k: tf.Tensor, dtype: tf.DType) -> tf.Tensor:
+    """`(-1)**(k+1)`."""
+    return tf.where(k % 2 == 1, tf.constant(1.0, dtype), tf.constant(-1.0, dtype))
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class _Series:
+    """One estimate's probes `v` (tiled over the batch), weights and number of terms."""
+
+    residual_fn: ResidualFn
+    v: tf.Tensor
+    batch: tf.Tensor
+    num_probes: int
+    num_terms: tf.Tensor
+    term_weight: Weight
+    neumann_weight: Weight
+    maximum_iterations: int | None
+
+    def tile(self, t: tf.Tensor) -> tf.Tensor:
+        return _tile(t, self.num_probes)
+
+    def first_tile(self, t: tf.Tensor) -> tf.Tensor:
+        return t[: self.batch] if self.num_probes > 1 else t
+
+    def mean_over_probes(self, per_row: tf.Tensor) -> tf.Tensor:
+        return tf.reduce_mean(tf.reshape(per_row, tf.stack([self.num_probes, self.batch])), axis=0)
+
+    def sum_over_probes(self, t: tf.Tensor) -> tf.Tensor:
+        return tf.add_n(tf.split(t, self.num_probes, axis=0)) if self.num_probes > 1 else t
+
+    def run(
+        self, x_tiled: tf.Tensor, *, with_neumann_vector: bool
+    ) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+        """`(g(x), log_det, w)`: the terms in a `tf.while_loop`, one VJP each."""
+        dtype, v = x_tiled.dtype, self.v
+        with tf.GradientTape(persistent=True) as tape:
+            tape.watch(x_tiled)
+            gx_tiled = self.residual_fn(x_tiled)
+
+        def body(
+            k: tf.Tensor, u: tf.Tensor, log_det: tf.Tensor, w: tf.Tensor
+        ) -> tuple[tf.Tensor, ...]:
+            u = tape.gradient(gx_tiled, x_tiled, output_gradients=u)  # u_k = u_{k-1}^T J
+            kf = tf.cast(k, dtype)
+            weight = tf.cast(self.term_weight(k), dtype)
+            log_det += _sign(k, dtype) * weight / kf * _event_dot(u, v)
+            if with_neumann_vector:
+                w += -_sign(k, dtype) * tf.cast(self.neumann_weight(k), dtype) * u
+            return k + 1, u, log_det, w
+
+        w0 = tf.cast(self.neumann_weight(tf.constant(0)), dtype) * v if with_neumann_vector else v
+        _, _, log_det, w = tf.while_loop(
+            lambda k, *_: k <= self.num_terms,
+            body,
+            (tf.constant(1), v, tf.zeros([tf.shape(x_tiled)[0]], dtype), w0),
+            maximum_iterations=self.maximum_iterations,
+        )
+        return self.first_tile(gx_tiled), self.mean_over_probes(log_det), w
+
+
+def series_log_det(
+    residual_fn: ResidualFn,
+    x: tf.Tensor,
+    *,
+    parameters: Sequence[tf.Tensor],
+    probe_seed: tf.Tensor,
+    num_terms: tf.Tensor,
+    term_weight: Weight,
+    neumann_weight: Weight,
+    probe: str,
+    num_probes: int,
+    neumann_gradient: bool,
+    maximum_iterations: int | None,
+) -> tuple[tf.Tensor, tf.Tensor]:
+    """The weighted Hutchinson power series shared by the truncated and roulette estimators.
+
+        log_det = mean_probes sum{ (-1)**(k+1) / k * term_weight(k) * <u_k, v> : k = 1..n }
+        u_0 = v,  u_k = u_{k-1}^T J  (one VJP each)
+        w = sum{ (-1)**k * neumann_weight(k) * u_k : k = 0..n }   (Neumann vector)
+
+    Args:
+        residual_fn: `g`.
+        x: `[B, *event]`.
+        parameters: tensors `g` reads by closure that need gradients (the Neumann gradient's
+            custom gradient sees only its arguments and the variables `g` reads).
+        probe_seed: sanitised seed for the probes.
+        num_terms: int32 scalar `n`, may be random.
+        term_weight: `k -> weight` (float64 scalar) of series term k >= 1.
+        neumann_weight: `k -> weight` of `u_k` in the Neumann vector, k >= 0.
+        probe: "gaussian" or "rademacher".
+        num_probes: probes per example; the batch is tiled that many times.
+        neumann_gradient: whether the gradient is the Neumann estimate (memory-flat).
+        maximum_iterations: static bound on `n`, or None (then the plain estimator cannot be
+            differentiated under XLA, which needs static loop bounds for backprop).
+
+    Returns:
+        `(g(x), log_det)`.
+    """
+    v = _draw_probe(tf.shape(_tile(x, num_probes)), probe_seed, x.dtype, probe)
+    series = _Series(
+        residual_fn,
+        v,
+        tf.shape(x)[0],
+        num_probes,
+        num_terms,
+        term_weight,
+        neumann_weight,
+        maximum_iterations,
+    )
+    if not neumann_gradient:
+        # Plain estimator: autodiff through the series; memory grows with the number of terms.
+        gx, log_det, _ = series.run(series.tile(x), with_neumann_vector=False)
+        return gx, log_det
+    return _with_neumann_gradient(series, x, tuple(parameters))
+
+
+def _with_neumann_gradient(
+    series: _Series, x: tf.Tensor, parameters: tuple[tf.Tensor, ...]
+) -> tuple[tf.Tensor, tf.Tensor]:
+    """`series.run` with the Neumann estimate as its (custom) gradient."""
+
+    @tf.custom_gradient
+    def series_with_neumann_gradient(
+        x_in: tf.Tensor, *parameters_in: tf.Tensor
+    ) -> tuple[tuple[tf.Tensor, tf.Tensor], Callable[..., object]]:
+        del parameters_in  # The same tensors that `residual_fn` reads.
+        x_tiled = series.tile(x_in)
+        gx, log_det, w = series.run(x_tiled, with_neumann_vector=True)
+
+        def grad_fn(
+            d_gx: tf.Tensor | None, d_log_det: tf.Tensor | None, variables: list | None = None
+        ) -> object:
+            upstream = (d_gx, d_log_det)
+            return _neumann_backward(series, x_tiled, w, upstream, parameters, variables)
+
+        return (gx, log_det), grad_fn
+
+    return series_with_neumann_gradient(x, *parameters)
+
+
+def _neumann_backward(
+    series: _Series,
+    x_tiled: tf.Tensor,
+    w: tf.Tensor,
+    upstream: tuple[tf.Tensor | None, tf.Tensor | None],
+    parameters: tuple[tf.Tensor, ...],
+    variables: list | None,
+) -> object:
+    """Gradients for `x`, `parameters` (and `variables`) from one recomputation of `g`."""
+    d_gx, d_log_det = upstream
+    # Recompute g once the upstream gradients exist: without this ordering the runtime may run
+    # every block's recomputation early and hold all of their activations.
+    with tf.control_dependencies([t for t in upstream if t is not None]):
+        x_again = tf.identity(x_tiled)
+    # The inner tape gives w^T J, the outer one differentiates
+    #   <g(x), d_gx> + sum_b d_log_det[b] * <w_b^T J_b, v_b>
+    # with w and v held constant: the value path and the Neumann estimate in one recomputation.
+    # Each example keeps its own upstream weight (the authors' memory-efficient backward uses
+    # the first example's weight for all).
+    watched = [x_again, *parameters, *(variables or [])]
+    with tf.GradientTape() as outer:
+        outer.watch(watched)
+        with tf.GradientTape() as inner:
+            inner.watch(x_again)
+            gx_tiled = series.residual_fn(x_again)
+        w_jacobian = inner.gradient(gx_tiled, x_again, output_gradients=w)
+        surrogate = tf.zeros([], x_tiled.dtype)
+        if d_log_det is not None:
+            per_probe = series.tile(d_log_det / series.num_probes)
+            surrogate += tf.reduce_sum(per_probe * _event_dot(w_jacobian, series.v))
+        if d_gx is not None:
+            surrogate += tf.reduce_sum(series.first_tile(gx_tiled) * d_gx)
+    grads = outer.gradient(surrogate, watched, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+    num_parameters = len(parameters)
+    input_grads = [series.sum_over_probes(grads[0]), *grads[1 : 1 + num_parameters]]
+    if variables is None:
+        return input_grads
+    return input_grads, grads[1 + num_parameters :]
+
+
+def survival_function(distribution: str, p: float, rate: float) -> Weight:
+    """Returns `j -> P(N >= j)` (float64) for the number N of terms beyond the exact ones.
+
+    geometric(p), N in {1, 2, ...}:  P(N >= j) = (1 - p)**(j - 1)          for j >= 1
+    poisson(rate), N in {0, 1, ...}: P(N >= j) = igamma(j, rate)            for j >= 1
+    (igamma is the regularised lower incomplete gamma function; it is accurate in the tail,
+    where `1 - cdf` would cancel.) Both are 1 for smaller j.
+
+    Args:
+        distribution: one of `DISTRIBUTIONS`.
+        p: the geometric distribution's success probability.
+        rate: the Poisson distribution's rate.
+
+    Returns:
+        The survival function, `int32 or float tensor -> float64 tensor`.
+    """
+
+    def survival(j: tf.Tensor) -> tf.Tensor:
+        j = tf.cast(j, tf.float64)
+        if distribution == "geometric":
+            tail = tf.pow(tf.constant(1.0 - p, tf.float64), j - 1.0)
+        else:
+            tail = tf.math.igamma(tf.maximum(j, 1.0), tf.constant(rate, tf.float64))
+        first_random_term = 1.0 if distribution == "geometric" else 0.0
+        return tf.where(j <= first_random_term, tf.ones_like(tail), tail)
+
+    return survival
+
+
+def sample_from_survival(survival: Weight, seed: tf.Tensor) -> tf.Tensor:
+    """Draws N with `P(N >= j) = survival(j)` by inverting the survival function.
+
+    With `t ~ U(0, 1)`, `N = max{ j : survival(j) >= t }`; then `N >= j` exactly when
+    `survival(j) >= t`, which has probability `survival(j)`. The same function gives the
+    roulette weights, so sampling and weighting cannot disagree.
+
+    Args:
+        survival: `j -> P(N >= j)`, e.g. from `survival_function`.
+        seed: sanitised seed of the uniform draw.
+
+    Returns:
+        int32 scalar N.
+    """
+    t = stateless_random.uniform([], seed, tf.float64)
+    (n,) = tf.while_loop(lambda j: survival(j + 1) >= t, lambda j: (j + 1,), (tf.constant(0),))
+    return n
