@@ -41,7 +41,7 @@ from tfp_resflow import (  # noqa: E402
     training,
     validation,
 )
-from tfp_resflow.config import to_dict  # noqa: E402
+from tfp_resflow.config_fields import to_dict  # noqa: E402
 from tfp_resflow.model import FlowModel  # noqa: E402
 
 TrainConfig = training.TrainConfig
@@ -120,6 +120,7 @@ def load_data(config: TrainConfig, download: bool) -> tuple:  # noqa: FBT001
     def load(split: str, *, training: bool = True) -> tuple:
         batch_size = config.batch_size if training else config.eval_batch_size
         options = {"seed": config.seed, "download": download, "training": training}
+        options["labels"] = config.task != "density"
         return data.load_dataset(config.dataset, split, batch_size=batch_size, **options)
 
     train, event_shape, num_levels = load("train")
@@ -273,8 +274,9 @@ def _train(run: _Run) -> int:
     )
     history = run.evaluation.history
     final = history[-1] if history else {}
+    accuracy = f", accuracy {final['test_accuracy']:.4f}" if "test_accuracy" in final else ""
     print(
-        f"test {unit}: {final.get(f'test_{unit}', float('nan')):.4f} after epoch "
+        f"test {unit}: {final.get(f'test_{unit}', float('nan')):.4f}{accuracy} after epoch "
         f"{final.get('epoch')} (EMA weights, evaluation mode); files in {run_dir}"
     )
     return 0

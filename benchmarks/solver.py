@@ -42,7 +42,7 @@ from measure import write_results  # noqa: E402
 
 from tfp_resflow import block_functions, multiscale, presets  # noqa: E402
 from tfp_resflow.bijector import ResidualBlock  # noqa: E402
-from tfp_resflow.config import with_fields  # noqa: E402
+from tfp_resflow.config_fields import with_fields  # noqa: E402
 from tfp_resflow.model import FlowModel  # noqa: E402
 from tfp_resflow.solver import SOLVER_NAMES  # noqa: E402
 

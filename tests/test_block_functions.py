@@ -1,5 +1,7 @@
 """Tests of the traced, shared passes of residual blocks (`tfp_resflow.block_functions`)."""
 
+import weakref
+
 import keras
 import numpy as np
 import pytest
@@ -164,6 +166,9 @@ def counted_dense(monkeypatch):
         return original(self, x + tf.stop_gradient(tf.cast(tick, x.dtype)))
 
     monkeypatch.setattr(SpectralDense, "call", call)
+    # Blocks of a kind share traced functions (`block_functions._SHARED`): a function traced
+    # by an earlier test (whose model is still alive) would run without the patched call.
+    monkeypatch.setattr(block_functions, "_SHARED", weakref.WeakValueDictionary())
     return counter
 
 

@@ -14,7 +14,8 @@ import tensorflow_probability as tfp
 from tfp_resflow import composite
 from tfp_resflow.actnorm import ActNorm, ActNormLayer
 from tfp_resflow.bijector import ResidualBlock, training_mode
-from tfp_resflow.config import ImageFlowConfig, with_fields
+from tfp_resflow.config import ImageFlowConfig
+from tfp_resflow.config_fields import with_fields
 from tfp_resflow.flow import ResidualFlowBijector
 from tfp_resflow.image import LogitTransform, Squeeze
 from tfp_resflow.multiscale import MultiscaleResidualFlow

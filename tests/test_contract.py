@@ -46,10 +46,12 @@ from tfp_resflow import lipschitz
 from tfp_resflow.actnorm import ActNorm, ActNormLayer
 from tfp_resflow.bijector import ResidualBlock, training_mode
 from tfp_resflow.composite import inverse_and_log_det
-from tfp_resflow.config import ImageFlowConfig, with_fields
+from tfp_resflow.config import ImageFlowConfig
+from tfp_resflow.config_fields import with_fields
 from tfp_resflow.flow import ResidualFlowBijector
+from tfp_resflow.fresh_bijector import keras_layers_of
 from tfp_resflow.image import LogitTransform, Squeeze
-from tfp_resflow.model import FlowModel, keras_layers_of
+from tfp_resflow.model import FlowModel
 from tfp_resflow.multiscale import MultiscaleResidualFlow
 from tfp_resflow.network import lipschitz_cnn, lipschitz_mlp
 

@@ -1,44 +1,12 @@
 """Tests of `tfp_resflow.data`: scikit-learn digits, tfds images (mocked, offline), dispatch."""
 
-import os
-
 import numpy as np
 import pytest
 import tensorflow as tf
-import tensorflow_datasets as tfds
+from data_checks import as_keys, assert_dequantized, epoch, levels, mirrored_count, stream
 from sklearn.datasets import load_digits
 
 from tfp_resflow import data
-
-
-def epoch(ds):
-    """All batches of a finite (evaluation) pipeline."""
-    return np.concatenate([b.numpy() for b in ds])
-
-
-def stream(ds, num_batches, *, skip=0):
-    """Batches `skip .. skip + num_batches` of a new iterator over an endless training stream."""
-    batches = [b.numpy() for b, _ in zip(ds, range(skip + num_batches), strict=False)]
-    return np.concatenate(batches[skip:])
-
-
-def levels(x, k):
-    """Integer level of each dequantised value; float64 so the product k * x is exact enough."""
-    return np.floor(x.astype(np.float64) * k).astype(np.int64)
-
-
-def as_keys(images):
-    return sorted(im.tobytes() for im in np.asarray(images, np.int64))
-
-
-def assert_dequantized(x, k):
-    assert x.dtype == np.float32
-    assert x.min() >= 0.0
-    assert x.max() < 1.0
-    frac = x.astype(np.float64) * k - levels(x, k)
-    # U(0, 1) noise: mean 1/2 and std 1/sqrt(12) = 0.289; 0.05 is many standard errors here.
-    assert abs(frac.mean() - 0.5) < 0.05
-    assert abs(frac.std() - 0.289) < 0.05
 
 
 @pytest.mark.parametrize(("level", "num_levels"), [(255, 256), (0, 256), (1, 17), (16, 17)])
@@ -93,14 +61,6 @@ def test_digits_evaluation_is_reproducible():
     )
 
 
-def mirrored_count(images, sources):
-    """How many of `images` match a mirrored source image and no unmirrored one."""
-    plain, mirrored = set(as_keys(sources)), set(as_keys(sources[:, :, ::-1]))
-    keys = as_keys(images)
-    assert all(k in plain or k in mirrored for k in keys)
-    return sum(k in mirrored and k not in plain for k in keys)
-
-
 @pytest.mark.parametrize("flip", [False, True])
 def test_digits_flips(flip):
     x = stream(data.digits_dataset("train", batch_size=500, seed=0, flip=flip), 3)
@@ -114,42 +74,6 @@ def test_digits_flips(flip):
 # ---- tfds images, mocked offline --------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("name", "shape"), [("mnist", (28, 28, 1)), ("cifar10", (32, 32, 3))])
-@pytest.mark.parametrize("num_levels", [256, 32])
-def test_tfds_images(tmp_path, name, shape, num_levels):
-    with tfds.testing.mock_data(num_examples=16, data_dir=str(tmp_path)):
-        ds, event_shape, k = data.load_dataset(
-            name, "test", batch_size=5, num_levels=num_levels, data_dir=str(tmp_path)
-        )
-        raw = np.stack(
-            [
-                ex["image"]
-                for ex in tfds.as_numpy(tfds.load(name, split="test", data_dir=str(tmp_path)))
-            ]
-        )
-        x = epoch(ds)
-        np.testing.assert_array_equal(epoch(ds), x)  # evaluation pipeline: reproducible
-        train, info = data.image_dataset(
-            name, "train", batch_size=4, seed=0, flip=True, data_dir=str(tmp_path)
-        )
-        flipped = stream(train, 4)
-    assert event_shape == shape
-    assert k == num_levels
-    assert info.name == name
-    assert x.shape == (16, *shape)
-    assert_dequantized(x, num_levels)
-    # Bits are reduced by merging whole bins: floor(x * k) == floor(n * k / 256).
-    np.testing.assert_array_equal(levels(x, num_levels), raw.astype(np.int64) * num_levels // 256)
-    assert flipped.shape == (16, *shape)
-    assert 0 < mirrored_count(levels(flipped, 256), raw) < 16  # random, not all-or-nothing
-
-
-def test_missing_tfds_data_is_not_downloaded(tmp_path):
-    with pytest.raises(FileNotFoundError, match="'mnist' is not prepared"):
-        data.image_dataset("mnist", "train", batch_size=4, data_dir=str(tmp_path))
-    assert os.listdir(tmp_path) == []
-
-
 # ---- bad arguments ---------------------------------------------------------------------------
 
 
@@ -161,9 +85,6 @@ def test_missing_tfds_data_is_not_downloaded(tmp_path):
             r"split must be one of \('train', 'test'\); got 'valid'",
         ),
         (lambda: data.digits_dataset("test", batch_size=2, training=False, flip=True), "flip=True"),
-        (lambda: data.image_dataset("mnist", "train", batch_size=2, num_levels=257), "got 257"),
-        (lambda: data.image_dataset("mnist", "train", batch_size=2, num_levels=1), "got 1"),
-        (lambda: data.image_dataset("no_such_set", "train", batch_size=2), "no_such_set"),
         (
             lambda: data.load_dataset("rings", batch_size=2, num_levels=8),
             "num_levels does not apply",
@@ -193,3 +114,27 @@ def test_load_dataset_dispatch():
     assert shape == (8, 8, 1)
     assert k == 17
     assert epoch(ds).shape == (297, 8, 8, 1)
+
+
+def test_digits_come_with_their_labels():
+    ds = data.digits_dataset("test", batch_size=100, training=False, labels=True)
+    x = epoch(ds.map(lambda x, y: x))
+    labels = epoch(ds.map(lambda x, y: y))
+    assert labels.dtype == np.int32
+    unlabelled = data.digits_dataset("test", batch_size=100, training=False)
+    np.testing.assert_array_equal(x, epoch(unlabelled))  # the same images, the same order
+    # Evaluation keeps the split's order: the permutation by split_seed 0, after the train part.
+    part = np.random.default_rng(0).permutation(len(DIGITS))[data.DIGITS_NUM_TRAIN :]
+    np.testing.assert_array_equal(levels(x, K), DIGITS[part])
+    np.testing.assert_array_equal(labels, load_digits().target[part])
+    train, shape, k = data.load_dataset("digits", batch_size=8, seed=0, labels=True)
+    images, targets = next(iter(train))
+    assert (images.shape, targets.shape, shape, k) == ((8, 8, 8, 1), (8,), (8, 8, 1), 17)
+    assert data.num_classes("digits") == 10
+
+
+def test_toy_sets_have_no_labels():
+    with pytest.raises(ValueError, match="the toy set 'moons' has no labels"):
+        data.load_dataset("moons", batch_size=2, num_samples=8, labels=True)
+    with pytest.raises(ValueError, match="has no labels"):
+        data.num_classes("moons")

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tfp_resflow import fixed_point, solver
+from tfp_resflow import anderson, fixed_point, solver
 
 
 def contraction_fn(lipschitz=0.7, size=3, seed=0):
@@ -42,9 +42,9 @@ def counting(step):
     return counted, calls
 
 
-@pytest.mark.parametrize("name", fixed_point.SOLVER_NAMES)
+@pytest.mark.parametrize("name", solver.SOLVER_NAMES)
 def test_fixed_point_converges_per_example_and_reports_failures(name):
-    solve = fixed_point.get_solver(name)
+    solve = solver.get_solver(name)
     z = tf.constant(np.random.default_rng(1).normal(size=(4, 3)))
     g, _, _ = contraction_fn()
     x, done = solve(lambda x: z - g(x), z, z, atol=1e-12, rtol=1e-12, max_iterations=500)
@@ -55,10 +55,10 @@ def test_fixed_point_converges_per_example_and_reports_failures(name):
     np.testing.assert_array_equal(solver.nan_unless(done, x).numpy(), np.nan)
 
 
-@pytest.mark.parametrize("name", fixed_point.SOLVER_NAMES)
+@pytest.mark.parametrize("name", solver.SOLVER_NAMES)
 def test_examples_converge_independently(name):
     """Examples needing 1 to hundreds of plain steps: each is judged (and kept) on its own."""
-    solve = fixed_point.get_solver(name)
+    solve = solver.get_solver(name)
     rng = np.random.default_rng(4)
     g = slow_contraction_fn(lipschitz=1.0, size=3, seed=4)
     # Per-example Lipschitz constants; the first example starts at its solution.
@@ -88,7 +88,7 @@ def test_anderson_needs_far_fewer_evaluations_than_plain_iteration(dtype, tolera
     evaluations = {}
     for name in ("plain", "anderson"):
         step, calls = counting(lambda x: z - g(x))
-        x, done = fixed_point.get_solver(name)(
+        x, done = solver.get_solver(name)(
             step, z, z, atol=tolerance, rtol=tolerance, max_iterations=1000
         )
         assert done.numpy().all()
@@ -119,8 +119,8 @@ def test_anderson_safeguard_falls_back_to_plain_steps(beyond):
 
     kwargs = {"atol": 1e-12, "rtol": 1e-12, "max_iterations": 60}
     x_plain, done_plain = fixed_point.plain(step, start, start, **kwargs)
-    x, done = fixed_point.anderson(step, start, start, **kwargs)
-    _, done_raw = fixed_point.anderson(step, start, start, safeguard=False, **kwargs)
+    x, done = anderson.anderson(step, start, start, **kwargs)
+    _, done_raw = anderson.anderson(step, start, start, safeguard=False, **kwargs)
     assert done_plain.numpy().all()
     assert done.numpy().all()
     np.testing.assert_allclose(x, x_plain, rtol=0, atol=1e-11)
@@ -134,22 +134,22 @@ def test_default_tolerances_follow_the_dtype():
 
 
 def test_solvers_are_found_by_name():
-    assert fixed_point.SOLVER_NAMES == ("plain", "anderson")
-    assert fixed_point.get_solver("anderson") is fixed_point.anderson
-    assert fixed_point.get_solver("plain") is fixed_point.plain is fixed_point.fixed_point
+    assert solver.SOLVER_NAMES == ("plain", "anderson")
+    assert solver.get_solver("anderson") is anderson.anderson
+    assert solver.get_solver("plain") is fixed_point.plain is fixed_point.fixed_point
     with pytest.raises(
         ValueError, match=r"solver must be one of \('plain', 'anderson'\); got 'bogus'"
     ):
-        fixed_point.get_solver("bogus")
+        solver.get_solver("bogus")
 
 
-def test_solver_re_exports_the_registry():
-    for name in ("DEFAULT_TOLERANCE", "SOLVERS", "SOLVER_NAMES", "fixed_point", "get_solver"):
+def test_solver_re_exports_the_plain_iteration_and_its_tolerances():
+    for name in ("DEFAULT_TOLERANCE", "fixed_point", "tolerances"):
         assert getattr(solver, name) is getattr(fixed_point, name)
-    assert solver.tolerances is fixed_point.tolerances
+    assert solver.SOLVERS == {"plain": fixed_point.plain, "anderson": anderson.anderson}
 
 
 def test_anderson_needs_a_positive_memory():
     z = tf.zeros([1, 2], tf.float64)
     with pytest.raises(ValueError, match="memory must be an integer >= 1; got 0"):
-        fixed_point.anderson(tf.identity, z, z, atol=1e-6, rtol=1e-6, max_iterations=2, memory=0)
+        anderson.anderson(tf.identity, z, z, atol=1e-6, rtol=1e-6, max_iterations=2, memory=0)

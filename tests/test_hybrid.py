@@ -8,7 +8,8 @@ import tensorflow_probability as tfp
 from sklearn.datasets import load_digits
 
 from tfp_resflow import composite, presets
-from tfp_resflow.config import ImageFlowConfig, with_fields
+from tfp_resflow.config import ImageFlowConfig
+from tfp_resflow.config_fields import with_fields
 from tfp_resflow.flow import ResidualFlowBijector
 from tfp_resflow.hybrid import ClassificationHead, HybridFlowModel, nll_weight_value
 from tfp_resflow.modes import training_mode

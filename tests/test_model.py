@@ -284,3 +284,26 @@ def test_the_design_card_distribution_saves_as_a_config(tmp_path):
     custom = FlowModel.from_distribution(tfd.TransformedDistribution(shifted, model.bijector))
     with pytest.raises(NotImplementedError, match="custom base distribution"):
         custom.get_config()
+
+
+def test_fit_traces_the_train_step_once_though_the_number_of_terms_varies():
+    # The roulette draws a new number of series terms at every step inside the graph
+    # (a tf.while_loop bound), so 20 steps must not retrace: one trace (Keras may add a second
+    # for a last partial batch, which this data avoids).
+    keras.utils.set_random_seed(0)
+    flow = ResidualFlowBijector(num_blocks=2, hidden_units=(8,))
+    model = FlowModel(flow, event_shape=[2])
+    traces = []
+    original = model.train_step
+
+    def counted(data):
+        traces.append(1)  # Python runs only while tracing
+        return original(data)
+
+    model.train_step = counted
+    model.compile(optimizer=keras.optimizers.Adam(1e-3))
+    x = np.random.default_rng(0).normal(size=(20 * 16, 2)).astype(np.float32)
+    history = model.fit(x, batch_size=16, epochs=1, verbose=0)
+    assert model.optimizer.iterations.numpy() == 20
+    assert np.isfinite(history.history["loss"][-1])
+    assert len(traces) == 1

@@ -12,7 +12,8 @@ from checks import assert_finite, brute_force_inverse_log_det
 
 from tfp_resflow import lipschitz, logdet
 from tfp_resflow.bijector import ResidualBlock, training_mode
-from tfp_resflow.config import BlockConfig, ImageFlowConfig, to_dict, with_fields
+from tfp_resflow.config import BlockConfig, ImageFlowConfig
+from tfp_resflow.config_fields import to_dict, with_fields
 from tfp_resflow.model import FlowModel
 from tfp_resflow.multiscale import MultiscaleResidualFlow, scale_shapes
 

@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import keras
 import numpy as np
 import pytest
 
@@ -18,6 +19,7 @@ sys.path.insert(0, str(ROOT))
 
 import train_tf  # noqa: E402
 from tfp_resflow import evaluation, lipschitz, training  # noqa: E402
+from tfp_resflow.hybrid import HybridFlowModel  # noqa: E402
 from tfp_resflow.norm_order import NormOrder  # noqa: E402
 
 # A toy run small enough to trace and train in seconds.
@@ -138,6 +140,10 @@ def test_learnable_norm_orders_flag_reaches_every_layer(args, event_shape, num_l
         (["--model", "solver=newton"], "BlockConfig.solver must be one of ('plain', 'anderson')"),
         (["--model", "blocks_per_scale"], "expected name=value; got 'blocks_per_scale'"),
         (["--dataset", "moons", "--model", "hidden_channels=4"], "unknown ResidualFlowConfig"),
+        (["--task", "regression"], "task must be one of ('density', 'classification', 'hybrid')"),
+        (["--dataset", "moons", "--task", "hybrid"], "the toy set 'moons' has none"),
+        (["--task", "hybrid", "--nll-weight", "-1"], "nll_weight must be a number >= 0"),
+        (["--task", "hybrid", "--nll-weight", "half"], "nll_weight must be a number >= 0"),
     ],
 )
 def test_bad_flags_exit_nonzero_with_one_line(args, message, capsys):
@@ -148,6 +154,29 @@ def test_bad_flags_exit_nonzero_with_one_line(args, message, capsys):
     assert len(err.splitlines()) == 1, err
     assert message in err
     assert err.startswith("train_tf.py: error:")
+
+
+@pytest.mark.parametrize(
+    ("task", "nll_weight", "expected"),
+    [("density", "1", None), ("classification", "1", 0.0), ("hybrid", "1/D", 1 / 64)],
+)
+def test_task_flag_builds_the_model(task, nll_weight, expected):
+    config, _ = train_tf.parse_args(["--task", task, "--nll-weight", nll_weight])
+    model = training.build_model(config, (8, 8, 1), 17)
+    assert isinstance(model, HybridFlowModel) == (expected is not None)
+    if expected is not None:
+        assert model.num_classes == 10
+        assert model._nll_weight == pytest.approx(expected)
+
+
+def test_a_hybrid_run_reports_test_accuracy(tmp_path):
+    run = tmp_path / "hybrid"
+    args = [*TINY_DIGITS, "--task", "hybrid", "--epochs", "1", "--steps-per-epoch", "3"]
+    assert train_tf.main([*args, "--output-dir", str(run)]) == 0
+    entry = read_metrics(run)["epochs"][-1]
+    assert 0.0 <= entry["test_accuracy"] <= 1.0
+    assert np.isfinite(entry["test_bits_per_dim"])
+    assert isinstance(keras.models.load_model(run / "model.keras"), HybridFlowModel)
 
 
 @pytest.mark.parametrize(

@@ -28,7 +28,8 @@ import tensorflow as tf
 
 from tfp_resflow import logdet, solver
 from tfp_resflow.block_functions import BlockFunctions, block_functions
-from tfp_resflow.config import BlockConfig, with_fields
+from tfp_resflow.config import BlockConfig
+from tfp_resflow.config_fields import with_fields
 from tfp_resflow.fresh_bijector import FreshBijector
 
 # Re-exported: the modes are used wherever blocks are.

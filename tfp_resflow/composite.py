@@ -225,19 +225,11 @@ class StackedBijector(FreshBijector):
         t = tf.reshape(y, [-1, *event_shape])
         total = tf.zeros(tf.shape(t)[:1], t.dtype) if log_det else None
         seed = None if seed is None else stateless_random.sanitize_seed(seed)
-        parts = []
+        parts: list[tf.Tensor] = []
         num_blocks = 0
         for step in self._steps:
-            if isinstance(step, Features):
-                if features is not None:
-                    features.append(t)
-                continue
-            if isinstance(step, FactorOut):
-                kept = t.shape[-1] // 2
-                if features is not None:
-                    features.append(t[..., kept:])
-                parts.append(tf.reshape(t[..., kept:], [tf.shape(t)[0], -1]))
-                t = t[..., :kept]
+            if not isinstance(step, Step):
+                t = self._mark(step, t, parts, features)
                 continue
             bijector, event_ndims = step
             kwargs = {}
@@ -258,6 +250,21 @@ class StackedBijector(FreshBijector):
         if log_det:
             total = tf.reshape(total, batch_shape)
         return z, total
+
+    @staticmethod
+    def _mark(
+        step: FactorOut | Features, t: tf.Tensor, parts: list, features: list | None
+    ) -> tf.Tensor:
+        """A `FactorOut` (moves half of `t` to `parts`) or `Features` mark on the walk."""
+        if isinstance(step, Features):
+            if features is not None:
+                features.append(t)
+            return t
+        kept = t.shape[-1] // 2
+        if features is not None:
+            features.append(t[..., kept:])
+        parts.append(tf.reshape(t[..., kept:], [tf.shape(t)[0], -1]))
+        return t[..., :kept]
 
     def _inverse(self, y: tf.Tensor, **kwargs: Any) -> tf.Tensor:
         return self._walk(y, log_det=False, seed=None)[0]

@@ -21,7 +21,7 @@ run another data order than a single-device run. `num_examples` gives the size o
 With `training=False` a pipeline is one pass in file order with identical values on every pass
 (seed 0 if None), so evaluation numbers are reproducible. Multi-worker runs that shard by data
 need a seed, so that every worker builds the same order. Nothing is downloaded unless
-`download=True` is passed (see `image_dataset`).
+`download=True` is passed (see `tfp_resflow.tfds_images`).
 """
 
 import numpy as np
@@ -29,7 +29,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from sklearn.datasets import load_digits
 
-from tfp_resflow import validation
+from tfp_resflow import tfds_images, validation
 from tfp_resflow.toy_data import (
     TOY_DATASETS,
     TOY_NUM_SAMPLES,
@@ -46,9 +46,12 @@ __all__ = [
     # Re-exported from `toy_data`, where they live, for code that finds them here (notebooks).
     "TOY_DATASETS",
     "TOY_NUM_SAMPLES",
+    "DIGITS_NUM_CLASSES",
+    "check_num_levels",
     "digits_dataset",
-    "image_dataset",
+    "image_pipeline",
     "load_dataset",
+    "num_classes",
     "num_examples",
     "toy_dataset",
     "toy_samples",
@@ -57,7 +60,7 @@ __all__ = [
 DIGITS_NUM_LEVELS = 17  # load_digits pixels are counts 0..16 (4x4 blocks of a 32x32 bitmap).
 DIGITS_SHAPE = (8, 8, 1)
 DIGITS_NUM_TRAIN = 1500  # of 1797 images; the other 297 form the test split.
-_SHUFFLE_BUFFER = 10_000  # tfds examples are already shuffled on disk when prepared.
+DIGITS_NUM_CLASSES = 10
 
 
 def _dequantize(n: tf.Tensor, num_levels: int, seed: tf.Tensor) -> tf.Tensor:
@@ -72,9 +75,10 @@ def _dequantize(n: tf.Tensor, num_levels: int, seed: tf.Tensor) -> tf.Tensor:
     return tf.where(x64 < n / num_levels, tf.math.nextafter(x, tf.ones_like(x)), x)
 
 
-def _image_pipeline(
+def image_pipeline(
     images: tf.data.Dataset,
     *,
+    labels: tf.data.Dataset | None = None,
     source_levels: int,
     num_levels: int,
     batch_size: int,
@@ -83,12 +87,17 @@ def _image_pipeline(
     flip: bool,
     shuffle_buffer: int,
 ) -> tf.data.Dataset:
-    """Integer images `[H, W, C]` with `source_levels` levels -> batches of dequantised floats."""
+    """Integer images `[H, W, C]` with `source_levels` levels -> batches of dequantised floats.
+
+    With `labels` (a dataset of int labels in the images' order) the batches are `(x, label)`.
+    """
     if not training:
         if flip:
             raise ValueError("flip=True needs training=True (evaluation is deterministic).")
         seed = 0 if seed is None else seed
     shuffle_seed, noise_seed = seed_words(seed, 2)
+    if labels is not None:  # shuffled together with their images
+        images = tf.data.Dataset.zip(images, labels.map(lambda y: tf.cast(y, tf.int32)))
     if training:
         images = images.repeat().shuffle(
             shuffle_buffer, seed=shuffle_seed, reshuffle_each_iteration=False
@@ -104,11 +113,17 @@ def _image_pipeline(
             n = tf.image.stateless_random_flip_left_right(n, tf.stack([key, 1]))
         return _dequantize(n, num_levels, tf.stack([key, 0]))
 
-    ds = tf.data.Dataset.zip(images, keys).map(transform, num_parallel_calls=tf.data.AUTOTUNE)
+    def transform_labelled(example: tuple, key: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        image, label = example
+        return transform(image, key), label
+
+    function = transform if labels is None else transform_labelled
+    ds = tf.data.Dataset.zip(images, keys).map(function, num_parallel_calls=tf.data.AUTOTUNE)
     return batch_pipeline(ds, batch_size, training=training)
 
 
-def _check_num_levels(num_levels: object, source_levels: int) -> int:
+def check_num_levels(num_levels: object, source_levels: int) -> int:
+    """`num_levels`, an integer in [2, source_levels] (fewer levels merge bins)."""
     num_levels = validation.integer("num_levels", num_levels, 2)
     if num_levels > source_levels:
         validation.fail("num_levels", f"an integer in [2, {source_levels}]", num_levels)
@@ -123,6 +138,7 @@ def digits_dataset(
     training: bool = True,
     flip: bool = False,
     split_seed: int = 0,
+    labels: bool = False,
 ) -> tf.data.Dataset:
     """The 8x8 handwritten digits shipped with scikit-learn: an offline image set.
 
@@ -137,20 +153,24 @@ def digits_dataset(
             docstring); False gives the deterministic one-pass evaluation pipeline.
         flip: random horizontal flips (training only).
         split_seed: seed of the fixed train/test permutation, independent of `seed`.
+        labels: batches of `(images, digit labels)` instead of images.
 
     Returns:
-        A dataset of float32 batches of shape `[batch_size, 8, 8, 1]` in [0, 1).
+        A dataset of float32 batches of shape `[batch_size, 8, 8, 1]` in [0, 1) (with int32
+        labels `[batch_size]` if `labels`).
 
     Raises:
         ValueError: for an unknown split or bad arguments.
     """
     validation.choice("split", split, ("train", "test"))
     batch_size = validation.positive_integer("batch_size", batch_size)
-    images = load_digits().images.astype(np.uint8)[..., None]
+    digits = load_digits()
+    images = digits.images.astype(np.uint8)[..., None]
     order = np.random.default_rng(split_seed).permutation(len(images))
     part = order[:DIGITS_NUM_TRAIN] if split == "train" else order[DIGITS_NUM_TRAIN:]
-    return _image_pipeline(
+    return image_pipeline(
         tf.data.Dataset.from_tensor_slices(images[part]),
+        labels=tf.data.Dataset.from_tensor_slices(digits.target[part]) if labels else None,
         source_levels=DIGITS_NUM_LEVELS,
         num_levels=DIGITS_NUM_LEVELS,
         batch_size=batch_size,
@@ -159,87 +179,6 @@ def digits_dataset(
         flip=flip,
         shuffle_buffer=len(part),
     )
-
-
-def _image_key(name: str, features: tfds.features.FeaturesDict) -> str:
-    """The image feature of a tfds dataset: "image" if present, else its only uint8 image."""
-    keys = [k for k in features.keys() if isinstance(features[k], tfds.features.Image)]
-    key = "image" if "image" in keys else (keys[0] if len(keys) == 1 else None)
-    if key is None:
-        raise ValueError(f"tfds dataset {name!r} has no single image feature; got {keys}.")
-    feature = features[key]
-    if feature.np_dtype != np.uint8 or None in feature.shape:
-        raise ValueError(
-            f"tfds dataset {name!r}: images must be uint8 of a fixed shape; got "
-            f"{feature.np_dtype} {feature.shape}."
-        )
-    return key
-
-
-def image_dataset(
-    name: str,
-    split: str,
-    *,
-    batch_size: int,
-    num_levels: int = 256,
-    seed: int | None = None,
-    training: bool = True,
-    flip: bool = False,
-    data_dir: str | None = None,
-    download: bool = False,
-) -> tuple[tf.data.Dataset, tfds.core.DatasetInfo]:
-    """Any 8-bit tensorflow-datasets image set by name, dequantised to [0, 1).
-
-    Offline by default: the data must already be prepared in `data_dir` (default
-    `$TFDS_DATA_DIR` or `~/tensorflow_datasets`). With internet, pass `download=True` once,
-    or run `tfds build NAME --data_dir DIR`; offline, copy a prepared `NAME/VERSION` folder.
-
-    Args:
-        name: tfds name, e.g. "mnist", "cifar10", "downsampled_imagenet/32x32".
-        split: tfds split string, e.g. "train", "test", "train[:90%]".
-        batch_size: images per batch.
-        num_levels: k <= 256; fewer levels merge bins, `n_k = floor(n_256 * k / 256)`.
-        seed: seeds shuffling, noise and flips (see the module docstring).
-        training: an endless stream, reshuffled with fresh noise every epoch (see the module
-            docstring); False gives the deterministic one-pass evaluation pipeline.
-        flip: random horizontal flips (training only), as Chen et al. use on CIFAR-10.
-        data_dir: tfds data directory.
-        download: let tfds download and prepare the data if missing (needs internet).
-
-    Returns:
-        A dataset of float32 batches `[batch_size, H, W, C]` in [0, 1) (features only), and
-        the tfds `DatasetInfo`.
-
-    Raises:
-        ValueError: for an unknown dataset (tfds' `DatasetNotFoundError`) or bad arguments.
-        FileNotFoundError: if the data is not prepared and `download` is False.
-    """
-    batch_size = validation.positive_integer("batch_size", batch_size)
-    num_levels = _check_num_levels(num_levels, 256)
-    builder = tfds.builder(name, data_dir=data_dir)
-    key = _image_key(name, builder.info.features)
-    if download:
-        builder.download_and_prepare()
-    try:
-        examples = builder.as_dataset(split=split, shuffle_files=False)
-    except AssertionError as e:  # tfds' "could not find data" error
-        raise FileNotFoundError(
-            f"tfds dataset {name!r} is not prepared in {builder.data_dir}. Nothing is downloaded "
-            "by default: pass download=True (needs internet), run `tfds build`, or point "
-            "data_dir / TFDS_DATA_DIR at a folder holding the prepared data."
-        ) from e
-    images = examples.map(lambda example: example[key], num_parallel_calls=tf.data.AUTOTUNE)
-    ds = _image_pipeline(
-        images,
-        source_levels=256,
-        num_levels=num_levels,
-        batch_size=batch_size,
-        seed=seed,
-        training=training,
-        flip=flip,
-        shuffle_buffer=_SHUFFLE_BUFFER,
-    )
-    return ds, builder.info
 
 
 def load_dataset(
@@ -254,6 +193,7 @@ def load_dataset(
     num_samples: int | None = None,
     data_dir: str | None = None,
     download: bool = False,
+    labels: bool = False,
 ) -> tuple[tf.data.Dataset, tuple[int, ...], int | None]:
     """One entry point for the training script: toy sets, "digits", or any tfds image set.
 
@@ -271,10 +211,13 @@ def load_dataset(
         data_dir: tfds data directory (ignored by the offline toy and digits sets).
         download: let tfds download missing data (needs internet; off by default; ignored by
             the offline sets).
+        labels: batches of `(features, int32 labels)` (digits and labelled tfds sets; the toy
+            sets have none).
 
     Returns:
-        `(dataset, event_shape, num_levels)`: the dataset of float32 feature batches, the
-        shape of one example, and k for bits/dim (None for continuous toy data).
+        `(dataset, event_shape, num_levels)`: the dataset of float32 feature batches (with
+        labels if `labels`), the shape of one example, and k for bits/dim (None for
+        continuous toy data).
 
     Raises:
         ValueError: for unknown names or splits, or an argument that does not apply to `name`.
@@ -285,22 +228,26 @@ def load_dataset(
     _check_options_apply(name, flip=flip, num_levels=num_levels, num_samples=num_samples)
     common = {"batch_size": batch_size, "seed": seed, "training": training}
     if name in TOY_DATASETS:
+        if labels:
+            raise ValueError(f"the toy set {name!r} has no labels: classify digits or tfds sets.")
         num_samples = TOY_NUM_SAMPLES if num_samples is None else num_samples
         return toy_dataset(name, num_samples=num_samples, split=split, **common), (2,), None
     if name == "digits":
-        ds = digits_dataset(split, flip=flip, **common)
+        ds = digits_dataset(split, flip=flip, labels=labels, **common)
         return ds, DIGITS_SHAPE, DIGITS_NUM_LEVELS
     num_levels = 256 if num_levels is None else num_levels
-    ds, _ = image_dataset(
+    ds, _ = tfds_images.image_dataset(
         name,
         split,
         num_levels=num_levels,
         flip=flip,
         data_dir=data_dir,
         download=download,
+        labels=labels,
         **common,
     )
-    return ds, tuple(ds.element_spec.shape[1:]), num_levels
+    spec = ds.element_spec[0] if labels else ds.element_spec
+    return ds, tuple(spec.shape[1:]), num_levels
 
 
 def _check_options_apply(
@@ -342,3 +289,16 @@ def num_examples(
     except (KeyError, ValueError, tfds.core.registered.DatasetNotFoundError):
         return None
     return int(count) or None
+
+
+def num_classes(name: str, *, data_dir: str | None = None) -> int:
+    """Classes of a labelled data set: 10 for the digits, tfds' count for a tfds set.
+
+    Raises:
+        ValueError: for a toy set (no labels) or a tfds set without a "label" feature.
+    """
+    if name in TOY_DATASETS:
+        raise ValueError(f"the toy set {name!r} has no labels: classify digits or tfds sets.")
+    if name == "digits":
+        return DIGITS_NUM_CLASSES
+    return tfds_images.num_classes(name, data_dir=data_dir)

@@ -23,6 +23,7 @@ import numpy as np
 import tensorflow as tf
 
 from tfp_resflow import artifacts, lipschitz
+from tfp_resflow.hybrid import HybridFlowModel
 from tfp_resflow.model import FlowModel
 from tfp_resflow.modes import training_mode
 
@@ -75,18 +76,52 @@ def ema_weights(model: keras.Model, power_vectors: dict | None = None) -> Iterat
 def evaluation_losses(
     model: FlowModel, dataset: tf.data.Dataset | Iterable[tf.Tensor]
 ) -> list[np.ndarray]:
-    """Per-example losses (`model.loss_unit`) in evaluation mode, one array per batch."""
+    """Per-example losses (`model.loss_unit`) in evaluation mode, one array per batch.
+
+    Batches may be `(x, labels)`; a `HybridFlowModel`'s loss here is its likelihood's (`nll`).
+    """
+    return [losses for losses, _ in _evaluation_outputs(model, dataset)]
+
+
+def evaluation_accuracy(model: FlowModel, dataset: tf.data.Dataset) -> float:
+    """Fraction of `(x, labels)` examples a `HybridFlowModel` classifies right (evaluation mode)."""
+    correct = [hits for _, hits in _evaluation_outputs(model, dataset, labelled=True)]
+    return float(np.mean(np.concatenate(correct)))
+
+
+def _evaluation_outputs(
+    model: FlowModel, dataset: Iterable, *, labelled: bool = False
+) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
+    """Per batch: the per-example loss and, for labelled batches of a classifier, the hits."""
     step = getattr(model, "_evaluation_step", None)
     if step is None:
-        step = tf.function(lambda x: tf.cast(model(x, training=False), tf.float64))
-        model._evaluation_step = step
-    return [step(x).numpy() for x in dataset]
+
+        def evaluate(x: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+            out = model(x, training=False)
+            if isinstance(out, dict):  # a HybridFlowModel: the likelihood and the classes
+                return tf.cast(out["nll"], tf.float64), tf.argmax(out["logits"], axis=-1)
+            return tf.cast(out, tf.float64), tf.zeros(tf.shape(out), tf.int64)
+
+        step = model._evaluation_step = tf.function(evaluate)
+    for batch in dataset:
+        x, labels = batch if isinstance(batch, tuple) else (batch, None)
+        losses, predicted = step(x)
+        if labelled and labels is None:
+            raise ValueError("accuracy needs (x, labels) batches.")
+        hits = None if labels is None else predicted.numpy() == labels.numpy()
+        yield losses.numpy(), hits
 
 
 def evaluate_loss(model: FlowModel, dataset: tf.data.Dataset | Iterable[tf.Tensor]) -> float:
     """Mean per-example loss (`model.loss_unit`) in evaluation mode over finitely many batches."""
     losses = evaluation_losses(model, dataset)
     return float(np.mean(np.concatenate(losses))) if losses else 0.0
+
+
+def _likelihood_loss(model: FlowModel, x: tf.Tensor) -> tf.Tensor:
+    """Per-example training-mode loss of the likelihood (a HybridFlowModel's `nll`)."""
+    out = model(x, training=True)
+    return out["nll"] if isinstance(out, dict) else out
 
 
 class EvaluationCallback(keras.callbacks.Callback):
@@ -128,7 +163,8 @@ class EvaluationCallback(keras.callbacks.Callback):
         self.initial_epoch = 0  # set by the caller when fit starts from a checkpoint
         self._writer = None
         # The estimator's spread is measured on one training-sized batch of test data.
-        self._probe_batch = next(iter(test_data))[: config.batch_size]
+        first = next(iter(test_data))
+        self._probe_batch = (first[0] if isinstance(first, tuple) else first)[: config.batch_size]
         self._traced: dict[str, Any] = {}
         self._ema_power_vectors: dict = {}  # the EMA weights' own (u, v), between evaluations
 
@@ -168,7 +204,12 @@ class EvaluationCallback(keras.callbacks.Callback):
             self._summaries(epoch + 1, entry)
         if self.config.verbose:
             test = entry[f"test_{self.unit}"]
-            print(f"epoch {epoch + 1}: test {self.unit} {test:.4f} (EMA weights, evaluation mode)")
+            accuracy = entry.get("test_accuracy")
+            accuracy = "" if accuracy is None else f", accuracy {accuracy:.4f}"
+            print(
+                f"epoch {epoch + 1}: test {self.unit} {test:.4f}{accuracy} (EMA weights, "
+                "evaluation mode)"
+            )
 
     def evaluate(self, *, write_samples: bool) -> dict:
         """Evaluates the EMA weights; returns the metrics entry (and writes pictures)."""
@@ -176,8 +217,11 @@ class EvaluationCallback(keras.callbacks.Callback):
         out: dict[str, Any] = {}
         with ema_weights(model, self._ema_power_vectors):
             self._function("converge_lipschitz")()
-            losses = evaluation_losses(model, self.test_data)
+            outputs = list(_evaluation_outputs(model, self.test_data))
+            losses = [batch_losses for batch_losses, _ in outputs]
             out[f"test_{self.unit}"] = float(np.mean(np.concatenate(losses)))
+            if outputs and outputs[0][1] is not None and isinstance(model, HybridFlowModel):
+                out["test_accuracy"] = float(np.mean(np.concatenate([h for _, h in outputs])))
             # The probe batch is the first test batch's head: its evaluation-mode losses are
             # already known.
             probe_eval_mode = float(np.mean(losses[0][: self.config.batch_size]))
@@ -201,7 +245,7 @@ class EvaluationCallback(keras.callbacks.Callback):
                 ),
                 # One traced walk in a loop: fresh randomness in every iteration.
                 "train_mode_draws": lambda x: tf.map_fn(
-                    lambda _: tf.reduce_mean(tf.cast(model(x, training=True), tf.float64)),
+                    lambda _: tf.reduce_mean(tf.cast(_likelihood_loss(model, x), tf.float64)),
                     tf.range(config.num_eval_draws),
                     fn_output_signature=tf.float64,
                 ),

@@ -24,7 +24,8 @@ from tfp_resflow import network
 from tfp_resflow.actnorm import ActNorm, ActNormLayer
 from tfp_resflow.bijector import ResidualBlock
 from tfp_resflow.composite import StackedBijector, Step
-from tfp_resflow.config import ResidualFlowConfig, to_dict, with_fields
+from tfp_resflow.config import ResidualFlowConfig
+from tfp_resflow.config_fields import to_dict, with_fields
 
 tfb = tfp.bijectors
 

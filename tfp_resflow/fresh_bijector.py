@@ -18,7 +18,7 @@ from tensorflow_probability.python.internal import cache_util
 
 tfb = tfp.bijectors
 
-__all__ = ["FreshBijector"]
+__all__ = ["FreshBijector", "keras_layers_of"]
 
 
 class _GraphOnlyCache(cache_util.BijectorCache):
@@ -147,3 +147,19 @@ class FreshBijector(tfb.Bijector):
     @classmethod
     def _parameter_properties(cls, dtype: tf.DType, num_classes: Any = None) -> dict:
         return {}  # Weights live in Keras layers and carry no batch shape.
+
+
+def keras_layers_of(bijector: tfb.Bijector) -> list[keras.layers.Layer]:
+    """The Keras layers used by a bijector, searching through chains and inversions."""
+    found: dict[int, keras.layers.Layer] = {}
+    stack = [bijector]
+    while stack:
+        b = stack.pop()
+        if isinstance(b, FreshBijector):
+            for layer in b.keras_layers:
+                found.setdefault(id(layer), layer)
+        stack.extend(reversed(list(getattr(b, "bijectors", []) or [])))
+        inner = getattr(b, "bijector", None)
+        if isinstance(inner, tfb.Bijector):
+            stack.append(inner)
+    return list(found.values())

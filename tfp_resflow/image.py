@@ -14,14 +14,16 @@ References:
 """
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import tensorflow as tf
 
 from tfp_resflow import validation
+from tfp_resflow.config import ImageFlowConfig
 from tfp_resflow.fresh_bijector import FreshBijector
 
-__all__ = ["LogitTransform", "Squeeze", "squeezed_shape"]
+__all__ = ["LogitTransform", "Squeeze", "scale_shapes", "squeezed_shape"]
 
 
 def squeezed_shape(shape: tf.TensorShape | tuple, *, factor: int = 2) -> tf.TensorShape:
@@ -201,3 +203,33 @@ class LogitTransform(FreshBijector):
     def _forward_log_det_jacobian(self, y: tf.Tensor, **kwargs: Any) -> tf.Tensor:
         # log sigmoid(y) + log(1 - sigmoid(y)) = -softplus(-y) - softplus(y), stable for any y.
         return -tf.nn.softplus(-y) - tf.nn.softplus(y) - math.log1p(-2.0 * self._alpha)
+
+
+def scale_shapes(input_shape: Sequence[int], config: ImageFlowConfig) -> list[tuple[int, ...]]:
+    """The event shape `(h, w, c)` on which each scale's blocks act, in order.
+
+    With factor-out, scale `i + 1`'s shape is also that of the latent part leaving after scale
+    `i`. For example `(64, 64, 3)` with the `imagenet64` preset gives `(32, 32, 12)`,
+    `(16, 16, 24)`, `(8, 8, 48)`.
+
+    Raises:
+        ValueError: for a shape that is not `(H, W, C)`, or whose height or width the squeezes
+            do not divide; the message names the shape.
+    """
+    shape = validation.image_shape("input_shape", input_shape)
+    num_squeezes = len(config.blocks_per_scale) - 1 + int(config.squeeze_first)
+    divisor = 2**num_squeezes
+    if shape[0] % divisor or shape[1] % divisor:
+        raise ValueError(
+            f"Images of shape {shape} cannot be squeezed {num_squeezes} times "
+            f"({len(config.blocks_per_scale)} scales, squeeze_first={config.squeeze_first}): "
+            f"height and width must be divisible by {divisor}."
+        )
+    h, w, c = shape
+    if config.squeeze_first:
+        h, w, c = h // 2, w // 2, 4 * c
+    shapes = [(h, w, c)]
+    for _ in config.blocks_per_scale[1:]:
+        h, w, c = h // 2, w // 2, (2 if config.factor_out else 4) * c
+        shapes.append((h, w, c))
+    return shapes

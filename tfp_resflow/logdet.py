@@ -30,17 +30,20 @@ from typing import Any
 import tensorflow as tf
 
 from tfp_resflow import stateless_random, validation
+from tfp_resflow.roulette import russian_roulette_log_det
 from tfp_resflow.series import (
     DISTRIBUTIONS,
     PROBES,
+    STREAM_PROBE,
     ResidualFn,
-    sample_from_survival,
+    check_series_options,
     series_log_det,
-    survival_function,
 )
 from tfp_resflow.stateless_random import SeedLike
 
 __all__ = [
+    "DISTRIBUTIONS",  # the values of the estimators' options, with the registry below
+    "PROBES",
     "EVAL_EXACT_MAX_EVENT_SIZE",
     "EVAL_NUM_EXACT_TERMS",
     "LOG_DET_NAMES",
@@ -63,21 +66,6 @@ LogDetFn = Callable[..., tuple[tf.Tensor, tf.Tensor]]
 # about 20 + 2 VJPs, so exact is both cheaper and better up to about 20 dimensions.
 EVAL_EXACT_MAX_EVENT_SIZE = 20
 EVAL_NUM_EXACT_TERMS = 20
-# Seed sub-streams: the number of terms and the probes must be independent draws.
-_STREAM_NUM_TERMS, _STREAM_PROBE = 0, 1
-
-
-# ------------------------------------------------------------------------------------------------
-# Argument checks: every message names the argument and the value.
-
-
-def _check_batch(x: tf.Tensor) -> tf.Tensor:
-    x = tf.convert_to_tensor(x)
-    if not x.dtype.is_floating:
-        raise ValueError(f"x must be a floating tensor; got dtype {x.dtype.name}.")
-    if x.shape.rank is not None and x.shape.rank < 2:
-        raise ValueError(f"x must have shape [batch, *event_shape]; got shape {x.shape}.")
-    return x
 
 
 # ------------------------------------------------------------------------------------------------
@@ -122,7 +110,7 @@ def exact_log_det(
         `(g(x), log_det)` with `log_det` of shape `[batch]`.
     """
     del seed, parameters  # Deterministic; differentiated by autodiff.
-    x = _check_batch(x)
+    x = validation.batch_of_events("x", x)
     with tf.GradientTape() as tape:
         tape.watch(x)
         gx = residual_fn(x)
@@ -135,11 +123,6 @@ def exact_log_det(
 
 # ------------------------------------------------------------------------------------------------
 # Series estimators.
-
-
-def _check_series_options(probe: str, num_probes: int) -> None:
-    validation.choice("probe", probe, PROBES)
-    validation.integer("num_probes", num_probes, 1)
 
 
 def power_series_log_det(
@@ -182,8 +165,8 @@ def power_series_log_det(
         ValueError: for a bad `num_terms`, `probe` or `num_probes`.
     """
     validation.integer("num_terms", num_terms, 1)
-    _check_series_options(probe, num_probes)
-    x = _check_batch(x)
+    check_series_options(probe, num_probes)
+    x = validation.batch_of_events("x", x)
     seed = stateless_random.sanitize_seed(seed)
 
     def neumann_weight(k: tf.Tensor) -> tf.Tensor:
@@ -194,7 +177,7 @@ def power_series_log_det(
         residual_fn,
         x,
         parameters=tuple(parameters),
-        probe_seed=stateless_random.fold_in(seed, _STREAM_PROBE),
+        probe_seed=stateless_random.fold_in(seed, STREAM_PROBE),
         num_terms=tf.constant(num_terms),
         term_weight=lambda k: tf.constant(1.0, tf.float64),
         neumann_weight=neumann_weight,
@@ -202,103 +185,6 @@ def power_series_log_det(
         num_probes=num_probes,
         neumann_gradient=neumann_gradient,
         maximum_iterations=num_terms,
-    )
-
-
-def russian_roulette_log_det(
-    residual_fn: ResidualFn,
-    x: tf.Tensor,
-    *,
-    seed: SeedLike = None,
-    parameters: Sequence[tf.Tensor] = (),
-    term_distribution: str = "geometric",
-    geometric_p: float = 0.5,
-    poisson_rate: float = 2.0,
-    num_exact_terms: int = 2,
-    probe: str = "rademacher",
-    num_probes: int = 1,
-    neumann_gradient: bool = True,
-) -> tuple[tf.Tensor, tf.Tensor]:
-    """Unbiased Russian-roulette estimate of `log|det(I + J_g(x))|` (Chen et al., 2019, eq. 6).
-
-    Draw N from `term_distribution`, compute `n = num_exact_terms + N` terms and weight term k by
-    the inverse probability that it is computed:
-
-        log_det = sum{ (-1)**(k+1) / k * c_k * v^T J**k v : k = 1..n }
-        c_k = 1                                      for k <= num_exact_terms
-        c_k = 1 / P(N >= k - num_exact_terms)        otherwise
-
-    so `E[log_det] = log|det(I + J)|` exactly (given `Lip(g) < 1`). One N is drawn per call and
-    shared by the batch; every example has its own probe. With `neumann_gradient=True` the value
-    is this same estimate (not the authors' training surrogate, whose mean is
-    `tr(J (I + J)^-1)`), and the gradient is the unbiased Neumann estimate
-    `d <w^T J, v>` with `w = sum{ (-1)**k c_k v^T J**k : k = 0..n }` (`c_0 = 1`).
-
-    Defaults: geometric(0.5) with 2 exact terms is the authors' block default (about 4 terms
-    on average); for images they use `term_distribution="poisson", poisson_rate=2.0,
-    num_exact_terms=2`.
-    Rademacher probes are the default because, for any matrix, their Hutchinson variance is
-    never above that of Gaussian probes (it lacks the `2 * sum_i A_ii**2` term).
-
-    The variance is finite for geometric(geometric_p) when the spectral radius of `J` is below
-    `sqrt(1 - geometric_p)`. Poisson weights grow factorially, but terms that far out are drawn with
-    negligible probability in practice.
-
-    Args:
-        residual_fn: `g`, maps `[batch, *event_shape]` to the same shape.
-        x: float tensor of shape `[batch, *event_shape]`.
-        seed: `None` (fresh randomness on every call, also inside `tf.function`), an int, or a
-            pair of ints. The same seed gives the same value in eager mode, in `tf.function`
-            and under XLA.
-        parameters: tensors that `residual_fn` reads by closure and that need gradients, e.g.
-            the weight values of a Keras layer's `stateless_call` (the Neumann gradient is a
-            custom gradient, which sees only its arguments and the variables `g` reads).
-        term_distribution: distribution of N, "geometric" (parameter `geometric_p`) or
-            "poisson" (parameter `poisson_rate`).
-        geometric_p: success probability of the geometric distribution, in (0, 1).
-        poisson_rate: rate of the Poisson distribution, > 0.
-        num_exact_terms: terms that are always computed, >= 0.
-        probe: Hutchinson probe distribution, "rademacher" or "gaussian".
-        num_probes: independent probes per example, averaged.
-        neumann_gradient: if True (default), the gradient is the memory-flat Neumann estimate;
-            if False, autodiff through the series (memory grows with the number of terms, and
-            under XLA it cannot be differentiated, because the loop has no static bound).
-
-    Returns:
-        `(g(x), log_det)` with `log_det` of shape `[batch]`.
-
-    Raises:
-        ValueError: for a bad `term_distribution`, `geometric_p`, `poisson_rate`,
-            `num_exact_terms`, `probe` or
-            `num_probes`, naming the argument and the value.
-    """
-    validation.choice("term_distribution", term_distribution, DISTRIBUTIONS)
-    # Both parameters are checked whichever distribution is used: a bad value is a bug either way.
-    validation.number("geometric_p", geometric_p, above=0, below=1)
-    validation.number("poisson_rate", poisson_rate, above=0)
-    validation.integer("num_exact_terms", num_exact_terms, 0)
-    _check_series_options(probe, num_probes)
-    x = _check_batch(x)
-    seed = stateless_random.sanitize_seed(seed)
-
-    survival = survival_function(term_distribution, float(geometric_p), float(poisson_rate))
-    extra_terms = sample_from_survival(survival, stateless_random.fold_in(seed, _STREAM_NUM_TERMS))
-
-    def weight(k: tf.Tensor) -> tf.Tensor:
-        return 1.0 / survival(k - num_exact_terms)
-
-    return series_log_det(
-        residual_fn,
-        x,
-        parameters=tuple(parameters),
-        probe_seed=stateless_random.fold_in(seed, _STREAM_PROBE),
-        num_terms=num_exact_terms + extra_terms,
-        term_weight=weight,
-        neumann_weight=weight,
-        probe=probe,
-        num_probes=num_probes,
-        neumann_gradient=neumann_gradient,
-        maximum_iterations=None,
     )
 
 

@@ -27,31 +27,15 @@ import tensorflow_probability as tfp
 from tfp_resflow import bits, lipschitz, validation
 from tfp_resflow.base_distribution import is_standard_normal, standard_normal
 from tfp_resflow.composite import inverse_and_log_det
-from tfp_resflow.fresh_bijector import FreshBijector
+from tfp_resflow.fresh_bijector import keras_layers_of
 from tfp_resflow.modes import data_dependent_init, training_mode
 
 tfb = tfp.bijectors
 tfd = tfp.distributions
 
-__all__ = ["FlowModel", "keras_layers_of"]
+__all__ = ["FlowModel"]
 
 LOSS_UNITS = ("nats", "bits_per_dim")
-
-
-def keras_layers_of(bijector: tfb.Bijector) -> list[keras.layers.Layer]:
-    """The Keras layers used by a bijector, searching through chains and inversions."""
-    found: dict[int, keras.layers.Layer] = {}
-    stack = [bijector]
-    while stack:
-        b = stack.pop()
-        if isinstance(b, FreshBijector):
-            for layer in b.keras_layers:
-                found.setdefault(id(layer), layer)
-        stack.extend(reversed(list(getattr(b, "bijectors", []) or [])))
-        inner = getattr(b, "bijector", None)
-        if isinstance(inner, tfb.Bijector):
-            stack.append(inner)
-    return list(found.values())
 
 
 class _MeanOverExamples(keras.losses.Loss):

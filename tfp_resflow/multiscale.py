@@ -32,7 +32,6 @@ References:
 """
 
 import math
-import numbers
 from collections.abc import Mapping, Sequence
 
 import keras
@@ -43,17 +42,14 @@ from tfp_resflow import network
 from tfp_resflow.actnorm import ActNorm, ActNormLayer
 from tfp_resflow.bijector import ResidualBlock
 from tfp_resflow.composite import FactorOut, Features, StackedBijector, Step
-from tfp_resflow.config import ImageFlowConfig, to_dict
-from tfp_resflow.image import LogitTransform, Squeeze
+from tfp_resflow.config import ImageFlowConfig
+from tfp_resflow.config_fields import to_dict
+from tfp_resflow.image import LogitTransform, Squeeze, scale_shapes
 from tfp_resflow.presets import get_preset
 
 tfb = tfp.bijectors
 
 __all__ = ["MultiscaleResidualFlow", "image_flow", "scale_shapes"]
-
-
-def _is_positive_integral(value: object) -> bool:
-    return not isinstance(value, bool) and isinstance(value, numbers.Integral) and value >= 1
 
 
 @keras.saving.register_keras_serializable(package="tfp_resflow")
@@ -136,48 +132,50 @@ class MultiscaleResidualFlow(StackedBijector):
         )
         return Step(block, event_ndims)
 
-    def _build(self) -> None:
+    def _layer_options(self) -> dict:
+        options = {"dtype": self._dtype_name}
+        if self._config.initial_power_iterations is not None:
+            options["initial_power_iterations"] = self._config.initial_power_iterations
+        return options
+
+    def _scale_steps(self, i: int, num_blocks: int, shape: tuple[int, ...]) -> list:
+        """Scale `i`: its blocks (each followed by ActNorm), its features mark, the squeeze."""
         c = self._config
-        layer_options = {"dtype": self._dtype_name}
-        if c.initial_power_iterations is not None:
-            layer_options["initial_power_iterations"] = c.initial_power_iterations
-        steps: list[Step | FactorOut | Features] = []  # data -> latent order
-        if c.logit_alpha is not None:
-            steps.append(Step(LogitTransform(c.logit_alpha, validate_args=self._validate), 3))
-        if c.squeeze_first:
-            steps.append(Step(Squeeze(validate_args=self._validate), 3))
-        last = len(self._scale_shapes) - 1
-        for i, (num_blocks, shape) in enumerate(
-            zip(c.blocks_per_scale, self._scale_shapes, strict=True)
-        ):
-            if i == 0 and c.actnorm:
+        steps: list[Step | FactorOut | Features] = []
+        if i == 0 and c.actnorm:
+            steps.append(self._new_actnorm(shape))
+        for j in range(num_blocks):
+            g = network.lipschitz_cnn(
+                shape,
+                c.hidden_channels,
+                c.kernel_sizes,
+                lipschitz_constant=c.lipschitz_constant,
+                activation=c.activation,
+                learnable_norm_orders=c.learnable_norm_orders,
+                activation_first=(i, j) != (0, 0),  # the authors' first block: no pre-act
+                **self._layer_options(),
+            )
+            steps.append(self._new_block(g, 3, f"block_{i}_{j}"))
+            if c.actnorm:
                 steps.append(self._new_actnorm(shape))
-            for j in range(num_blocks):
-                g = network.lipschitz_cnn(
-                    shape,
-                    c.hidden_channels,
-                    c.kernel_sizes,
-                    lipschitz_constant=c.lipschitz_constant,
-                    activation=c.activation,
-                    learnable_norm_orders=c.learnable_norm_orders,
-                    activation_first=(i, j) != (0, 0),  # the authors' first block: no pre-act
-                    **layer_options,
-                )
-                steps.append(self._new_block(g, 3, f"block_{i}_{j}"))
-                if c.actnorm:
-                    steps.append(self._new_actnorm(shape))
-            # The classification head reads each scale's output: its factored-out part (the
-            # FactorOut records it), or the whole activation (the authors' heads).
-            if i == last or not c.factor_out:
-                steps.append(Features())
-            if i < last:
-                steps.append(Step(Squeeze(validate_args=self._validate), 3))
-                if c.factor_out:
-                    steps.append(FactorOut())
+        # The classification head reads each scale's output: its factored-out part (the
+        # FactorOut records it), or the whole activation (the authors' heads).
+        last = i == len(self._scale_shapes) - 1
+        if last or not c.factor_out:
+            steps.append(Features())
+        if not last:
+            steps.append(Step(Squeeze(validate_args=self._validate), 3))
+            if c.factor_out:
+                steps.append(FactorOut())
+        return steps
+
+    def _fc_steps(self) -> list[Step]:
+        """The fully connected blocks over the flattened final tensor."""
+        c = self._config
         final_shape = self._scale_shapes[-1]
         size = math.prod(final_shape)
         # TFP's forward is latent -> data: its inverse flattens the final images.
-        steps.append(Step(tfb.Reshape(event_shape_out=final_shape, event_shape_in=[size]), 3))
+        steps = [Step(tfb.Reshape(event_shape_out=final_shape, event_shape_in=[size]), 3)]
         for k in range(c.fc_end_blocks):
             g = network.lipschitz_mlp(
                 size,
@@ -185,11 +183,25 @@ class MultiscaleResidualFlow(StackedBijector):
                 lipschitz_constant=c.lipschitz_constant,
                 activation=c.activation,
                 learnable_norm_orders=c.learnable_norm_orders,
-                **layer_options,
+                **self._layer_options(),
             )
             steps.append(self._new_block(g, 1, f"fc_block_{k}"))
             if c.actnorm:
                 steps.append(self._new_actnorm((size,)))
+        return steps
+
+    def _build(self) -> None:
+        c = self._config
+        steps: list[Step | FactorOut | Features] = []  # data -> latent order
+        if c.logit_alpha is not None:
+            steps.append(Step(LogitTransform(c.logit_alpha, validate_args=self._validate), 3))
+        if c.squeeze_first:
+            steps.append(Step(Squeeze(validate_args=self._validate), 3))
+        for i, (num_blocks, shape) in enumerate(
+            zip(c.blocks_per_scale, self._scale_shapes, strict=True)
+        ):
+            steps.extend(self._scale_steps(i, num_blocks, shape))
+        steps.extend(self._fc_steps())
         self._steps = steps
         self._set_shapes(self._image_shape)
 
@@ -272,45 +284,6 @@ class MultiscaleResidualFlow(StackedBijector):
         if what == "y":
             return self._check_events(t, self._image_shape, "images")
         return self._check_events(t, [self.latent_size], "latents")
-
-
-def scale_shapes(input_shape: Sequence[int], config: ImageFlowConfig) -> list[tuple[int, ...]]:
-    """The event shape `(h, w, c)` on which each scale's blocks act, in order.
-
-    With factor-out, scale `i + 1`'s shape is also that of the latent part leaving after scale
-    `i`. For example `(64, 64, 3)` with the `imagenet64` preset gives `(32, 32, 12)`,
-    `(16, 16, 24)`, `(8, 8, 48)`.
-
-    Raises:
-        ValueError: for a shape that is not `(H, W, C)`, or whose height or width the squeezes
-            do not divide; the message names the shape.
-    """
-    try:
-        shape = tuple(input_shape)
-    except TypeError:
-        shape = None
-    if shape is None or len(shape) != 3 or not all(_is_positive_integral(n) for n in shape):
-        raise ValueError(
-            f"input_shape must be (height, width, channels) of positive integers; "
-            f"got {input_shape!r}."
-        )
-    shape = tuple(int(n) for n in shape)
-    num_squeezes = len(config.blocks_per_scale) - 1 + int(config.squeeze_first)
-    divisor = 2**num_squeezes
-    if shape[0] % divisor or shape[1] % divisor:
-        raise ValueError(
-            f"Images of shape {shape} cannot be squeezed {num_squeezes} times "
-            f"({len(config.blocks_per_scale)} scales, squeeze_first={config.squeeze_first}): "
-            f"height and width must be divisible by {divisor}."
-        )
-    h, w, c = shape
-    if config.squeeze_first:
-        h, w, c = h // 2, w // 2, 4 * c
-    shapes = [(h, w, c)]
-    for _ in config.blocks_per_scale[1:]:
-        h, w, c = h // 2, w // 2, (2 if config.factor_out else 4) * c
-        shapes.append((h, w, c))
-    return shapes
 
 
 def image_flow(

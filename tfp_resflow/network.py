@@ -226,9 +226,7 @@ def lipschitz_cnn(
     Raises:
         ValueError: On a bad shape, width, kernel size, order list or activation.
     """
-    shape = validation.integers("input_shape", input_shape)
-    if len(shape) != 3:
-        validation.fail("input_shape", "(height, width, channels)", input_shape)
+    shape = validation.image_shape("input_shape", input_shape)
     hidden_channels = validation.positive_integer("hidden_channels", hidden_channels)
     kernels = validation.integers("kernel_sizes", kernel_sizes, odd=True)
     channels = [hidden_channels] * (len(kernels) - 1) + [shape[-1]]

@@ -21,7 +21,8 @@ minutes on a CPU; training refines the estimates after every step.
 trains in a few minutes on 2 CPU cores.
 """
 
-from tfp_resflow.config import BlockConfig, ImageFlowConfig, ResidualFlowConfig, with_fields
+from tfp_resflow.config import BlockConfig, ImageFlowConfig, ResidualFlowConfig
+from tfp_resflow.config_fields import with_fields
 
 __all__ = ["PRESETS", "PRESET_INPUT_SHAPES", "TOY", "ImageFlowConfig", "get_preset"]
 

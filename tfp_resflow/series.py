@@ -25,9 +25,8 @@ the constant vector
     w = sum{ (-1)**k * d_k * u_k : k = 0..n }      (d_k: the Neumann weights)
 
 Only `x`, `v` and `w` are kept for the backward pass, so memory does not grow with the number of
-terms. The roulette draws the number of terms beyond the exact ones from a distribution given by
-its survival function `P(N >= j)` (`survival_function`, `sample_from_survival`), which also gives
-its weights, `c_k = 1 / P(N >= k - num_exact_terms)`.
+terms. The roulette (`tfp_resflow.roulette`) draws the number of terms beyond the exact ones
+and weighs them by the inverse probability that they are computed.
 
 References:
     Chen, Behrmann, Duvenaud, Jacobsen (2019). Residual Flows for Invertible Generative
@@ -40,21 +39,30 @@ from collections.abc import Callable, Sequence
 
 import tensorflow as tf
 
-from tfp_resflow import stateless_random
+from tfp_resflow import stateless_random, validation
 
 __all__ = [
     "DISTRIBUTIONS",
     "PROBES",
-    "sample_from_survival",
+    "STREAM_NUM_TERMS",
+    "STREAM_PROBE",
+    "check_series_options",
     "series_log_det",
-    "survival_function",
 ]
 
 PROBES = ("gaussian", "rademacher")
 DISTRIBUTIONS = ("geometric", "poisson")
+# Seed sub-streams: the number of terms and the probes must be independent draws.
+STREAM_NUM_TERMS, STREAM_PROBE = 0, 1
 
 ResidualFn = Callable[[tf.Tensor], tf.Tensor]
 Weight = Callable[[tf.Tensor], tf.Tensor]
+
+
+def check_series_options(probe: str, num_probes: int) -> None:
+    """The options every series estimator takes: its probes."""
+    validation.choice("probe", probe, PROBES)
+    validation.integer("num_probes", num_probes, 1)
 
 
 def _event_dot(a: tf.Tensor, b: tf.Tensor) -> tf.Tensor:
@@ -253,49 +261,4 @@ def _neumann_backward(
     return input_grads, grads[1 + num_parameters :]
 
 
-def survival_function(distribution: str, p: float, rate: float) -> Weight:
-    """Returns `j -> P(N >= j)` (float64) for the number N of terms beyond the exact ones.
-
-    geometric(p), N in {1, 2, ...}:  P(N >= j) = (1 - p)**(j - 1)          for j >= 1
-    poisson(rate), N in {0, 1, ...}: P(N >= j) = igamma(j, rate)            for j >= 1
-    (igamma is the regularised lower incomplete gamma function; it is accurate in the tail,
-    where `1 - cdf` would cancel.) Both are 1 for smaller j.
-
-    Args:
-        distribution: one of `DISTRIBUTIONS`.
-        p: the geometric distribution's success probability.
-        rate: the Poisson distribution's rate.
-
-    Returns:
-        The survival function, `int32 or float tensor -> float64 tensor`.
-    """
-
-    def survival(j: tf.Tensor) -> tf.Tensor:
-        j = tf.cast(j, tf.float64)
-        if distribution == "geometric":
-            tail = tf.pow(tf.constant(1.0 - p, tf.float64), j - 1.0)
-        else:
-            tail = tf.math.igamma(tf.maximum(j, 1.0), tf.constant(rate, tf.float64))
-        first_random_term = 1.0 if distribution == "geometric" else 0.0
-        return tf.where(j <= first_random_term, tf.ones_like(tail), tail)
-
-    return survival
-
-
-def sample_from_survival(survival: Weight, seed: tf.Tensor) -> tf.Tensor:
-    """Draws N with `P(N >= j) = survival(j)` by inverting the survival function.
-
-    With `t ~ U(0, 1)`, `N = max{ j : survival(j) >= t }`; then `N >= j` exactly when
-    `survival(j) >= t`, which has probability `survival(j)`. The same function gives the
-    roulette weights, so sampling and weighting cannot disagree.
-
-    Args:
-        survival: `j -> P(N >= j)`, e.g. from `survival_function`.
-        seed: sanitised seed of the uniform draw.
-
-    Returns:
-        int32 scalar N.
-    """
-    t = stateless_random.uniform([], seed, tf.float64)
-    (n,) = tf.while_loop(lambda j: survival(j + 1) >= t, lambda j: (j + 1,), (tf.constant(0),))
-    return n
+# END

@@ -9,12 +9,11 @@ gradient is not taken through the iterations: with `dL/dx` given,
 
 another contraction (Lip of `a -> a J` is also below 1), solved with vector-Jacobian products.
 
-Both fixed points are found by a pluggable solver of `tfp_resflow.fixed_point`, `solver(step,
-start, scale, *, atol, rtol, max_iterations) -> (x, converged)`, registered by name in `SOLVERS`:
-`plain` iteration, or `anderson` acceleration, which often needs far fewer evaluations of `step`
-(each one a pass through the residual block) when `Lip(g)` is close to 1, where the plain
-iteration is slowest. The registry's names are re-exported here, where the configs and blocks
-have always found them.
+Both fixed points are found by a pluggable solver, `solver(step, start, scale, *, atol, rtol,
+max_iterations) -> (x, converged)`, registered here by name in `SOLVERS`: `plain` iteration
+(`tfp_resflow.fixed_point`), or `anderson` acceleration (`tfp_resflow.anderson`), which often
+needs far fewer evaluations of `step` (each one a pass through the residual block) when `Lip(g)`
+is close to 1, where the plain iteration is slowest.
 
 References:
     Behrmann, Grathwohl, Chen, Duvenaud, Jacobsen (2019). Invertible Residual Networks. ICML.
@@ -29,28 +28,32 @@ from typing import Any
 
 import tensorflow as tf
 
-from tfp_resflow.fixed_point import (
-    DEFAULT_TOLERANCE,
-    SOLVER_NAMES,
-    SOLVERS,
-    fixed_point,
-    get_solver,
-    tolerances,
-)
+from tfp_resflow import validation
+from tfp_resflow.anderson import anderson
+from tfp_resflow.fixed_point import DEFAULT_TOLERANCE, Solver, fixed_point, plain, tolerances
 
 __all__ = [
-    # The solver registry, re-exported from `fixed_point` for `config`, `bijector`,
-    # `block_functions` and the notebooks.
-    "DEFAULT_TOLERANCE",
-    "SOLVERS",
+    "DEFAULT_TOLERANCE",  # re-exported from `fixed_point`, with `fixed_point` and `tolerances`,
+    "SOLVERS",  # for `config`, `bijector`, `block_functions` and the notebooks
     "SOLVER_NAMES",
     "fixed_point",
     "get_solver",
-    "tolerances",
-    # Ours.
     "nan_unless",
     "solve_residual",
+    "tolerances",
 ]
+
+SOLVERS: dict[str, Solver] = {"plain": plain, "anderson": anderson}
+SOLVER_NAMES = tuple(SOLVERS)
+
+
+def get_solver(name: str) -> Solver:
+    """The solver registered in `SOLVERS` under `name`.
+
+    Raises:
+        ValueError: for a name not in `SOLVERS`.
+    """
+    return SOLVERS[validation.choice("solver", name, SOLVER_NAMES)]
 
 
 def nan_unless(converged: tf.Tensor, x: tf.Tensor) -> tf.Tensor:

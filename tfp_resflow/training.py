@@ -27,10 +27,12 @@ import dataclasses
 import keras
 import tensorflow as tf
 
-from tfp_resflow import distribute, multiscale, presets, toy_data, validation
-from tfp_resflow.config import ImageFlowConfig, ResidualFlowConfig, parse_assignments
+from tfp_resflow import data, distribute, multiscale, presets, toy_data, validation
+from tfp_resflow.config import ImageFlowConfig, ResidualFlowConfig
+from tfp_resflow.config_fields import parse_assignments
 from tfp_resflow.evaluation import ema_weights, evaluate_loss
 from tfp_resflow.flow import ResidualFlowBijector
+from tfp_resflow.hybrid import TASKS, HybridFlowModel, nll_weight_value
 from tfp_resflow.model import FlowModel
 from tfp_resflow.optimizer import GroupedAdam
 
@@ -65,6 +67,8 @@ class TrainConfig:
     # "name=value" changes to the preset's model config (`config.parse_assignments`), e.g.
     # ("hidden_channels=64", "solver=anderson"); checked when the model config is made.
     model: tuple[str, ...] = ()
+    task: str = "density"  # "density", "classification" or "hybrid" (labelled data)
+    nll_weight: str = "1"  # hybrid: lambda on -log p(x), a number >= 0 or "1/D"
     epochs: int = 15
     steps_per_epoch: int = 0  # 0: one pass over the training data
     batch_size: int = 64
@@ -108,6 +112,13 @@ class TrainConfig:
         validation.number("lipschitz_tolerance", self.lipschitz_tolerance, above=0)
         validation.choice("schedule", self.schedule, SCHEDULES)
         validation.choice("strategy", self.strategy, distribute.STRATEGIES)
+        validation.choice("task", self.task, TASKS)
+        nll_weight_value(_as_number(self.nll_weight), 1)  # a number >= 0 or "1/D"
+        if self.task != "density" and self.dataset in toy_data.TOY_DATASETS:
+            raise ValueError(
+                f"task {self.task!r} needs labels: the toy set {self.dataset!r} "
+                "has none (use digits or a labelled tfds set)."
+            )
         if self.verbose not in (0, 1, 2):
             validation.fail("verbose", "0, 1 or 2", self.verbose)
 
@@ -122,6 +133,9 @@ FLAG_HELP = {
     "e.g. --model blocks_per_scale=4,4 hidden_channels=64 log_det=exact solver=anderson "
     "learnable_norm_orders=true; fields of ImageFlowConfig (ResidualFlowConfig for 'toy') and "
     "of its BlockConfig",
+    "task": "density (p(x) only), classification (a head on the flow's features, cross-entropy "
+    "only) or hybrid (nll_weight * NLL + cross-entropy); the last two need labelled data",
+    "nll_weight": "hybrid task: weight lambda of -log p(x), a number or 1/D (the authors: 1)",
     "epochs": "number of epochs (total, also with --resume)",
     "steps_per_epoch": "optimizer steps per epoch; 0 means one pass over the training data",
     "batch_size": "global batch size (split across replicas)",
@@ -213,13 +227,27 @@ def model_config(config: TrainConfig) -> ResidualFlowConfig | ImageFlowConfig:
 
 
 def build_model(config: TrainConfig, event_shape: tuple, num_levels: int | None) -> FlowModel:
-    """The run's flow, wrapped in a FlowModel with the run's loss unit."""
+    """The run's flow in a FlowModel (a HybridFlowModel for classification and hybrid tasks)."""
     flow_config = model_config(config)
     if isinstance(flow_config, ResidualFlowConfig):
         flow = ResidualFlowBijector(flow_config)
-        return FlowModel(flow, event_shape=event_shape, loss_unit="nats")
-    flow = multiscale.image_flow(event_shape, flow_config)
-    return FlowModel(flow, event_shape=event_shape, loss_unit="bits_per_dim", num_levels=num_levels)
+        options = {"loss_unit": "nats"}
+    else:
+        flow = multiscale.image_flow(event_shape, flow_config)
+        options = {"loss_unit": "bits_per_dim", "num_levels": num_levels}
+    if config.task == "density":
+        return FlowModel(flow, event_shape, **options)
+    weight = 0.0 if config.task == "classification" else _as_number(config.nll_weight)
+    classes = data.num_classes(config.dataset)
+    return HybridFlowModel(flow, event_shape, num_classes=classes, nll_weight=weight, **options)
+
+
+def _as_number(text: str) -> float | str:
+    """A flag's number ("1", "0.5") as a float; other text ("1/D") as it is."""
+    try:
+        return float(text)
+    except ValueError:
+        return text
 
 
 def compiled_model(
@@ -235,7 +263,7 @@ def compiled_model(
     """
     model = build_model(config, event_shape, num_levels)
     model.build((None, *event_shape))
-    model.initialize(init_batch)
+    model.initialize(init_batch[0] if isinstance(init_batch, tuple) else init_batch)
     model.compile(optimizer=make_optimizer(config, total_steps(config, steps_per_epoch)))
     model.optimizer.build(model.trainable_variables)
     return model

@@ -9,16 +9,30 @@ import numbers
 from collections.abc import Collection
 from typing import Any
 
+import tensorflow as tf
+
 __all__ = [
+    "batch_of_events",
     "boolean",
     "choice",
     "fail",
+    "image_shape",
     "integer",
     "integers",
     "number",
     "optional",
     "positive_integer",
 ]
+
+
+def batch_of_events(name: str, value: object) -> tf.Tensor:
+    """A floating tensor of shape `[batch, *event]` (rank >= 2)."""
+    t = tf.convert_to_tensor(value)
+    if not t.dtype.is_floating:
+        raise ValueError(f"{name} must be a floating tensor; got dtype {t.dtype.name}.")
+    if t.shape.rank is not None and t.shape.rank < 2:
+        raise ValueError(f"{name} must have shape [batch, *event_shape]; got shape {t.shape}.")
+    return t
 
 
 def fail(name: str, expected: str, value: object) -> None:
@@ -100,6 +114,13 @@ def integers(
         kind = "odd integers" if odd else f"integers >= {minimum}"
         fail(name, f"{'a non-empty' if nonempty else 'a'} tuple of {kind}", value)
     return tuple(int(n) for n in value)
+
+
+def image_shape(name: str, value: object) -> tuple[int, int, int]:
+    """`(height, width, channels)`: three integers >= 1."""
+    if not (isinstance(value, tuple | list) and len(value) == 3):
+        fail(name, "(height, width, channels) of positive integers", value)
+    return integers(name, value, minimum=1)  # type: ignore[return-value]
 
 
 def optional(check: Any, name: str, value: object, *args: Any, **kwargs: Any) -> Any:
