@@ -76,16 +76,7 @@ def image_dataset(
     key = _image_key(name, builder.info.features)
     if labels:
         num_classes(name, data_dir=data_dir)  # checks there is a label feature
-    if download:
-        builder.download_and_prepare()
-    try:
-        examples = builder.as_dataset(split=split, shuffle_files=False)
-    except AssertionError as e:  # tfds' "could not find data" error
-        raise FileNotFoundError(
-            f"tfds dataset {name!r} is not prepared in {builder.data_dir}. Nothing is downloaded "
-            "by default: pass download=True (needs internet), run `tfds build`, or point "
-            "data_dir / TFDS_DATA_DIR at a folder holding the prepared data."
-        ) from e
+    examples = _examples(builder, name, split, download=download)
     images = examples.map(lambda example: example[key], num_parallel_calls=tf.data.AUTOTUNE)
     targets = examples.map(lambda example: example["label"]) if labels else None
     ds = data.image_pipeline(
@@ -100,6 +91,22 @@ def image_dataset(
         shuffle_buffer=SHUFFLE_BUFFER,
     )
     return ds, builder.info
+
+
+def _examples(
+    builder: tfds.core.DatasetBuilder, name: str, split: str, *, download: bool
+) -> tf.data.Dataset:
+    """The split's examples in file order; prepared first only if `download`."""
+    if download:
+        builder.download_and_prepare()
+    try:
+        return builder.as_dataset(split=split, shuffle_files=False)
+    except AssertionError as e:  # tfds' "could not find data" error
+        raise FileNotFoundError(
+            f"tfds dataset {name!r} is not prepared in {builder.data_dir}. Nothing is downloaded "
+            "by default: pass download=True (needs internet), run `tfds build`, or point "
+            "data_dir / TFDS_DATA_DIR at a folder holding the prepared data."
+        ) from e
 
 
 def num_classes(name: str, *, data_dir: str | None = None) -> int:
