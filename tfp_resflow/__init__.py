@@ -20,7 +20,8 @@ The package is flat; each module is about one idea:
 - `block_functions`: a block's passes as traced functions shared by blocks of one kind.
 - `bijector`: `ResidualBlock`, one invertible block as a TFP bijector.
 - `actnorm`: ActNorm with data-dependent initialisation.
-- `composite`: stacks of bijectors walked in one pass; the joint inverse-and-log-det.
+- `joint_pass`: the joint inverse-and-log-det of any bijector (one pass where possible).
+- `composite`: stacks of bijectors walked in one pass (and the features a classifier reads).
 - `flow`: `ResidualFlowBijector`, a stack of blocks for vector events.
 - `model`: `FlowModel`, the Keras model that trains any of them with `fit`.
 - `base_distribution`: the default base, a standard normal over a flow's latent.
@@ -36,11 +37,11 @@ from tfp_resflow.activation import CLipSwish, LipSwish, get_activation
 from tfp_resflow.actnorm import ActNorm, ActNormLayer
 from tfp_resflow.bijector import ResidualBlock, data_dependent_init, training_mode
 from tfp_resflow.bits import bits_per_dim
-from tfp_resflow.composite import inverse_and_log_det
 from tfp_resflow.config import BlockConfig, ImageFlowConfig, ResidualFlowConfig
 from tfp_resflow.flow import ResidualFlowBijector
 from tfp_resflow.hybrid import ClassificationHead, HybridFlowModel
 from tfp_resflow.image import LogitTransform, Squeeze
+from tfp_resflow.joint_pass import inverse_and_log_det
 from tfp_resflow.lipschitz import (
     SpectralConv2D,
     SpectralDense,

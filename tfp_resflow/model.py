@@ -26,8 +26,8 @@ import tensorflow_probability as tfp
 
 from tfp_resflow import bits, lipschitz, validation
 from tfp_resflow.base_distribution import is_standard_normal, standard_normal
-from tfp_resflow.composite import inverse_and_log_det
 from tfp_resflow.fresh_bijector import keras_layers_of
+from tfp_resflow.joint_pass import inverse_and_log_det
 from tfp_resflow.modes import data_dependent_init, training_mode
 
 tfb = tfp.bijectors
@@ -174,7 +174,7 @@ class FlowModel(keras.Model):
 
             log p(x) = log p_base(z) + ildj(x),   (z, ildj) = inverse_and_log_det(x)
 
-        in one pass through the bijector (`composite.inverse_and_log_det`): the same value as
+        in one pass through the bijector (`joint_pass.inverse_and_log_det`): the same value as
         `self.distribution.log_prob(x)` for the same seed, with each residual block's `g`
         evaluated once. `seed` seeds the stochastic log-dets (None: fresh randomness).
         """

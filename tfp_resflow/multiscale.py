@@ -272,12 +272,6 @@ class MultiscaleResidualFlow(StackedBijector):
             )
         return tf.TensorShape(self._image_shape)
 
-    def _inverse_event_shape_tensor(self, output_shape: tf.Tensor) -> tf.Tensor:
-        return tf.constant([self.latent_size], tf.int32)
-
-    def _forward_event_shape_tensor(self, input_shape: tf.Tensor) -> tf.Tensor:
-        return tf.constant(self._image_shape, tf.int32)
-
     # -- TFP hooks (the walks are StackedBijector's) ------------------------------------------
 
     def _prepare(self, t: tf.Tensor, what: str) -> tf.Tensor:
