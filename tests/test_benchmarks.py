@@ -103,3 +103,25 @@ def test_quick_results_are_complete(quick_run):
     truncated = [r for r in estimators["rows"] if r["estimator"] == "truncated"]
     assert truncated
     assert all(r["finite"] for r in estimators["rows"])
+
+
+@pytest.mark.slow
+def test_hybrid_benchmark_quick(tmp_path):
+    # benchmarks/hybrid.py (issue 14's table) is not in run_all's 20-minute budget; its quick
+    # mode (1 seed, 2 steps) keeps it running.
+    output = tmp_path / "hybrid.json"
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "hybrid.py"), "--quick", "--output", output],
+        cwd=ROOT / "benchmarks",
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-5000:]
+    rows = json.loads(output.read_text())["rows"]
+    assert {(r["flow"], r["nll_weight"]) for r in rows} == {
+        (flow, weight) for flow in ("resflow", "coupling") for weight in ("0", "1/D", "1")
+    }
+    for row in rows:
+        assert all(math.isfinite(v) for v in numbers(row)), row
+        assert 0.0 <= row["test_accuracy"] <= 1.0
