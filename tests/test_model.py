@@ -307,3 +307,17 @@ def test_fit_traces_the_train_step_once_though_the_number_of_terms_varies():
     assert model.optimizer.iterations.numpy() == 20
     assert np.isfinite(history.history["loss"][-1])
     assert len(traces) == 1
+
+
+def test_a_model_with_nothing_to_train_refuses_to_fit():
+    # A tfb.RealNVP whose network FlowModel cannot see: Keras alone would only warn.
+    network = keras.Sequential([keras.layers.Dense(2)])
+    network.build((None, 1))
+    coupling = tfp.bijectors.RealNVP(
+        num_masked=1,
+        shift_and_log_scale_fn=lambda x, output_units, **kwargs: tf.split(network(x), 2, -1),
+    )
+    model = FlowModel(coupling, event_shape=[2])
+    model.compile(optimizer=keras.optimizers.Adam(1e-3))
+    with pytest.raises(ValueError, match="has no trainable weights"):
+        model.fit(np.zeros((8, 2), np.float32), epochs=1, verbose=0)

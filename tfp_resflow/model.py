@@ -239,6 +239,13 @@ class FlowModel(keras.Model):
                 if not self.built:
                     self.build((None, *self.event_shape))
                 optimizer.build(self.trainable_variables)
+        if not self.trainable_variables:  # Keras would only warn, and train nothing
+            raise ValueError(
+                f"{self.name} has no trainable weights. It finds the Keras layers of this "
+                "package's bijectors; Keras networks inside other TFP bijectors (e.g. a "
+                "tfb.RealNVP's shift_and_log_scale_fn) must be attributes of the model, set "
+                "before it is built."
+            )
         return super().make_train_function(force)
 
     def train_step(self, data: Any) -> dict:
