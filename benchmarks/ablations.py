@@ -65,8 +65,8 @@ from measure import write_results  # noqa: E402
 
 from tfp_resflow import data, multiscale, presets  # noqa: E402
 from tfp_resflow.bijector import ResidualBlock  # noqa: E402
-from tfp_resflow.composite import FactorOut  # noqa: E402
-from tfp_resflow.config import to_dict, with_fields  # noqa: E402
+from tfp_resflow.composite import FactorOut, Step  # noqa: E402
+from tfp_resflow.config_fields import to_dict, with_fields  # noqa: E402
 from tfp_resflow.flow import ResidualFlowBijector  # noqa: E402
 from tfp_resflow.model import FlowModel  # noqa: E402
 
@@ -132,6 +132,8 @@ def block_jacobians(model: FlowModel, x: tf.Tensor) -> dict:
     for step in model.bijector._steps:  # noqa: SLF001 (no public walk over the steps)
         if isinstance(step, FactorOut):
             t = t[..., : t.shape[-1] // 2]
+            continue
+        if not isinstance(step, Step):  # a Features mark: no computation
             continue
         bijector = step.bijector
         if isinstance(bijector, ResidualBlock):

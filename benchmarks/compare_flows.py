@@ -30,9 +30,9 @@ a first (tracing) call. Three seeds per model: mean, standard deviation and min-
 `tfb.Glow` itself runs with Keras 3 networks in float32, but its ActNorm and 1x1-convolution
 parameters are raw `tf.Variable`s created inside TFP, which Keras 3 neither tracks nor trains
 (measured: none of its 12 variables changes during `fit`); hence the equivalent built here.
-`FlowModel` finds the Keras layers of this package's bijectors only (`model.keras_layers_of`),
-so the coupling networks are handed to a `FlowModel` subclass that owns them
-(`NetworkOwningFlowModel`); without it `fit` trains nothing (Keras only warns).
+`FlowModel` finds the Keras layers of this package's bijectors only
+(`fresh_bijector.keras_layers_of`), so the coupling networks are handed to a `FlowModel`
+subclass that owns them (`NetworkOwningFlowModel`); without it `fit` would train nothing.
 
     python benchmarks/compare_flows.py            # full: about 7 minutes on 2 CPU cores
     python benchmarks/compare_flows.py --quick    # tiny settings, 1-2 minutes
@@ -232,8 +232,9 @@ class NetworkOwningFlowModel(FlowModel):
     """`FlowModel` that also owns Keras networks used inside TFP bijectors.
 
     `FlowModel` collects the Keras layers of this package's bijectors only
-    (`model.keras_layers_of`); the networks of `tfb.RealNVP`, `tfb.MaskedAutoregressiveFlow`
-    and our LU factors must be attached before the model is built to be trained.
+    (`fresh_bijector.keras_layers_of`); the networks of `tfb.RealNVP`,
+    `tfb.MaskedAutoregressiveFlow` and our LU factors must be attached before the model is built
+    to be trained.
     """
 
     def __init__(self, bijector: tfb.Bijector, event_shape, *, networks=(), **kwargs):
