@@ -56,6 +56,7 @@ def test_the_head_reads_the_output_of_every_scale(shape, changes, expected):
         z, log_det, features = flow.inverse_log_det_and_features(x, seed=1)
         joint_z, joint_log_det = composite.inverse_and_log_det(flow, x, event_ndims=3, seed=1)
     assert [tuple(f.shape[1:]) for f in features] == expected
+    assert flow.feature_shapes == expected  # known without a pass: the head is sized from it
     np.testing.assert_array_equal(z, joint_z)  # the same single pass
     np.testing.assert_array_equal(log_det, joint_log_det)
     # The last scale's features are the final tensor: the end of the latent.
@@ -70,6 +71,7 @@ def test_a_vector_flow_gives_its_latent_to_a_dense_head():
     flow = ResidualFlowBijector(num_blocks=2, hidden_units=(8,), log_det="exact", event_size=3)
     z, _, features = flow.inverse_log_det_and_features(tf.ones([4, 3]))
     assert len(features) == 1
+    assert flow.feature_shapes == [(3,)]
     np.testing.assert_array_equal(features[0], z)
     head = ClassificationHead(5)
     assert head(features).shape == (4, 5)

@@ -69,16 +69,23 @@ class StackedBijector(FreshBijector):
         shape = tuple(int(n) for n in input_event_shape)
         self._input_event_shape = shape
         self._part_shapes: list[tuple[int, ...]] = []
+        self._feature_shapes: list[tuple[int, ...]] = []
         for step in self._steps:
             if isinstance(step, Features):
-                continue
-            if isinstance(step, FactorOut):
+                self._feature_shapes.append(shape)
+            elif isinstance(step, FactorOut):
                 kept = shape[-1] // 2
                 self._part_shapes.append((*shape[:-1], shape[-1] - kept))
+                self._feature_shapes.append(self._part_shapes[-1])
                 shape = (*shape[:-1], kept)
             else:
                 shape = tuple(step.bijector.inverse_event_shape(shape).as_list())
         self._final_shape = shape
+
+    @property
+    def feature_shapes(self) -> list[tuple[int, ...]]:
+        """Event shapes of the features of `inverse_log_det_and_features` (once built)."""
+        return list(self._feature_shapes) or [self._latent_event_shape]
 
     @property
     def latent_shapes(self) -> list[tuple[int, ...]]:

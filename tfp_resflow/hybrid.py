@@ -35,7 +35,7 @@ from tfp_resflow import bits, validation
 from tfp_resflow.actnorm import ActNormLayer
 from tfp_resflow.composite import StackedBijector
 from tfp_resflow.model import FlowModel
-from tfp_resflow.modes import data_dependent_init, training_mode
+from tfp_resflow.modes import training_mode
 
 __all__ = ["TASKS", "ClassificationHead", "HybridFlowModel", "nll_weight_value"]
 
@@ -173,11 +173,8 @@ class HybridFlowModel(FlowModel):
 
     def build(self, input_shape: Sequence[int | None]) -> None:
         super().build(input_shape)
-        if not self.head.built:  # sized from one pass of zeros, without data-dependent init
-            dummy = tf.zeros([1, *self.event_shape], self.compute_dtype)
-            with training_mode(training=False), data_dependent_init(enabled=False):
-                _, _, features = self.bijector.inverse_log_det_and_features(dummy)
-            self.head.build([tuple(f.shape) for f in features])
+        if not self.head.built:  # the flow knows its features' shapes: no pass needed
+            self.head.build([(None, *shape) for shape in self.bijector.feature_shapes])
 
     def compute_loss(
         self,
