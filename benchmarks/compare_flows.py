@@ -1,31 +1,56 @@
-"""Residual Flows against TFP's coupling and autoregressive flows at equal budget.
+"""Residual Flows against TFP's coupling and autoregressive flows at equal steps or equal time.
 
 What: test negative log-likelihood, time per training step and time to sample, for
 
     2-D toy sets (8gaussians, checkerboard, 2spirals), test NLL in nats (exact for every model:
     the residual flow's evaluation mode uses the exact log-det for 2-D events):
-        resflow   `ResidualFlowBijector(presets.TOY)`: 8 blocks, g = 2-64-64-2 LipSwish MLP
+        resflow-lipswish  `ResidualFlowBijector(presets.TOY)`: 8 blocks, g = 2-64-64-2 LipSwish
+                          MLP (alias `resflow`)
+        resflow-clipswish, resflow-elu   the same with `activation=` changed (`with_fields`)
         realnvp   ActNorm, then 8 x `tfb.RealNVP` affine couplings (Keras 3 MLP 1-64-64-2 for
                   shift and log-scale) alternating halves with `tfb.Permute`
         maf       ActNorm, then 8 x `tfb.MaskedAutoregressiveFlow` with a Keras 3 MADE (masked
                   dense 2-64-64-4, our own; TFP's `AutoregressiveNetwork` is tf_keras) and
                   `tfb.Permute` between them
     8x8 digits (17 levels, dequantised), test bits/dim:
-        resflow   the `digits` preset image flow (`multiscale.image_flow`)
+        resflow-lipswish  the `digits` preset image flow (`multiscale.image_flow`)
+        resflow-clipswish, resflow-elu   the `digits` preset with `activation=` changed
         glow      a Glow-style coupling flow from TFP bijectors: logit, squeeze, 4 steps at
                   4x4x4, squeeze, 4 steps at 2x2x16; a step is ActNorm -> invertible 1x1
                   convolution (`tfb.ScaleMatvecLU` over Keras-owned LU factors) -> affine
                   coupling (`tfb.RealNVP` over channels, Keras 3 conv net 3x3-1x1-3x3, 32 wide)
+    (and `idensenet`, `network="dense"`, once the config dataclasses have that field)
+
+The models are registries (`TOY_FLOWS`, `DIGITS_FLOWS`: name -> builder of an unbuilt
+`FlowModel` from a seed), so a variant is one line.
 
 How: every model is a bijector in `FlowModel` (the base is `Sample(Normal(0, 1))`), trained with
 `fit` by the authors' Adam recipe (`training.make_optimizer`: warm-up, constant rate, clipping at
-norm 1, EMA 0.99) for the same steps and batch size; parameter counts agree within 10% (checked
-and printed). After training (EMA weights, Lipschitz estimates converged) the test set is scored
-in evaluation mode (`model(x, training=False)`): exact for the toy sets and the coupling flows;
-for the digits residual flow the authors' evaluation estimator (unbiased roulette, 20 exact
-terms). Step time is the median over the steps after the first (Keras callback around each
-`fit` step); sampling time is the median of 3 calls of a `tf.function` drawing 64 samples, after
-a first (tracing) call. Three seeds per model: mean, standard deviation and min-max.
+norm 1, EMA 0.99) at the same batch size, for one of two budgets (`--budget steps|seconds|both`):
+
+    steps     the same number of steps (warm-up min(100, steps / 5)); parameter counts agree
+              within 10% (checked and printed). After training (EMA weights, Lipschitz
+              estimates converged) the test set is scored in evaluation mode
+              (`model(x, training=False)`): exact for the toy sets and the coupling flows; for
+              the digits residual flows the authors' evaluation estimator (unbiased roulette,
+              20 exact terms). Step time is the median over the steps after the first (Keras
+              callback around each `fit` step); sampling time is the median of 3 calls of a
+              `tf.function` drawing 64 samples, after a first (tracing) call.
+    seconds   the same training wall-clock per model and seed (`--toy-seconds`,
+              `--digits-seconds`; warm-up 100 steps): counted from the start of `fit`, tracing
+              and the first step included (what a user waits for), and stopped by a Keras
+              callback (`WallClockBudget` sets `model.stop_training` at the end of the step
+              that uses the budget up). On the way it scores the test set at `--checkpoints`
+              training times spaced geometrically from 1/32 of the budget, with the clock
+              paused: EMA weights swapped in (`training.ema_weights`), converged Lipschitz
+              estimates, evaluation mode - the code that scores the final model (`score`). The
+              table gives the test NLL at the budget, the steps reached and the step time; one
+              picture per data set (`compare_flows_<data set>.png` next to the JSON) the mean
+              test NLL over seeds against training seconds, min-max shaded. Models of a time
+              budget share the machine with whatever else runs on it: the JSON records the
+              load average before and after.
+
+Three seeds per model: mean, standard deviation and min-max.
 
 `tfb.Glow` itself runs with Keras 3 networks in float32, but its ActNorm and 1x1-convolution
 parameters are raw `tf.Variable`s created inside TFP, which Keras 3 neither tracks nor trains
@@ -34,11 +59,18 @@ parameters are raw `tf.Variable`s created inside TFP, which Keras 3 neither trac
 (`fresh_bijector.keras_layers_of`), so the coupling networks are handed to a `FlowModel`
 subclass that owns them (`NetworkOwningFlowModel`); without it `fit` would train nothing.
 
-    python benchmarks/compare_flows.py            # full: about 7 minutes on 2 CPU cores
-    python benchmarks/compare_flows.py --quick    # tiny settings, 1-2 minutes
+    python benchmarks/compare_flows.py            # equal steps: about 7 minutes on 2 CPU cores
+    python benchmarks/compare_flows.py --quick    # both budgets, tiny settings (3 s budgets)
+    python benchmarks/compare_flows.py --long     # equal seconds for the README: 180 s per toy
+                                                  # model and seed, 360 s per digits model
+                                                  # (every registered model: about 4 hours)
+    python benchmarks/compare_flows.py --budget seconds --datasets checkerboard --seeds 1 \
+        --models resflow-lipswish realnvp --toy-seconds 20
     python benchmarks/compare_flows.py --datasets checkerboard --seeds 1 --toy-steps 100
 
-Prints markdown tables and writes `benchmarks/results/compare_flows.json` (or `--output`).
+Prints markdown tables and writes `benchmarks/results/compare_flows.json` (or `--output`; a run
+with `--budget seconds`, as `--long`, writes `compare_flows_seconds.json`, so the equal-steps
+results stay).
 """
 
 import argparse
@@ -48,6 +80,7 @@ import os
 import statistics
 import sys
 import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -60,6 +93,8 @@ from measure import write_results  # noqa: E402
 
 from tfp_resflow import data, multiscale, presets, training  # noqa: E402
 from tfp_resflow.actnorm import ActNorm, ActNormLayer  # noqa: E402
+from tfp_resflow.config import ImageFlowConfig, ResidualFlowConfig  # noqa: E402
+from tfp_resflow.config_fields import with_fields  # noqa: E402
 from tfp_resflow.flow import ResidualFlowBijector  # noqa: E402
 from tfp_resflow.image import LogitTransform, Squeeze  # noqa: E402
 from tfp_resflow.model import FlowModel  # noqa: E402
@@ -68,13 +103,17 @@ tfb = tfp.bijectors
 
 tf.get_logger().setLevel("ERROR")  # a new tf.function per setting is intended
 RESULTS = Path(__file__).resolve().parent / "results" / "compare_flows.json"
+RESULTS_SECONDS = RESULTS.with_name("compare_flows_seconds.json")  # a time budget alone
 TOY_SETS = ("8gaussians", "checkerboard", "2spirals")
 DATASETS = (*TOY_SETS, "digits")
-TOY_MODELS = ("resflow", "realnvp", "maf")
-DIGITS_MODELS = ("resflow", "glow")
 PARAMETER_TOLERANCE = 0.10  # parameter counts within 10% of the residual flow's
 TOY_TEST_POINTS = 10_000
 NUM_SAMPLES = 64
+# Time budgets per model and seed (seconds of training wall-clock).
+TOY_SECONDS, DIGITS_SECONDS = 30.0, 60.0
+LONG_TOY_SECONDS, LONG_DIGITS_SECONDS = 180.0, 360.0  # --long: the README's run
+QUICK_SECONDS = 3.0
+MAX_STEPS = 10**7  # a time budget's step cap: never reached
 
 
 # ------------------------------------------------------------------------------------------------
@@ -316,19 +355,88 @@ def glow_digits(steps_per_level: tuple = (4, 4), hidden_channels: int = 32, seed
     return tfb.Chain(bijectors, name="glow"), networks
 
 
+# ------------------------------------------------------------------------------------------------
+# The model registries: name -> builder (seed -> an unbuilt FlowModel). A variant is one line.
+
+FlowBuilder = Callable[[int], FlowModel]
+DIGITS_LOSS = {"loss_unit": "bits_per_dim", "num_levels": data.DIGITS_NUM_LEVELS}
+
+
+def toy_resflow(**fields: object) -> FlowBuilder:
+    """`ResidualFlowBijector(presets.TOY)` with `fields` changed (`config_fields.with_fields`)."""
+    config = with_fields(presets.TOY, **fields)
+    return lambda seed: FlowModel(ResidualFlowBijector(config), event_shape=[2])
+
+
+def digits_resflow(**fields: object) -> FlowBuilder:
+    """The `digits` preset image flow with `fields` changed (`config_fields.with_fields`)."""
+    config = with_fields(presets.get_preset("digits"), **fields)
+    return lambda seed: FlowModel(
+        multiscale.image_flow(data.DIGITS_SHAPE, config), data.DIGITS_SHAPE, **DIGITS_LOSS
+    )
+
+
+def network_owning(flow: Callable[[int], tuple], event_shape, **kwargs: object) -> FlowBuilder:
+    """A TFP flow `flow(seed) -> (bijector, networks)` in a `NetworkOwningFlowModel`."""
+
+    def build(seed: int) -> FlowModel:
+        bijector, networks = flow(seed)
+        return NetworkOwningFlowModel(bijector, event_shape, networks=networks, **kwargs)
+
+    return build
+
+
+TOY_FLOWS: dict[str, FlowBuilder] = {
+    "resflow-lipswish": toy_resflow(activation="lipswish"),
+    "resflow-clipswish": toy_resflow(activation="clipswish"),
+    "resflow-elu": toy_resflow(activation="elu"),
+    "realnvp": network_owning(lambda seed: realnvp_2d(), [2]),
+    "maf": network_owning(lambda seed: maf_2d(), [2]),
+}
+DIGITS_FLOWS: dict[str, FlowBuilder] = {
+    "resflow-lipswish": digits_resflow(activation="lipswish"),
+    "resflow-clipswish": digits_resflow(activation="clipswish"),
+    "resflow-elu": digits_resflow(activation="elu"),
+    "glow": network_owning(lambda seed: glow_digits(seed=seed), data.DIGITS_SHAPE, **DIGITS_LOSS),
+}
+
+# >>> i-DenseNet entries (`network="dense"`: g is a densely connected network). Registered only
+# once the config dataclasses have a `network` field, so the script runs before that change.
+# The lead adds further variants here (e.g. "idensenet-clipswish": ..., network="dense",
+# activation="clipswish").
+if "network" in {f.name for f in dataclasses.fields(ResidualFlowConfig)}:
+    TOY_FLOWS["idensenet"] = toy_resflow(network="dense")
+if "network" in {f.name for f in dataclasses.fields(ImageFlowConfig)}:
+    DIGITS_FLOWS["idensenet"] = digits_resflow(network="dense")
+# <<< i-DenseNet entries
+
+REFERENCE_MODEL = "resflow-lipswish"  # parameter ratios are to this model
+ALIASES = {"resflow": REFERENCE_MODEL}  # the name before the registry
+# The equal-steps comparison's models (as before the registry); a time budget runs them all.
+STEP_MODELS = (REFERENCE_MODEL, "realnvp", "maf", "glow")
+QUICK_TIME_MODELS = (REFERENCE_MODEL, "realnvp", "glow")  # --quick's time budget: one baseline
+MODEL_NAMES = tuple(dict.fromkeys([*TOY_FLOWS, *DIGITS_FLOWS, *ALIASES]))
+
+
+def flows_for(dataset: str) -> dict[str, FlowBuilder]:
+    """The registry of a data set's models."""
+    return DIGITS_FLOWS if dataset == "digits" else TOY_FLOWS
+
+
+def canonical(model_name: str) -> str:
+    """The registry name of `model_name` (aliases resolved)."""
+    return ALIASES.get(model_name, model_name)
+
+
+def models_for(dataset: str, names: Iterable[str]) -> list[str]:
+    """The registered models of `dataset` among `names` (aliases resolved, in registry order)."""
+    wanted = {canonical(name) for name in names}
+    return [name for name in flows_for(dataset) if name in wanted]
+
+
 def build_model(dataset: str, model_name: str, seed: int) -> FlowModel:
     """The FlowModel of one (data set, model) pair."""
-    if dataset == "digits":
-        shape = data.DIGITS_SHAPE
-        kwargs = {"loss_unit": "bits_per_dim", "num_levels": data.DIGITS_NUM_LEVELS}
-        if model_name == "resflow":
-            return FlowModel(multiscale.image_flow(shape, "digits"), shape, **kwargs)
-        bijector, networks = glow_digits(seed=seed)
-        return NetworkOwningFlowModel(bijector, shape, networks=networks, **kwargs)
-    if model_name == "resflow":
-        return FlowModel(ResidualFlowBijector(presets.TOY), event_shape=[2])
-    bijector, networks = {"realnvp": realnvp_2d, "maf": maf_2d}[model_name]()
-    return NetworkOwningFlowModel(bijector, [2], networks=networks)
+    return flows_for(dataset)[canonical(model_name)](seed)
 
 
 def parameter_counts(model: FlowModel) -> tuple[int, int]:
@@ -348,7 +456,12 @@ def parameter_counts(model: FlowModel) -> tuple[int, int]:
 
 @dataclasses.dataclass(frozen=True)
 class Budget:
-    """Equal training budget for every model of a data set."""
+    """Equal training budget for every model of a data set: steps, or wall-clock seconds.
+
+    With `seconds`, `fit` stops once that much training time has passed (`WallClockBudget`);
+    `steps` is then only a cap (and the schedule's length: warm-up, then constant), and the test
+    loss is also taken at `checkpoints - 1` points on the way (`checkpoint_seconds`).
+    """
 
     steps: int
     batch_size: int
@@ -356,6 +469,8 @@ class Budget:
     warmup_steps: int = 100
     ema_momentum: float = 0.99
     sample_repeats: int = 3  # timed sampling calls after the first; 0: no sampling
+    seconds: float | None = None  # training wall-clock per model and seed
+    checkpoints: int = 10  # test-loss evaluations of a time budget, the final one included
 
     def train_config(self, seed: int) -> training.TrainConfig:
         return training.TrainConfig(
@@ -380,6 +495,88 @@ class StepTimer(keras.callbacks.Callback):
     def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
         float(keras.ops.convert_to_numpy((logs or {}).get("loss", 0.0)))
         self.seconds.append(time.perf_counter() - self._start)
+
+
+def checkpoint_seconds(seconds: float, count: int, first_fraction: float = 1 / 32) -> list[float]:
+    """`count` training times, geometric from `first_fraction * seconds` to `seconds`.
+
+    Geometric, because the loss falls fastest early; the last one is the budget itself.
+    """
+    if count < 2:
+        return [seconds]
+    ratio = first_fraction ** (1 / (count - 1))
+    return [seconds * ratio ** (count - 1 - k) for k in range(count)]
+
+
+class WallClockBudget(keras.callbacks.Callback):
+    """Stops `fit` when its training wall-clock reaches `seconds`; scores checkpoints on the way.
+
+    The clock starts at `start_clock()` (called right before `fit`; else at `on_train_begin`),
+    so tracing and the first step count: that is what a user waits for. When a step ends past
+    a checkpoint time, `evaluate()` runs (the test loss of the EMA weights in evaluation mode)
+    with the clock paused, and `(checkpoint, seconds, steps, test_loss)` goes to `curve`; a
+    step past several checkpoints (the first, which traces) scores once, under the latest.
+    The budget's own point is left to the caller, who scores the model `fit` returns.
+
+    Args:
+        seconds: the training time after which `fit` stops (at the end of that step).
+        checkpoints: training times at which to evaluate (those >= `seconds` are skipped).
+        evaluate: returns the test loss; None: no checkpoints.
+    """
+
+    def __init__(
+        self,
+        seconds: float,
+        checkpoints: Iterable[float] = (),
+        evaluate: Callable[[], float] | None = None,
+    ) -> None:
+        super().__init__()
+        self.seconds = seconds
+        self._pending = sorted(t for t in checkpoints if t < seconds) if evaluate else []
+        self.evaluate = evaluate
+        self.curve: list[dict] = []
+        self.steps = 0
+        self.train_seconds = 0.0  # training time at the end of the last step
+        self.paused_seconds = 0.0  # time spent in checkpoint evaluations
+        self._start: float | None = None
+
+    def start_clock(self) -> None:
+        self._start = time.perf_counter()
+        self.paused_seconds = 0.0
+
+    def on_train_begin(self, logs: dict | None = None) -> None:
+        if self._start is None:
+            self.start_clock()
+
+    def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
+        # Reading the loss waits for the step to finish.
+        float(keras.ops.convert_to_numpy((logs or {}).get("loss", 0.0)))
+        self.steps += 1
+        self.train_seconds = time.perf_counter() - self._start - self.paused_seconds
+        if self.train_seconds >= self.seconds:
+            self.model.stop_training = True
+            return
+        due = [t for t in self._pending if t <= self.train_seconds]
+        if not due:
+            return
+        self._pending = self._pending[len(due) :]
+        pause = time.perf_counter()
+        loss = self.evaluate()
+        self.curve.append(
+            {
+                "checkpoint": round(due[-1], 3),
+                "seconds": round(self.train_seconds, 3),
+                "steps": self.steps,
+                "test_loss": loss,
+            }
+        )
+        self.paused_seconds += time.perf_counter() - pause
+
+
+def score(model: FlowModel, test: tf.data.Dataset, config: training.TrainConfig) -> float:
+    """Test loss of the weights in place, in evaluation mode, with converged norm estimates."""
+    model.update_lipschitz(atol=config.lipschitz_tolerance, rtol=config.lipschitz_tolerance)
+    return training.evaluate_loss(model, test)
 
 
 def datasets_for(dataset: str, budget: Budget, seed: int):
@@ -411,23 +608,40 @@ def train_and_evaluate(
     *,
     save_path: Path | None = None,
 ) -> dict:
-    """Trains `model` by the recipe for `budget.steps` steps; scores and times it."""
+    """Trains `model` by the recipe for `budget.steps` steps (or `budget.seconds`); scores it.
+
+    Under a time budget the row also has the training time used, the checkpoints' evaluation
+    time, and `curve`: the test loss at the checkpoints and at the end.
+    """
     train, test, init_batch = datasets_for(dataset, budget, seed)
     model.build((None, *model.event_shape))
     model.initialize(init_batch)
     config = budget.train_config(seed)
     model.compile(optimizer=training.make_optimizer(config, budget.steps))
     timer = StepTimer()
+    callbacks: list[keras.callbacks.Callback] = [timer]  # the timer first: steps end before a pause
+    clock = None
+    if budget.seconds is not None:
+        power_vectors: dict = {}  # the EMA weights' power-iteration vectors between checkpoints
+
+        def evaluate_ema() -> float:
+            with training.ema_weights(model, power_vectors):
+                return score(model, test, config)
+
+        times = checkpoint_seconds(budget.seconds, budget.checkpoints)
+        clock = WallClockBudget(budget.seconds, times, evaluate_ema)
+        callbacks.append(clock)
     start = time.perf_counter()
+    if clock is not None:
+        clock.start_clock()
     model.fit(
-        train, epochs=1, steps_per_epoch=budget.steps, verbose=0, callbacks=[timer], shuffle=False
+        train, epochs=1, steps_per_epoch=budget.steps, verbose=0, callbacks=callbacks, shuffle=False
     )
     train_seconds = time.perf_counter() - start
     # fit ends with the EMA weights in place (Keras' use_ema); converge the norm estimates for
     # them before scoring, as train_tf.py does.
-    model.update_lipschitz(atol=config.lipschitz_tolerance, rtol=config.lipschitz_tolerance)
     start = time.perf_counter()
-    test_loss = training.evaluate_loss(model, test)
+    test_loss = score(model, test, config)
     evaluation_seconds = time.perf_counter() - start
 
     first_sample_seconds, sample_times, finite = None, [], None
@@ -447,12 +661,12 @@ def train_and_evaluate(
         model.save(save_path)
     total, free = parameter_counts(model)
     steps_after_first = timer.seconds[1:] or timer.seconds
-    return {
+    row = {
         "test_loss": test_loss,
         "unit": model.loss_unit,
         "parameters": total,
         "free_parameters": free,
-        "steps": budget.steps,
+        "steps": len(timer.seconds),
         "batch_size": budget.batch_size,
         "first_step_seconds": round(timer.seconds[0], 3),
         "step_seconds_median": statistics.median(steps_after_first),
@@ -462,12 +676,23 @@ def train_and_evaluate(
         "sample_seconds_median": statistics.median(sample_times) if sample_times else None,
         "samples_finite": finite,
     }
+    if clock is not None:
+        end = {"checkpoint": budget.seconds, "seconds": round(clock.train_seconds, 3)}
+        end.update({"steps": clock.steps, "test_loss": test_loss})
+        row.update(
+            budget_seconds=budget.seconds,
+            # The clock's training time; train_seconds above also holds the pauses.
+            train_seconds=round(clock.train_seconds, 2),
+            checkpoint_evaluation_seconds=round(clock.paused_seconds, 2),
+            curve=[*clock.curve, end],
+        )
+    return row
 
 
 def run_one(dataset: str, model_name: str, seed: int, budget: Budget, save_path=None) -> dict:
     keras.utils.set_random_seed(seed)
     model = build_model(dataset, model_name, seed)
-    row = {"dataset": dataset, "model": model_name, "seed": seed}
+    row = {"dataset": dataset, "model": canonical(model_name), "seed": seed}
     row.update(train_and_evaluate(model, dataset, budget, seed, save_path=save_path))
     return row
 
@@ -499,36 +724,95 @@ def load_average() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
 
 
-def summarise(rows: list[dict]) -> list[dict]:
-    summary = []
+def _groups(rows: list[dict]) -> Iterable[tuple[str, str, list[dict], list[dict]]]:
+    """(data set, model, its rows, the reference model's rows of that data set), in order."""
     keys = sorted({(r["dataset"], r["model"]) for r in rows}, key=_order)
     for dataset, model_name in keys:
         group = [r for r in rows if r["dataset"] == dataset and r["model"] == model_name]
-        reference = [r for r in rows if r["dataset"] == dataset and r["model"] == "resflow"]
-        entry = {
-            "dataset": dataset,
-            "model": model_name,
-            "unit": group[0]["unit"],
-            "parameters": group[0]["parameters"],
-            "free_parameters": group[0]["free_parameters"],
-            "test_loss": spread([r["test_loss"] for r in group]),
-            "step_seconds": spread([r["step_seconds_median"] for r in group]),
-            "sample_seconds": spread([r["sample_seconds_median"] for r in group]),
-            "first_step_seconds": spread([r["first_step_seconds"] for r in group]),
-            "seeds": [r["seed"] for r in group],
-        }
-        if reference:
-            ratio = entry["parameters"] / reference[0]["parameters"]
-            entry["parameters_vs_resflow"] = round(ratio, 4)
-            entry["parameters_within_tolerance"] = abs(ratio - 1) <= PARAMETER_TOLERANCE
+        reference = [r for r in rows if r["dataset"] == dataset and r["model"] == REFERENCE_MODEL]
+        yield dataset, model_name, group, reference
+
+
+def _parameters(group: list[dict], reference: list[dict]) -> dict:
+    entry = {"parameters": group[0]["parameters"], "free_parameters": group[0]["free_parameters"]}
+    if reference:
+        ratio = entry["parameters"] / reference[0]["parameters"]
+        entry["parameters_vs_resflow"] = round(ratio, 4)
+        entry["parameters_within_tolerance"] = abs(ratio - 1) <= PARAMETER_TOLERANCE
+    return entry
+
+
+def summarise(rows: list[dict]) -> list[dict]:
+    """Per (data set, model) of an equal-steps run: spreads over seeds."""
+    summary = []
+    for dataset, model_name, group, reference in _groups(rows):
+        entry = {"dataset": dataset, "model": model_name, "unit": group[0]["unit"]}
+        entry.update(_parameters(group, reference))
+        entry.update(
+            test_loss=spread([r["test_loss"] for r in group]),
+            step_seconds=spread([r["step_seconds_median"] for r in group]),
+            sample_seconds=spread([r["sample_seconds_median"] for r in group]),
+            first_step_seconds=spread([r["first_step_seconds"] for r in group]),
+            seeds=[r["seed"] for r in group],
+        )
+        summary.append(entry)
+    return summary
+
+
+def summarise_time(rows: list[dict]) -> list[dict]:
+    """Per (data set, model) of a time-budget run: spreads at the budget, and the mean curve.
+
+    The curve groups the seeds' points by checkpoint (a scheduled time): the mean, min and max
+    test loss over the seeds that reached it, at their mean training time.
+    """
+    summary = []
+    for dataset, model_name, group, reference in _groups(rows):
+        entry = {"dataset": dataset, "model": model_name, "unit": group[0]["unit"]}
+        entry.update(_parameters(group, reference))
+        entry.update(
+            budget_seconds=group[0]["budget_seconds"],
+            test_loss=spread([r["test_loss"] for r in group]),
+            steps=spread([r["steps"] for r in group]),
+            step_seconds=spread([r["step_seconds_median"] for r in group]),
+            train_seconds=spread([r["train_seconds"] for r in group]),
+            first_step_seconds=spread([r["first_step_seconds"] for r in group]),
+            seeds=[r["seed"] for r in group],
+        )
+        points = [point for r in group for point in r["curve"]]
+        curve = []
+        for checkpoint in sorted({p["checkpoint"] for p in points}):
+            at = [p for p in points if p["checkpoint"] == checkpoint]
+            losses = [p["test_loss"] for p in at]
+            curve.append(
+                {
+                    "checkpoint": checkpoint,
+                    "seconds": statistics.fmean(p["seconds"] for p in at),
+                    "steps": statistics.fmean(p["steps"] for p in at),
+                    "test_loss_mean": statistics.fmean(losses),
+                    "test_loss_min": min(losses),
+                    "test_loss_max": max(losses),
+                    "seeds": len(at),
+                }
+            )
+        entry["curve"] = curve
         summary.append(entry)
     return summary
 
 
 def _order(key: tuple[str, str]) -> tuple[int, int]:
     dataset, model_name = key
-    models = DIGITS_MODELS if dataset == "digits" else TOY_MODELS
-    return DATASETS.index(dataset), models.index(model_name)
+    return DATASETS.index(dataset), list(flows_for(dataset)).index(model_name)
+
+
+def _unit(summary_entry: dict) -> str:
+    return "bits/dim" if summary_entry["unit"] == "bits_per_dim" else "nats"
+
+
+def _parameter_cell(s: dict) -> str:
+    params = f"{s['parameters']:,}"
+    if s["free_parameters"] != s["parameters"]:
+        params += f" ({s['free_parameters']:,} unmasked)"
+    return params + f" ({s.get('parameters_vs_resflow', 1.0):.3f}x)"
 
 
 def print_tables(summary: list[dict]) -> None:
@@ -538,24 +822,115 @@ def print_tables(summary: list[dict]) -> None:
     )
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for s in summary:
-        unit = "bits/dim" if s["unit"] == "bits_per_dim" else "nats"
-        params = f"{s['parameters']:,}"
-        if s["free_parameters"] != s["parameters"]:
-            params += f" ({s['free_parameters']:,} unmasked)"
-        params += f" ({s.get('parameters_vs_resflow', 1.0):.3f}x)"
         print(
-            f"| {s['dataset']} | {s['model']} | {params} "
-            f"| {format_spread(s['test_loss'])} {unit} "
+            f"| {s['dataset']} | {s['model']} | {_parameter_cell(s)} "
+            f"| {format_spread(s['test_loss'])} {_unit(s)} "
             f"| {format_spread(s['step_seconds'], 1, 1e3)} "
             f"| {format_spread(s['sample_seconds'], 1, 1e3)} "
             f"| {s['first_step_seconds']['mean']:.1f} |"
         )
 
 
+def print_time_tables(summary: list[dict]) -> None:
+    """One table per data set: the test loss when the time budget is used up."""
+    for dataset in dict.fromkeys(s["dataset"] for s in summary):
+        rows = [s for s in summary if s["dataset"] == dataset]
+        print(
+            f"\n{dataset}: {rows[0]['budget_seconds']:g} s of training per model and seed "
+            f"({rows[0]['test_loss']['n']} seeds)\n"
+        )
+        print(
+            "| model | parameters (vs resflow) | test NLL at the budget | steps reached "
+            "| step (ms) | first step (s) |"
+        )
+        print("| --- | --- | --- | --- | --- | --- |")
+        for s in rows:
+            steps = s["steps"]
+            print(
+                f"| {s['model']} | {_parameter_cell(s)} "
+                f"| {format_spread(s['test_loss'])} {_unit(s)} "
+                f"| {steps['mean']:.0f} [{steps['min']:.0f}, {steps['max']:.0f}] "
+                f"| {format_spread(s['step_seconds'], 1, 1e3)} "
+                f"| {s['first_step_seconds']['mean']:.1f} |"
+            )
+
+
+def plot_curves(summary: list[dict], dataset: str, path: Path) -> None:
+    """Mean test loss over seeds vs training seconds, one line per model, min-max shaded."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [s for s in summary if s["dataset"] == dataset]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for s in rows:
+        curve = s["curve"]
+        seconds = [p["seconds"] for p in curve]
+        ax.plot(seconds, [p["test_loss_mean"] for p in curve], marker="o", ms=3, label=s["model"])
+        low, high = [p["test_loss_min"] for p in curve], [p["test_loss_max"] for p in curve]
+        ax.fill_between(seconds, low, high, alpha=0.2)
+    # The first checkpoints of a slow starter can be far above the rest: keep the later ones
+    # readable (the JSON holds every value).
+    finals = [s["curve"][-1]["test_loss_max"] for s in rows]
+    middles = [s["curve"][len(s["curve"]) // 2]["test_loss_max"] for s in rows]
+    lowest = min(p["test_loss_min"] for s in rows for p in s["curve"])
+    top = max(*middles, *finals)
+    ax.set_ylim(lowest - 0.05 * (top - lowest), top + 0.25 * (top - lowest))
+    ax.set_xscale("log")
+    ax.set_xlabel("training seconds (tracing and first step included; evaluations excluded)")
+    ax.set_ylabel(f"test NLL ({_unit(rows[0])})")
+    seeds = rows[0]["test_loss"]["n"]
+    ax.set_title(
+        f"{dataset}: {rows[0]['budget_seconds']:g} s per model, {seeds} seed(s); "
+        "EMA weights, evaluation mode",
+        fontsize=10,
+    )
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    print(f"wrote {path}")
+
+
+def _report(r: dict) -> None:
+    sample = r["sample_seconds_median"]
+    sample = "" if sample is None else f", sample {1e3 * sample:.1f} ms"
+    print(
+        f"  {r['dataset']} {r['model']} seed {r['seed']}: test {r['test_loss']:.4f} "
+        f"{r['unit']} after {r['steps']} steps ({r['train_seconds']:.1f} s), step "
+        f"{1e3 * r['step_seconds_median']:.1f} ms{sample}, {r['parameters']:,} parameters",
+        file=sys.stderr,
+    )
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny settings (seconds per model)")
+    parser.add_argument(
+        "--long",
+        action="store_true",
+        help=f"time budget for the README: {LONG_TOY_SECONDS:g} s per toy model and seed, "
+        f"{LONG_DIGITS_SECONDS:g} s per digits model (several hours)",
+    )
+    parser.add_argument(
+        "--budget",
+        choices=("steps", "seconds", "both"),
+        default=None,
+        help="equal steps, equal training wall-clock, or both (default: steps; both with "
+        "--quick, seconds with --long)",
+    )
     parser.add_argument("--datasets", nargs="+", choices=DATASETS, default=None)
+    parser.add_argument(
+        "--models",
+        nargs="+",
+        choices=MODEL_NAMES,
+        default=None,
+        help="default: " + ", ".join(STEP_MODELS) + " at equal steps, every registered model "
+        "of a data set at equal seconds; a model a data set lacks is skipped for it",
+    )
     parser.add_argument("--seeds", type=int, default=None, help="seeds per model (default 3)")
     parser.add_argument("--toy-steps", type=int, default=None, help="default 400")
     parser.add_argument("--toy-batch-size", type=int, default=256)
@@ -563,12 +938,34 @@ def main(argv: list[str] | None = None) -> None:
         "--digits-steps", type=int, default=None, help="default 115: 5 epochs of 1500 at 64"
     )
     parser.add_argument("--digits-batch-size", type=int, default=64)
-    parser.add_argument("--output", type=Path, default=RESULTS)
+    parser.add_argument(
+        "--toy-seconds", type=float, default=None, help="time budget per toy model and seed"
+    )
+    parser.add_argument(
+        "--digits-seconds", type=float, default=None, help="time budget per digits model and seed"
+    )
+    parser.add_argument(
+        "--checkpoints",
+        type=int,
+        default=None,
+        help="test-loss evaluations per time-budget run, the final one included (default 10)",
+    )
+    parser.add_argument(
+        "--output",
+        type=Path,
+        default=None,
+        help="default: results/compare_flows.json; results/compare_flows_seconds.json for "
+        "--budget seconds (the curves' pictures go next to it: compare_flows_<data set>.png)",
+    )
     parser.add_argument(
         "--save-digits-model", type=Path, help="save the first seed's residual digits model"
     )
     args = parser.parse_args(argv)
-    quick = args.quick
+    quick, long = args.quick, args.long
+    if quick and long:
+        parser.error("--quick and --long exclude each other")
+    budgets = args.budget or ("both" if quick else "seconds" if long else "steps")
+    output = args.output or (RESULTS_SECONDS if budgets == "seconds" else RESULTS)
     datasets = args.datasets or (["8gaussians", "digits"] if quick else list(DATASETS))
     seeds = range(args.seeds or (1 if quick else 3))
     repeats = 1 if quick else 3
@@ -576,49 +973,79 @@ def main(argv: list[str] | None = None) -> None:
     toy = dataclasses.replace(toy, sample_repeats=repeats)
     digits = Budget(args.digits_steps or (3 if quick else 115), args.digits_batch_size)
     digits = dataclasses.replace(digits, sample_repeats=repeats)
+    # A time budget: no sampling (the equal-steps run times it), the step count only a cap.
+    checkpoints = args.checkpoints or (2 if quick else 10)
+    toy_seconds = args.toy_seconds or (
+        QUICK_SECONDS if quick else LONG_TOY_SECONDS if long else TOY_SECONDS
+    )
+    digits_seconds = args.digits_seconds or (
+        QUICK_SECONDS if quick else LONG_DIGITS_SECONDS if long else DIGITS_SECONDS
+    )
+    timed = {"checkpoints": checkpoints, "sample_repeats": 0, "steps": MAX_STEPS}
+    toy_timed = Budget(batch_size=args.toy_batch_size, seconds=toy_seconds, **timed)
+    digits_timed = Budget(batch_size=args.digits_batch_size, seconds=digits_seconds, **timed)
 
     load_before = load_average()
     start = time.perf_counter()
-    rows = []
+    rows, time_rows = [], []
     for dataset in datasets:
-        budget = digits if dataset == "digits" else toy
-        for model_name in DIGITS_MODELS if dataset == "digits" else TOY_MODELS:
-            for seed in seeds:
-                save = None
-                if dataset == "digits" and model_name == "resflow" and seed == 0:
-                    save = args.save_digits_model
-                rows.append(run_one(dataset, model_name, seed, budget, save))
-                r = rows[-1]
-                print(
-                    f"  {dataset} {model_name} seed {seed}: test {r['test_loss']:.4f} "
-                    f"{r['unit']}, step {1e3 * r['step_seconds_median']:.1f} ms, "
-                    f"sample {1e3 * r['sample_seconds_median']:.1f} ms, {r['parameters']:,} "
-                    "parameters",
-                    file=sys.stderr,
-                )
-    summary = summarise(rows)
-    print_tables(summary)
-    for s in summary:
-        if not s.get("parameters_within_tolerance", True):
-            print(f"WARNING: {s['dataset']} {s['model']}: parameters differ by more than 10%")
+        if budgets in ("steps", "both"):
+            budget = digits if dataset == "digits" else toy
+            for model_name in models_for(dataset, args.models or STEP_MODELS):
+                for seed in seeds:
+                    save = None
+                    if dataset == "digits" and model_name == REFERENCE_MODEL and seed == 0:
+                        save = args.save_digits_model
+                    rows.append(run_one(dataset, model_name, seed, budget, save))
+                    _report(rows[-1])
+        if budgets in ("seconds", "both"):
+            budget = digits_timed if dataset == "digits" else toy_timed
+            names = args.models or (QUICK_TIME_MODELS if quick else flows_for(dataset))
+            for model_name in models_for(dataset, names):
+                for seed in seeds:
+                    time_rows.append(run_one(dataset, model_name, seed, budget))
+                    _report(time_rows[-1])
+    results: dict = {}
+    if rows:
+        summary = summarise(rows)
+        print_tables(summary)
+        for s in summary:
+            if not s.get("parameters_within_tolerance", True):
+                print(f"WARNING: {s['dataset']} {s['model']}: parameters differ by more than 10%")
+        results.update(rows=rows, summary=summary)
+    if time_rows:
+        time_summary = summarise_time(time_rows)
+        print_time_tables(time_summary)
+        plots = {}
+        for dataset in dict.fromkeys(r["dataset"] for r in time_rows):
+            path = output.parent / f"compare_flows_{dataset}.png"
+            plot_curves(time_summary, dataset, path)
+            plots[dataset] = path.name
+        results.update(time_rows=time_rows, time_summary=time_summary, plots=plots)
     write_results(
-        args.output,
+        output,
         __file__,
         argv,
         settings={
             "quick": quick,
+            "long": long,
+            "budget": budgets,
             "toy_budget": dataclasses.asdict(toy),
             "digits_budget": dataclasses.asdict(digits),
+            "toy_time_budget": dataclasses.asdict(toy_timed),
+            "digits_time_budget": dataclasses.asdict(digits_timed),
             "toy_test_points": TOY_TEST_POINTS,
             "num_samples": NUM_SAMPLES,
             "recipe": "training.make_optimizer: GroupedAdam beta_2=0.99, linear warm-up "
             "(min(100, steps/5) steps) then constant, clip 1, EMA 0.99; EMA weights scored",
+            "time_budget": "training wall-clock from the start of fit (tracing and the first "
+            "step included), checkpoint evaluations excluded; fit stops at the end of the "
+            "step that reaches it",
         },
         load_average_before=load_before,
         load_average_after=load_average(),
         seconds=round(time.perf_counter() - start, 1),
-        rows=rows,
-        summary=summary,
+        **results,
     )
 
 

@@ -2,31 +2,38 @@
 
 One invertible network models p(x) and classifies (`tfp_resflow.hybrid.HybridFlowModel`): the
 loss is `lambda * (-log p(x)) + cross-entropy`, with lambda in {0, 1/D, 1} as in the paper
-(0: a classifier on invertible features; D = 64). Two flows of similar size, each with the
+(0: a classifier on invertible features; D = 64). Flows of similar size, each with the
 authors' head (per scale: 3x3 conv, ActNorm, ReLU, average pooling; then a dense layer):
 
     resflow    the `digits` preset (`MultiscaleResidualFlow`), its scales' outputs as features
     coupling   a Glow-style flow from TFP bijectors (`compare_flows.glow_digits`' steps: ActNorm,
                1x1 convolution, affine coupling; squeeze between levels), wrapped as a
                `StackedBijector` with a features mark after each level
+    idensenet  the `digits` preset with `network="dense"` (i-DenseNet's g), once
+               `ImageFlowConfig` has that field
+
+The flows are a registry (`FLOWS`: name -> builder of the flow from a seed); a variant is one
+line, and every registered flow runs at every lambda unless `--flows` picks some.
 
 Same optimizer recipe (`training.make_optimizer`), batch 64, `--epochs` passes over the 1500
 training digits, three seeds; reported on the 297 test digits in evaluation mode: accuracy and
 bits/dim, mean and spread (min-max).
 
-    python benchmarks/hybrid.py                  # 2 flows x 3 lambdas x 3 seeds
+    python benchmarks/hybrid.py                  # every flow x 3 lambdas x 3 seeds
     python benchmarks/hybrid.py --quick          # 1 epoch, 1 seed, 2 steps (CI)
 
 Prints a markdown table and writes `benchmarks/results/hybrid.json` (or `--output`).
 """
 
 import argparse
+import dataclasses
 import math
 import os
 import statistics
 import sys
 import time
 import zlib
+from collections.abc import Callable
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -41,12 +48,13 @@ from measure import write_results  # noqa: E402
 from tfp_resflow import data, evaluation, multiscale, presets, training  # noqa: E402
 from tfp_resflow.actnorm import ActNorm, ActNormLayer  # noqa: E402
 from tfp_resflow.composite import Features, StackedBijector, Step  # noqa: E402
+from tfp_resflow.config import ImageFlowConfig  # noqa: E402
+from tfp_resflow.config_fields import with_fields  # noqa: E402
 from tfp_resflow.hybrid import HybridFlowModel  # noqa: E402
 from tfp_resflow.image import LogitTransform, Squeeze  # noqa: E402
 
 tfb = tfp.bijectors
 RESULTS = Path(__file__).resolve().parent / "results" / "hybrid.json"
-FLOWS = ("resflow", "coupling")
 NLL_WEIGHTS = ("0", "1/D", "1")
 HEAD_CHANNELS = 64  # the authors' 256 is for 32x32 images with 512-channel flows
 
@@ -104,13 +112,32 @@ class CouplingStack(StackedBijector):
         return [*super().keras_layers, *getattr(self, "_networks", [])]
 
 
+# The flows by name: seed -> a StackedBijector whose features the head reads. A variant is one
+# line.
+FlowBuilder = Callable[[int], StackedBijector]
+
+
+def digits_resflow(**fields: object) -> FlowBuilder:
+    """The `digits` preset image flow with `fields` changed (`config_fields.with_fields`)."""
+    config = with_fields(presets.get_preset("digits"), **fields)
+    return lambda seed: multiscale.image_flow(data.DIGITS_SHAPE, config)
+
+
+FLOWS: dict[str, FlowBuilder] = {
+    "resflow": digits_resflow(),
+    "coupling": lambda seed: CouplingStack(seed=seed),
+}
+# >>> i-DenseNet entry (`network="dense"`), registered only once `ImageFlowConfig` has a
+# `network` field, so the script runs before that change.
+if "network" in {f.name for f in dataclasses.fields(ImageFlowConfig)}:
+    FLOWS["idensenet"] = digits_resflow(network="dense")
+# <<< i-DenseNet entry
+
+
 def build(flow_name: str, nll_weight: str, seed: int) -> HybridFlowModel:
     keras.utils.set_random_seed(seed)
     shape = data.DIGITS_SHAPE
-    if flow_name == "resflow":
-        flow = multiscale.image_flow(shape, "digits")
-    else:
-        flow = CouplingStack(seed=seed)
+    flow = FLOWS[flow_name](seed)
     weight = "1/D" if nll_weight == "1/D" else float(nll_weight)
     return HybridFlowModel(
         flow,
@@ -152,7 +179,7 @@ def run_one(flow_name: str, nll_weight: str, seed: int, args: argparse.Namespace
 
 def summarise(rows: list[dict]) -> list[dict]:
     summary = []
-    for flow_name in FLOWS:
+    for flow_name in dict.fromkeys(r["flow"] for r in rows):
         for weight in NLL_WEIGHTS:
             group = [r for r in rows if (r["flow"], r["nll_weight"]) == (flow_name, weight)]
             if not group:
@@ -172,7 +199,13 @@ def summarise(rows: list[dict]) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--flows", nargs="+", choices=FLOWS, default=FLOWS)
+    parser.add_argument(
+        "--flows",
+        nargs="+",
+        choices=tuple(FLOWS),
+        default=tuple(FLOWS),
+        help="default: every registered flow (" + ", ".join(FLOWS) + ")",
+    )
     parser.add_argument("--nll-weights", nargs="+", choices=NLL_WEIGHTS, default=NLL_WEIGHTS)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--epochs", type=int, default=8)

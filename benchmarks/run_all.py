@@ -2,7 +2,9 @@
 
 Full mode (about 20 minutes on 2 CPU cores; one script at a time, so timings do not compete):
 
-    compare_flows.py   3 toy sets x (resflow, realnvp, maf) + digits x (resflow, glow), 3 seeds
+    compare_flows.py   3 toy sets x (resflow-lipswish, realnvp, maf) + digits x (resflow-lipswish,
+                       glow), 3 seeds, equal steps (its equal-seconds `--long` run, hours, is
+                       not part of this)
     ablations.py       toy and digits variants, 3 seeds (`--jobs 2`: the two data sets at once)
     estimators.py      bias and spread of the log-det estimators, and estimators.png
     train_step.py      --configs toy digits-authors digits        (the mnist presets: ~10 min more)
@@ -20,7 +22,8 @@ exit status and wall time, and the machine's load average before and after.
 Quick mode (`--quick`, about 2-3 minutes): every script in a tiny configuration, two at a time,
 into a fresh temporary directory unless `--output-dir` is given (never the committed results):
 
-    compare_flows.py --quick, ablations.py --quick, estimators.py --quick,
+    compare_flows.py --quick (equal steps, and equal seconds: 3 s per model with 2 checkpoints,
+    its curves and pictures), ablations.py --quick, estimators.py --quick,
     train_step.py --configs toy digits --steps 2, logdet_memory.py --terms 2 5 --networks mlp,
     solver.py --models digits --tolerances 1e-4 --num-samples 8 --repeats 1 --digits-model <the
     residual digits model compare_flows.py --quick trained for 4 steps>

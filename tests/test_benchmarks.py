@@ -2,13 +2,17 @@
 
 One subprocess runs every script in its tiny configuration (about 2-3 minutes on 2 CPU cores,
 two scripts at a time) into a temporary directory; each must exit cleanly and write its JSON
-with non-empty rows of finite numbers (and the estimator plot).
+with non-empty rows of finite numbers (and the estimator plot, and compare_flows' time-budget
+curves and pictures). Fast tests check compare_flows' model registry and its time budget
+(`WallClockBudget`) on a tiny Keras model.
 """
 
+import dataclasses
 import json
 import math
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -35,6 +39,85 @@ def numbers(value):
 
 def test_numbers_walks_nested_values():
     assert list(numbers({"a": [1, 2.5, {"b": True, "c": "x", "d": None}], "e": 3})) == [1, 2.5, 3]
+
+
+@pytest.fixture(scope="module")
+def compare_flows():
+    import compare_flows
+
+    return compare_flows
+
+
+@pytest.mark.parametrize(("seconds", "count"), [(3.0, 2), (180.0, 10), (360.0, 12)])
+def test_checkpoints_are_geometric_up_to_the_budget(compare_flows, seconds, count):
+    times = compare_flows.checkpoint_seconds(seconds, count)
+    assert len(times) == count
+    assert times[-1] == pytest.approx(seconds)
+    assert times[0] == pytest.approx(seconds / 32)
+    ratios = [b / a for a, b in zip(times, times[1:], strict=False)]
+    assert ratios == pytest.approx([ratios[0]] * len(ratios))
+
+
+@pytest.mark.parametrize(
+    ("dataset", "names", "expected"),
+    [
+        ("digits", ["resflow", "maf", "glow"], ["resflow-lipswish", "glow"]),
+        ("checkerboard", ["glow", "realnvp", "resflow-elu"], ["resflow-elu", "realnvp"]),
+    ],
+)
+def test_models_for_resolves_aliases_and_skips_other_data(compare_flows, dataset, names, expected):
+    assert compare_flows.models_for(dataset, names) == expected
+
+
+@pytest.mark.parametrize("activation", ["clipswish", "elu"])
+def test_registered_variants_change_one_field(compare_flows, activation):
+    model = compare_flows.build_model("8gaussians", f"resflow-{activation}", seed=0)
+    assert model.bijector.config.activation == activation
+    default = compare_flows.build_model("8gaussians", "resflow", seed=0).bijector.config
+    assert dataclasses.replace(model.bijector.config, activation="lipswish") == default
+
+
+def test_idensenet_is_registered_exactly_when_configs_have_network(compare_flows):
+    from tfp_resflow.config import ImageFlowConfig, ResidualFlowConfig
+
+    def has_network(cls):
+        return "network" in {f.name for f in dataclasses.fields(cls)}
+
+    assert ("idensenet" in compare_flows.TOY_FLOWS) == has_network(ResidualFlowConfig)
+    assert ("idensenet" in compare_flows.DIGITS_FLOWS) == has_network(ImageFlowConfig)
+
+
+def test_wall_clock_budget_stops_fit_and_pauses_for_checkpoints(compare_flows):
+    import keras
+    import numpy as np
+    import tensorflow as tf
+
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(1)])
+    model.compile(optimizer="sgd", loss="mse")
+    x = np.random.default_rng(0).normal(size=(64, 4)).astype("float32")
+    data = tf.data.Dataset.from_tensors((x, x[:, :1])).repeat()
+    pause = 0.3
+
+    def evaluate():
+        time.sleep(pause)  # an evaluation; the budget must not count it
+        return 1.5
+
+    budget = 1.5
+    clock = compare_flows.WallClockBudget(budget, [0.0, 0.5, 1.0, budget, 2 * budget], evaluate)
+    start = time.perf_counter()
+    clock.start_clock()
+    model.fit(data, epochs=1, steps_per_epoch=10**7, verbose=0, callbacks=[clock], shuffle=False)
+    wall = time.perf_counter() - start
+    assert clock.steps < 10**7  # fit stopped on the budget, not on the step cap
+    assert clock.train_seconds >= budget
+    assert 1 <= len(clock.curve) <= 3  # checkpoints before the budget only
+    assert clock.paused_seconds >= pause * len(clock.curve)
+    assert wall >= clock.train_seconds + clock.paused_seconds
+    checkpoints = [p["checkpoint"] for p in clock.curve]
+    assert checkpoints == sorted(set(checkpoints))
+    assert all(p["seconds"] >= p["checkpoint"] for p in clock.curve)
+    assert all(p["test_loss"] == 1.5 for p in clock.curve)
 
 
 @pytest.fixture(scope="module")
@@ -82,10 +165,10 @@ def test_quick_results_are_complete(quick_run):
     out, _ = quick_run
     compare = json.loads((out / "compare_flows.json").read_text())
     assert {(r["dataset"], r["model"]) for r in compare["rows"]} == {
-        ("8gaussians", "resflow"),
+        ("8gaussians", "resflow-lipswish"),
         ("8gaussians", "realnvp"),
         ("8gaussians", "maf"),
-        ("digits", "resflow"),
+        ("digits", "resflow-lipswish"),
         ("digits", "glow"),
     }
     assert all(s["parameters_within_tolerance"] for s in compare["summary"])
@@ -106,6 +189,45 @@ def test_quick_results_are_complete(quick_run):
 
 
 @pytest.mark.slow
+def test_quick_time_budget_results(quick_run):
+    out, _ = quick_run
+    compare = json.loads((out / "compare_flows.json").read_text())
+    rows = compare["time_rows"]
+    assert {(r["dataset"], r["model"]) for r in rows} == {
+        ("8gaussians", "resflow-lipswish"),
+        ("8gaussians", "realnvp"),
+        ("digits", "resflow-lipswish"),
+        ("digits", "glow"),
+    }
+    for row in rows:
+        assert all(math.isfinite(v) for v in numbers(row)), row
+        assert row["budget_seconds"] == compare["settings"]["toy_time_budget"]["seconds"] == 3.0
+        assert row["train_seconds"] >= row["budget_seconds"]  # stopped by the budget
+        assert row["steps"] >= 1
+        curve = row["curve"]
+        assert curve, row
+        assert {"checkpoint", "seconds", "steps", "test_loss"} <= set(curve[-1])
+        # The last point is the budget's: the model fit returned, scored after training.
+        assert curve[-1]["checkpoint"] == row["budget_seconds"]
+        assert curve[-1]["test_loss"] == row["test_loss"]
+        assert curve[-1]["steps"] == row["steps"]
+        assert [p["seconds"] for p in curve] == sorted(p["seconds"] for p in curve)
+    summary = compare["time_summary"]
+    assert {(s["dataset"], s["model"]) for s in summary} == {
+        (r["dataset"], r["model"]) for r in rows
+    }
+    for entry in summary:
+        assert entry["curve"], entry
+        assert {"seconds", "test_loss_mean", "test_loss_min", "test_loss_max"} <= set(
+            entry["curve"][0]
+        )
+        assert entry["steps"]["mean"] >= 1
+    assert set(compare["plots"]) == {"8gaussians", "digits"}
+    for name in compare["plots"].values():
+        assert (out / name).stat().st_size > 10_000
+
+
+@pytest.mark.slow
 def test_hybrid_benchmark_quick(tmp_path):
     # benchmarks/hybrid.py (issue 14's table) is not in run_all's 20-minute budget; its quick
     # mode (1 seed, 2 steps) keeps it running.
@@ -119,8 +241,11 @@ def test_hybrid_benchmark_quick(tmp_path):
     )
     assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-5000:]
     rows = json.loads(output.read_text())["rows"]
+    import hybrid
+
+    assert {"resflow", "coupling"} <= set(hybrid.FLOWS)
     assert {(r["flow"], r["nll_weight"]) for r in rows} == {
-        (flow, weight) for flow in ("resflow", "coupling") for weight in ("0", "1/D", "1")
+        (flow, weight) for flow in hybrid.FLOWS for weight in ("0", "1/D", "1")
     }
     for row in rows:
         assert all(math.isfinite(v) for v in numbers(row)), row
