@@ -861,6 +861,7 @@ def plot_curves(summary: list[dict], dataset: str, path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     rows = [s for s in summary if s["dataset"] == dataset]
     fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -876,8 +877,18 @@ def plot_curves(summary: list[dict], dataset: str, path: Path) -> None:
     middles = [s["curve"][len(s["curve"]) // 2]["test_loss_max"] for s in rows]
     lowest = min(p["test_loss_min"] for s in rows for p in s["curve"])
     top = max(*middles, *finals)
-    ax.set_ylim(lowest - 0.05 * (top - lowest), top + 0.25 * (top - lowest))
+    span = max(top - lowest, 1e-3)
+    ax.set_ylim(lowest - 0.05 * span, top + 0.25 * span)
     ax.set_xscale("log")
+    # Plain numbers on the log axis; within a decade every minor tick, else 2x and 5x only.
+    seconds = [p["seconds"] for s in rows for p in s["curve"]]
+    decade = max(seconds) < 10 * min(seconds)
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.xaxis.set_minor_formatter(
+        matplotlib.ticker.FuncFormatter(
+            lambda v, _: f"{v:g}" if decade or f"{v:.0e}"[0] in "25" else ""
+        )
+    )
     ax.set_xlabel("training seconds (tracing and first step included; evaluations excluded)")
     ax.set_ylabel(f"test NLL ({_unit(rows[0])})")
     seeds = rows[0]["test_loss"]["n"]
