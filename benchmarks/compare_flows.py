@@ -924,7 +924,7 @@ def main(argv: list[str] | None = None) -> None:
         "--long",
         action="store_true",
         help=f"time budget for the README: {LONG_TOY_SECONDS:g} s per toy model and seed, "
-        f"{LONG_DIGITS_SECONDS:g} s per digits model (several hours)",
+        f"{LONG_DIGITS_SECONDS:g} s per digits model, 3 seeds, every model (about 4 hours)",
     )
     parser.add_argument(
         "--budget",
@@ -950,16 +950,25 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--digits-batch-size", type=int, default=64)
     parser.add_argument(
-        "--toy-seconds", type=float, default=None, help="time budget per toy model and seed"
+        "--toy-seconds",
+        type=float,
+        default=None,
+        help=f"time budget per toy model and seed (default {TOY_SECONDS:g}; --quick "
+        f"{QUICK_SECONDS:g}, --long {LONG_TOY_SECONDS:g})",
     )
     parser.add_argument(
-        "--digits-seconds", type=float, default=None, help="time budget per digits model and seed"
+        "--digits-seconds",
+        type=float,
+        default=None,
+        help=f"time budget per digits model and seed (default {DIGITS_SECONDS:g}; --quick "
+        f"{QUICK_SECONDS:g}, --long {LONG_DIGITS_SECONDS:g})",
     )
     parser.add_argument(
         "--checkpoints",
         type=int,
         default=None,
-        help="test-loss evaluations per time-budget run, the final one included (default 10)",
+        help="test-loss evaluations per time-budget run, the final one included (default 10, "
+        "--quick 2)",
     )
     parser.add_argument(
         "--output",
