@@ -80,7 +80,7 @@ import os
 import statistics
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -106,6 +106,11 @@ RESULTS = Path(__file__).resolve().parent / "results" / "compare_flows.json"
 RESULTS_SECONDS = RESULTS.with_name("compare_flows_seconds.json")  # a time budget alone
 TOY_SETS = ("8gaussians", "checkerboard", "2spirals")
 DATASETS = (*TOY_SETS, "digits")
+# Learning-rate tuning (`tune_learning_rates`): the grid, the seed of its runs (not a reported
+# seed) and the fraction of the last steps whose training loss scores a run.
+LEARNING_RATE_GRID = (2e-3, 5e-3, 1e-2, 2e-2)
+TUNING_SEED = 100
+TUNING_TAIL = 0.2
 PARAMETER_TOLERANCE = 0.10  # parameter counts within 10% of the residual flow's
 TOY_TEST_POINTS = 10_000
 NUM_SAMPLES = 64
@@ -388,7 +393,8 @@ def network_owning(flow: Callable[[int], tuple], event_shape, **kwargs: object) 
 
 TOY_FLOWS: dict[str, FlowBuilder] = {
     "resflow-lipswish": toy_resflow(activation="lipswish"),
-    "resflow-clipswish": toy_resflow(activation="clipswish"),
+    # CLipSwish doubles the width the next layer reads: 45-45 keeps the 64-64 model's size.
+    "resflow-clipswish": toy_resflow(activation="clipswish", hidden_units=(45, 45)),
     "resflow-elu": toy_resflow(activation="elu"),
     "realnvp": network_owning(lambda seed: realnvp_2d(), [2]),
     "maf": network_owning(lambda seed: maf_2d(), [2]),
@@ -483,18 +489,35 @@ class Budget:
 
 
 class StepTimer(keras.callbacks.Callback):
-    """Wall time of every `fit` step (the loss is read at the end, so the step has finished)."""
+    """Wall time of every `fit` step (the loss is read at the end, so the step has finished).
+
+    Also keeps Keras' running mean of the training loss after every step (`running_losses`),
+    from which `tail_loss` takes the mean over the last steps.
+    """
 
     def __init__(self) -> None:
         super().__init__()
         self.seconds: list[float] = []
+        self.running_losses: list[float] = []
 
     def on_train_batch_begin(self, batch: int, logs: dict | None = None) -> None:
         self._start = time.perf_counter()
 
     def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
-        float(keras.ops.convert_to_numpy((logs or {}).get("loss", 0.0)))
+        loss = float(keras.ops.convert_to_numpy((logs or {}).get("loss", 0.0)))
         self.seconds.append(time.perf_counter() - self._start)
+        self.running_losses.append(loss)
+
+    def tail_loss(self, fraction: float = TUNING_TAIL) -> float:
+        """Mean training loss over the last `fraction` of the steps (one epoch of `fit`).
+
+        Keras reports m_k, the mean of the first k step losses, so the mean over steps
+        a+1..n is (n m_n - a m_a) / (n - a).
+        """
+        n = len(self.running_losses)
+        a = min(int(n * (1 - fraction)), n - 1)
+        before = a * self.running_losses[a - 1] if a > 0 else 0.0
+        return (n * self.running_losses[-1] - before) / (n - a)
 
 
 def checkpoint_seconds(seconds: float, count: int, first_fraction: float = 1 / 32) -> list[float]:
@@ -607,6 +630,7 @@ def train_and_evaluate(
     seed: int,
     *,
     save_path: Path | None = None,
+    timer: StepTimer | None = None,
 ) -> dict:
     """Trains `model` by the recipe for `budget.steps` steps (or `budget.seconds`); scores it.
 
@@ -618,7 +642,7 @@ def train_and_evaluate(
     model.initialize(init_batch)
     config = budget.train_config(seed)
     model.compile(optimizer=training.make_optimizer(config, budget.steps))
-    timer = StepTimer()
+    timer = timer or StepTimer()
     callbacks: list[keras.callbacks.Callback] = [timer]  # the timer first: steps end before a pause
     clock = None
     if budget.seconds is not None:
@@ -693,8 +717,43 @@ def run_one(dataset: str, model_name: str, seed: int, budget: Budget, save_path=
     keras.utils.set_random_seed(seed)
     model = build_model(dataset, model_name, seed)
     row = {"dataset": dataset, "model": canonical(model_name), "seed": seed}
+    row["learning_rate"] = budget.learning_rate
     row.update(train_and_evaluate(model, dataset, budget, seed, save_path=save_path))
     return row
+
+
+def tune_learning_rates(
+    dataset: str, names: Iterable[str], budget: Budget, grid: Sequence[float]
+) -> tuple[dict[str, float], list[dict]]:
+    """Each model's learning rate: the grid value with the lowest late training loss.
+
+    Every model gets the same care: one run per grid value (seed `TUNING_SEED`, not one of the
+    reported seeds, the budget of the comparison), scored by its mean training loss over the
+    last `TUNING_TAIL` of its steps (`StepTimer.tail_loss`), so the test set plays no part.
+    A run that ends with a non-finite loss scores inf.
+
+    Returns:
+        `{model: learning rate}` and the tuning rows (one per model and grid value).
+    """
+    chosen, rows = {}, []
+    budget = dataclasses.replace(budget, sample_repeats=0)
+    for name in names:
+        scores = {}
+        for rate in grid:
+            keras.utils.set_random_seed(TUNING_SEED)
+            model = build_model(dataset, name, TUNING_SEED)
+            timer = StepTimer()
+            tuned = dataclasses.replace(budget, learning_rate=rate)
+            row = train_and_evaluate(model, dataset, tuned, TUNING_SEED, timer=timer)
+            tail = timer.tail_loss()
+            scores[rate] = tail if math.isfinite(tail) else math.inf
+            rows.append(
+                {"dataset": dataset, "model": name, "learning_rate": rate, "tail_loss": tail,
+                 "test_loss": row["test_loss"], "steps": row["steps"]}
+            )
+            print(f"  tuning {dataset} {name} lr={rate:g}: late training loss {tail:.4f}")
+        chosen[name] = min(scores, key=scores.get)
+    return chosen, rows
 
 
 # ------------------------------------------------------------------------------------------------
@@ -734,7 +793,9 @@ def _groups(rows: list[dict]) -> Iterable[tuple[str, str, list[dict], list[dict]
 
 
 def _parameters(group: list[dict], reference: list[dict]) -> dict:
+    """Parameter counts (and the ratio to the reference model's) and the learning rate."""
     entry = {"parameters": group[0]["parameters"], "free_parameters": group[0]["free_parameters"]}
+    entry["learning_rate"] = group[0].get("learning_rate")
     if reference:
         ratio = entry["parameters"] / reference[0]["parameters"]
         entry["parameters_vs_resflow"] = round(ratio, 4)
@@ -815,15 +876,19 @@ def _parameter_cell(s: dict) -> str:
     return params + f" ({s.get('parameters_vs_resflow', 1.0):.3f}x)"
 
 
+def _rate(s: dict) -> str:
+    return "-" if s.get("learning_rate") is None else f"{s['learning_rate']:g}"
+
+
 def print_tables(summary: list[dict]) -> None:
     print(
-        "| data | model | parameters (vs resflow) | test NLL | step (ms) | sample 64 (ms) "
-        "| first step (s) |"
+        "| data | model | parameters (vs resflow) | learning rate | test NLL | step (ms) "
+        "| sample 64 (ms) | first step (s) |"
     )
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for s in summary:
         print(
-            f"| {s['dataset']} | {s['model']} | {_parameter_cell(s)} "
+            f"| {s['dataset']} | {s['model']} | {_parameter_cell(s)} | {_rate(s)} "
             f"| {format_spread(s['test_loss'])} {_unit(s)} "
             f"| {format_spread(s['step_seconds'], 1, 1e3)} "
             f"| {format_spread(s['sample_seconds'], 1, 1e3)} "
@@ -840,14 +905,14 @@ def print_time_tables(summary: list[dict]) -> None:
             f"({rows[0]['test_loss']['n']} seeds)\n"
         )
         print(
-            "| model | parameters (vs resflow) | test NLL at the budget | steps reached "
-            "| step (ms) | first step (s) |"
+            "| model | parameters (vs resflow) | learning rate | test NLL at the budget "
+            "| steps reached | step (ms) | first step (s) |"
         )
-        print("| --- | --- | --- | --- | --- | --- |")
+        print("| --- | --- | --- | --- | --- | --- | --- |")
         for s in rows:
             steps = s["steps"]
             print(
-                f"| {s['model']} | {_parameter_cell(s)} "
+                f"| {s['model']} | {_parameter_cell(s)} | {_rate(s)} "
                 f"| {format_spread(s['test_loss'])} {_unit(s)} "
                 f"| {steps['mean']:.0f} [{steps['min']:.0f}, {steps['max']:.0f}] "
                 f"| {format_spread(s['step_seconds'], 1, 1e3)} "
@@ -978,6 +1043,24 @@ def main(argv: list[str] | None = None) -> None:
         "--budget seconds (the curves' pictures go next to it: compare_flows_<data set>.png)",
     )
     parser.add_argument(
+        "--learning-rates",
+        nargs="+",
+        type=float,
+        default=None,
+        help="one rate for every model (default 2e-3), or a grid: each model then gets the "
+        "grid value with the lowest late training loss at the equal-steps budget "
+        "(`tune_learning_rates`; --tune-learning-rates uses "
+        + " ".join(f"{r:g}" for r in LEARNING_RATE_GRID)
+        + ")",
+    )
+    parser.add_argument(
+        "--tune-learning-rates",
+        action="store_true",
+        help="tune every model's learning rate on the grid " + " ".join(
+            f"{r:g}" for r in LEARNING_RATE_GRID
+        ),
+    )
+    parser.add_argument(
         "--save-digits-model", type=Path, help="save the first seed's residual digits model"
     )
     args = parser.parse_args(argv)
@@ -1005,13 +1088,28 @@ def main(argv: list[str] | None = None) -> None:
     toy_timed = Budget(batch_size=args.toy_batch_size, seconds=toy_seconds, **timed)
     digits_timed = Budget(batch_size=args.digits_batch_size, seconds=digits_seconds, **timed)
 
+    grid = LEARNING_RATE_GRID if args.tune_learning_rates else args.learning_rates
+    grid = tuple(grid or (Budget.learning_rate,))
+
     load_before = load_average()
     start = time.perf_counter()
-    rows, time_rows = [], []
+    rows, time_rows, tuning_rows, learning_rates = [], [], [], {}
     for dataset in datasets:
+        step_budget = digits if dataset == "digits" else toy
+        step_names = models_for(dataset, args.models or STEP_MODELS)
+        time_names = models_for(
+            dataset, args.models or (QUICK_TIME_MODELS if quick else flows_for(dataset))
+        )
+        names = list(dict.fromkeys([*step_names, *time_names]))
+        if len(grid) > 1:
+            rates, tuned = tune_learning_rates(dataset, names, step_budget, grid)
+            tuning_rows.extend(tuned)
+        else:
+            rates = dict.fromkeys(names, grid[0])
+        learning_rates[dataset] = rates
         if budgets in ("steps", "both"):
-            budget = digits if dataset == "digits" else toy
-            for model_name in models_for(dataset, args.models or STEP_MODELS):
+            for model_name in step_names:
+                budget = dataclasses.replace(step_budget, learning_rate=rates[model_name])
                 for seed in seeds:
                     save = None
                     if dataset == "digits" and model_name == REFERENCE_MODEL and seed == 0:
@@ -1019,9 +1117,9 @@ def main(argv: list[str] | None = None) -> None:
                     rows.append(run_one(dataset, model_name, seed, budget, save))
                     _report(rows[-1])
         if budgets in ("seconds", "both"):
-            budget = digits_timed if dataset == "digits" else toy_timed
-            names = args.models or (QUICK_TIME_MODELS if quick else flows_for(dataset))
-            for model_name in models_for(dataset, names):
+            timed_budget = digits_timed if dataset == "digits" else toy_timed
+            for model_name in time_names:
+                budget = dataclasses.replace(timed_budget, learning_rate=rates[model_name])
                 for seed in seeds:
                     time_rows.append(run_one(dataset, model_name, seed, budget))
                     _report(time_rows[-1])
@@ -1042,6 +1140,7 @@ def main(argv: list[str] | None = None) -> None:
             plot_curves(time_summary, dataset, path)
             plots[dataset] = path.name
         results.update(time_rows=time_rows, time_summary=time_summary, plots=plots)
+    results.update(learning_rates=learning_rates, tuning_rows=tuning_rows)
     write_results(
         output,
         __file__,
@@ -1058,6 +1157,10 @@ def main(argv: list[str] | None = None) -> None:
             "num_samples": NUM_SAMPLES,
             "recipe": "training.make_optimizer: GroupedAdam beta_2=0.99, linear warm-up "
             "(min(100, steps/5) steps) then constant, clip 1, EMA 0.99; EMA weights scored",
+            "learning_rate_grid": list(grid),
+            "tuning": "one run per model and grid value at the equal-steps budget (seed "
+            f"{TUNING_SEED}); the lowest mean training loss over the last {TUNING_TAIL:g} of "
+            "the steps wins" if len(grid) > 1 else "none: one rate for every model",
             "time_budget": "training wall-clock from the start of fit (tracing and the first "
             "step included), checkpoint evaluations excluded; fit stops at the end of the "
             "step that reaches it",
