@@ -26,7 +26,8 @@ orthogonal blocks, so
                        <= eta_1**2 ||d||**2 + eta_2**2 Lip(phi)**2 ||W||**2 ||d||**2
                        <= (eta_1**2 + eta_2**2 c**2) ||d||**2 <= c**2 ||d||**2,
 
-i.e. Lip(h_i) <= c, and by the chain rule Lip(g) <= c * c**n [* c] <= c. Without the
+(the last step: c < 1 and eta_1**2 + eta_2**2 = c**2), i.e. Lip(h_i) <= c, and by the chain
+rule Lip(g) <= c * c**n [* c] <= c (the tests check c**(n+1) numerically). Without the
 normalisation, eta_1 = e_1 alone can exceed 1 and the bound fails. The bound holds once the
 layers' norm estimates have converged (`tfp_resflow.lipschitz.update_lipschitz`). It needs the
 l2 norm at every concatenation (so no mixed `norm_orders` here); CLipSwish is 1-Lipschitz in l2.
