@@ -3,7 +3,8 @@
 import pytest
 
 from tfp_resflow import logdet
-from tfp_resflow.config import BlockConfig
+from tfp_resflow.config import BlockConfig, ImageFlowConfig, ResidualFlowConfig
+from tfp_resflow.config_fields import parse_assignments
 
 
 @pytest.mark.parametrize(
@@ -46,3 +47,76 @@ def test_training_estimator_takes_exactly_its_registered_options():
     assert estimator.func is logdet.power_series_log_det
     assert set(estimator.keywords) == set(logdet.ESTIMATORS["truncated"].options)
     assert estimator.keywords["num_terms"] == 4
+
+
+# -- network: the kind of g ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("cls", [ResidualFlowConfig, ImageFlowConfig])
+def test_unknown_network_names_the_field(cls):
+    with pytest.raises(ValueError, match=rf"{cls.__name__}\.network must be one of \('resnet'"):
+        cls(network="densenet")
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (
+            lambda: ResidualFlowConfig(network="dense", learnable_concatenation=1),
+            r"ResidualFlowConfig\.learnable_concatenation must be a bool",
+        ),
+        (
+            lambda: ResidualFlowConfig(
+                network="dense", hidden_units=(8, 5), activation="clipswish"
+            ),
+            r"ResidualFlowConfig\.hidden_units must be growths divisible by 2 with clipswish",
+        ),
+        (
+            lambda: ResidualFlowConfig(network="dense", hidden_units=()),
+            r"ResidualFlowConfig\.hidden_units must be non-empty with network='dense'",
+        ),
+        (
+            lambda: ResidualFlowConfig(network="dense", norm_orders=(2, 1, 2)),
+            r"ResidualFlowConfig\.norm_orders must be None with network='dense'",
+        ),
+        (
+            lambda: ResidualFlowConfig(network="dense", learnable_norm_orders=True),
+            r"ResidualFlowConfig\.learnable_norm_orders must be False with network='dense'",
+        ),
+        (
+            lambda: ImageFlowConfig(network="dense", hidden_channels=7, activation="clipswish"),
+            r"ImageFlowConfig\.hidden_channels must be growths divisible by 2",
+        ),
+        (
+            lambda: ImageFlowConfig(network="dense", kernel_sizes=(3,)),
+            r"ImageFlowConfig\.kernel_sizes must be at least 2 sizes with network='dense'",
+        ),
+        (
+            lambda: ImageFlowConfig(network="dense", fc_hidden_units=()),
+            r"ImageFlowConfig\.fc_hidden_units must be non-empty with network='dense'",
+        ),
+        (
+            lambda: ImageFlowConfig(
+                network="dense", activation="clipswish", fc_hidden_units=(64, 31)
+            ),
+            r"ImageFlowConfig\.fc_hidden_units must be growths divisible by 2",
+        ),
+    ],
+)
+def test_dense_settings_are_checked_naming_the_field(make, message):
+    with pytest.raises(ValueError, match=message):
+        make()
+
+
+def test_network_is_read_from_the_command_line():
+    config = parse_assignments(
+        ResidualFlowConfig(), ["network=dense", "hidden_units=4,4", "learnable_concatenation=false"]
+    )
+    assert (config.network, config.hidden_units, config.learnable_concatenation) == (
+        "dense",
+        (4, 4),
+        False,
+    )
+    assert ImageFlowConfig().network == ResidualFlowConfig().network == "resnet"
+    # The image defaults make a valid dense config: a projection to 128, one layer of growth 128.
+    assert ImageFlowConfig(network="dense").fc_hidden_units == (128, 128)

@@ -92,6 +92,14 @@ def residual_flow_anderson(dtype):  # the accelerated solver, for forward and it
     return residual_flow(dtype, solver="anderson")
 
 
+def residual_flow_dense(dtype):  # i-DenseNet blocks: 2 dense layers of growth 4 (CLipSwish)
+    flow = ResidualFlowBijector(
+        num_blocks=2, network="dense", hidden_units=(4, 4), activation="clipswish"
+    )
+    flow.build(VECTOR_SIZE, dtype=dtype)
+    return flow
+
+
 def multiscale(dtype, shape=(4, 4, 1), **changes):
     return MultiscaleResidualFlow(shape, with_fields(TINY_IMAGE, **changes), dtype=dtype)
 
@@ -100,6 +108,10 @@ def multiscale_factor_out(dtype):
     # Scale 0 has 4x4x2 = 32 dimensions, where evaluation mode would use the roulette: the
     # entry runs in training mode with the exact training estimator instead.
     return multiscale(dtype, (4, 4, 2), factor_out=True, fc_end_blocks=0, log_det="exact")
+
+
+def multiscale_dense(dtype):  # dense convolutional and fully connected g (projection to 8)
+    return multiscale(dtype, network="dense", kernel_sizes=(3, 1), fc_hidden_units=(8, 4))
 
 
 def actnorm(event_ndims):
@@ -182,7 +194,9 @@ BIJECTORS = {
     "block-cnn": Entry(block_cnn, IMAGES_2, 3, 3, BLOCK),
     "residual-flow": Entry(residual_flow, VECTORS, 1, 1),
     "residual-flow-anderson": Entry(residual_flow_anderson, VECTORS, 1, 1),
+    "residual-flow-dense": Entry(residual_flow_dense, VECTORS, 1, 1),
     "multiscale": Entry(multiscale, IMAGES_1, 3, 1),
+    "multiscale-dense": Entry(multiscale_dense, IMAGES_1, 3, 1),
     "multiscale-factor-out": Entry(multiscale_factor_out, IMAGES_2, 3, 1, training=True),
     "actnorm-vector": Entry(actnorm(1), VECTORS, 1, 1, UNREGISTERED),
     "actnorm-image": Entry(actnorm(3), IMAGES_2, 3, 3, UNREGISTERED),

@@ -148,3 +148,66 @@ def test_unknown_preset_lists_the_names():
 def test_preset_on_a_size_the_squeezes_do_not_divide_names_the_shape():
     with pytest.raises(ValueError, match=r"Images of shape \(30, 30, 3\) cannot be squeezed 3"):
         image_flow((30, 30, 3), "imagenet64")
+
+
+# -- i-DenseNet (Perugachi-Diaz et al. 2021) -------------------------------------------------------
+
+
+def authors_dense_parameter_count(input_shape, config):
+    """Trainable parameters of the authors' i-DenseNet (their `lib/resflow.py`) with this config.
+
+    Per convolutional block on c channels (growth k, CLipSwish: each convolution gives k / 2
+    channels): dense layer i has a k_i x k_i convolution from c + i k to k / 2 channels (with
+    biases), one CLipSwish beta and 2 concatenation logits; a 1x1 convolution maps c + n k back
+    to c; the ActNorm after the block has 2c. The first scale starts with one ActNorm (2c). Per
+    fully connected block on D features (projection p, growths k_j): D -> p, dense layers from
+    p + sum(k_<j) to k_j / 2 with a beta and 2 logits each, a map from p + sum(k) back to D, and
+    an ActNorm over D (2D).
+    """
+    c = config
+    total = 0
+    for i, (shape, num_blocks) in enumerate(
+        zip(scale_shapes(input_shape, c), c.blocks_per_scale, strict=True)
+    ):
+        channels = width = shape[-1]
+        per_block = 2 * channels
+        for k in c.kernel_sizes[:-1]:
+            out = c.hidden_channels // 2
+            per_block += k * k * width * out + out + 1 + 2
+            width += c.hidden_channels
+        per_block += c.kernel_sizes[-1] ** 2 * width * channels + channels
+        total += num_blocks * per_block + (2 * channels if i == 0 else 0)
+    size = math.prod(scale_shapes(input_shape, c)[-1])
+    projection, *growths = c.fc_hidden_units
+    per_block = size * projection + projection + 2 * size
+    width = projection
+    for k in growths:
+        per_block += width * (k // 2) + k // 2 + 1 + 2
+        width += k
+    per_block += width * size + size
+    return total + c.fc_end_blocks * per_block
+
+
+# The README command of yperugachidiaz/invertible_densenets for CIFAR-10 (over train_img.py's
+# defaults): 16-16-16 blocks, depth 3, growth 172, CLipSwish, learnable concatenation, 4 fully
+# connected end blocks (projection 64, depth 3, growth 32). CIFAR-10: 24,894,586, within 0.1% of
+# the paper's 24.9M (Residual Flow: 25.2M). MNIST with the same settings: 20,872,982.
+DENSE_COUNTS = {"idensenet_cifar10": 24_894_586, "idensenet_mnist": 20_872_982}
+
+
+@pytest.mark.parametrize("name", DENSE_COUNTS)
+def test_idensenet_presets_have_the_authors_settings_and_parameter_count(name):
+    shape, config = PRESET_INPUT_SHAPES[name], PRESETS[name]
+    assert (config.network, config.learnable_concatenation) == ("dense", True)
+    assert (config.activation, config.hidden_channels) == ("clipswish", 172)
+    assert (config.kernel_sizes, config.fc_hidden_units) == ((3, 3, 3, 1), (64, 32, 32, 32))
+    assert (config.blocks_per_scale, config.lipschitz_constant) == ((16, 16, 16), 0.98)
+    assert config.logit_alpha == (1e-6 if name == "idensenet_mnist" else 0.05)
+    assert authors_dense_parameter_count(shape, config) == DENSE_COUNTS[name]
+    if name == "idensenet_cifar10":
+        assert abs(DENSE_COUNTS[name] / 24.9e6 - 1) < 0.01
+        # Built once (no power iterations at build: about 10 s), the flow has that many.
+        flow = image_flow(shape, dataclasses.replace(config, initial_power_iterations=0))
+        layers = flow.keras_layers
+        count = sum(math.prod(w.shape) for layer in layers for w in layer.trainable_weights)
+        assert count == DENSE_COUNTS[name]

@@ -11,6 +11,7 @@ The package is flat; each module is about one idea:
 - `norm_order`: learnable orders of the mixed norms those layers can bound.
 - `activation`: 1-Lipschitz activations (LipSwish and others).
 - `network`: builders of residual functions `g` with `Lip(g) < 1`.
+- `dense_network`: the same for densely connected `g` (i-DenseNet, learnable concatenation).
 - `fixed_point`: fixed-point solvers (plain iteration, Anderson acceleration), by name.
 - `solver`: the residual inverse and its implicit gradient.
 - `validation`: the argument checks, one wording for every message.

@@ -34,6 +34,7 @@ import tensorflow as tf
 from tfp_resflow import logdet, solver, stateless_random
 from tfp_resflow.activation import CLipSwish, LipSwish
 from tfp_resflow.config import BlockConfig
+from tfp_resflow.dense_network import LipschitzDenseLayer
 from tfp_resflow.lipschitz import SpectralConv2D, SpectralDense
 from tfp_resflow.norm_order import NormOrder
 
@@ -53,6 +54,7 @@ _SHAREABLE_LAYERS = (
     LipSwish,
     CLipSwish,
     NormOrder,
+    LipschitzDenseLayer,
 )
 # Keep each function a call at run time, so that the runtime optimises and instantiates it once.
 _NOT_INLINED = {"_noinline": True}

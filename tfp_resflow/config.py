@@ -18,14 +18,36 @@ from typing import Any
 
 from tfp_resflow import logdet, solver, validation
 from tfp_resflow.activation import ACTIVATIONS
+from tfp_resflow.dense_network import linear_widths
 
-__all__ = ["BlockConfig", "ImageFlowConfig", "ResidualFlowConfig"]
+__all__ = ["NETWORKS", "BlockConfig", "ImageFlowConfig", "ResidualFlowConfig"]
 
 ON_NONCONVERGENCE = ("raise", "nan")
+# Kinds of residual function g: Chen et al.'s ("resnet", `tfp_resflow.network`) or the
+# i-DenseNet block of Perugachi-Diaz et al. ("dense", `tfp_resflow.dense_network`).
+NETWORKS = ("resnet", "dense")
 
 
 def _namer(config: object) -> Callable[[str], str]:
     return lambda field: f"{type(config).__name__}.{field}"
+
+
+def _check_network(config: object, growths: str, widths: tuple[int, ...]) -> None:
+    """Checks `network`, `learnable_concatenation` and, for "dense", what the block needs.
+
+    A dense g bounds its concatenations in l2 only, so it takes no other norm orders; its
+    growths `widths` (the field `growths`) must suit the activation (even for CLipSwish).
+    """
+    n = _namer(config)
+    validation.choice(n("network"), config.network, NETWORKS)
+    validation.boolean(n("learnable_concatenation"), config.learnable_concatenation)
+    if config.network != "dense":
+        return
+    if config.learnable_norm_orders:
+        validation.fail(n("learnable_norm_orders"), "False with network='dense'", value=True)
+    if getattr(config, "norm_orders", None) is not None:
+        validation.fail(n("norm_orders"), "None with network='dense'", config.norm_orders)
+    linear_widths(n(growths), widths, config.activation)
 
 
 def _normalise(config: object) -> None:
@@ -132,7 +154,9 @@ class ResidualFlowConfig:
 
     Args:
         num_blocks: residual blocks.
-        hidden_units: widths of the hidden layers of each block's `g`.
+        hidden_units: widths of the hidden layers of each block's `g`; with
+            `network="dense"`, the growth of each dense layer (features it appends; even for
+            CLipSwish), one dense layer per entry.
         lipschitz_constant: `c` in (0, 1) bounding every linear layer's norm (Chen et al.: 0.9
             for 2-D data, 0.98 for images).
         activation: 1-Lipschitz activation of `g`, a name in `activation.ACTIVATIONS`.
@@ -140,6 +164,10 @@ class ResidualFlowConfig:
             (`len(hidden_units) + 2` of them, first = last, numbers or "inf"); None: all 2.
         learnable_norm_orders: learn those orders, starting from `norm_orders`.
         actnorm: an ActNorm before the first block and after every block.
+        network: kind of `g`: "resnet" (`network.lipschitz_mlp`) or "dense" (the i-DenseNet
+            block, `dense_network.dense_mlp`; l2 norms only).
+        learnable_concatenation: with `network="dense"`, learn the concatenation weights
+            (else both fixed at c / sqrt(2)); see `dense_network.LipschitzDenseLayer`.
         block: the blocks' estimators and solver.
     """
 
@@ -150,6 +178,8 @@ class ResidualFlowConfig:
     norm_orders: tuple[float | str, ...] | None = None
     learnable_norm_orders: bool = False
     actnorm: bool = True
+    network: str = "resnet"
+    learnable_concatenation: bool = True
     block: BlockConfig = BlockConfig()
 
     def __post_init__(self) -> None:
@@ -161,6 +191,9 @@ class ResidualFlowConfig:
         validation.choice(n("activation"), self.activation, tuple(ACTIVATIONS))
         validation.boolean(n("learnable_norm_orders"), self.learnable_norm_orders)
         validation.boolean(n("actnorm"), self.actnorm)
+        _check_network(self, "hidden_units", self.hidden_units)
+        if self.network == "dense" and not self.hidden_units:
+            validation.fail(n("hidden_units"), "non-empty with network='dense'", ())
         if not isinstance(self.block, BlockConfig):
             validation.fail(n("block"), "a BlockConfig", self.block)
 
@@ -171,8 +204,12 @@ class ImageFlowConfig:
 
     Args:
         blocks_per_scale: residual blocks at each scale; its length is the number of scales.
-        hidden_channels: channels of the hidden convolutions of each `g` ("idim", 512).
-        kernel_sizes: odd kernel size of each convolution of `g`, first to last (3, 1, 3).
+        hidden_channels: channels of the hidden convolutions of each `g` ("idim", 512); with
+            `network="dense"`, the growth of each dense layer (172 in the paper; even for
+            CLipSwish).
+        kernel_sizes: odd kernel size of each convolution of `g`, first to last (3, 1, 3);
+            with `network="dense"`, each dense layer's kernel then the last convolution's
+            (the paper's 3, 3, 3, 1: three dense layers).
         lipschitz_constant: bound c in (0, 1) on the norm of every linear layer ("coeff").
         activation: 1-Lipschitz activation of `g`, a name in `activation.ACTIVATIONS`.
         learnable_norm_orders: learn the norm orders of every `g` from 2 (the authors'
@@ -181,13 +218,18 @@ class ImageFlowConfig:
         factor_out: after each scale but the last, half of the channels leave as latents.
         squeeze_first: squeeze the image once before the first scale.
         fc_end_blocks: fully connected residual blocks after the last scale (0: none).
-        fc_hidden_units: hidden widths of each fully connected `g` (the authors' 128, 128).
+        fc_hidden_units: hidden widths of each fully connected `g` (the authors' 128, 128);
+            with `network="dense"`, the width of the linear projection the fully connected
+            `g` starts with, then the growth of each dense layer (the paper's 64, 32, 32, 32).
         logit_alpha: alpha of the `LogitTransform` applied first; None for no logit.
         num_levels: k, discrete levels per dimension of the data (256 for 8-bit images). The
             flow does not use it; `FlowModel(..., num_levels=k)` and the data pipeline do.
         initial_power_iterations: power iterations of every Lipschitz layer when it is built;
             None converges them (to 1e-6, slow for large models), 0 defers everything to the
             first `update_lipschitz` call (see `lipschitz.SpectralDense`).
+        network: kind of every `g`: "resnet" (`network.lipschitz_cnn`, `lipschitz_mlp`) or
+            "dense" (the i-DenseNet blocks of `dense_network`; l2 norms only).
+        learnable_concatenation: with `network="dense"`, learn the concatenation weights.
         block: every block's estimators and solver (the authors' images: the roulette with
             Poisson(2) extra terms after 2 exact ones and Gaussian probes).
     """
@@ -206,6 +248,8 @@ class ImageFlowConfig:
     logit_alpha: float | None = 0.05
     num_levels: int = 256
     initial_power_iterations: int | None = None
+    network: str = "resnet"
+    learnable_concatenation: bool = True
     block: BlockConfig = BlockConfig(term_distribution="poisson", probe="gaussian")
 
     def __post_init__(self) -> None:
@@ -231,5 +275,16 @@ class ImageFlowConfig:
         validation.integer(n("num_levels"), self.num_levels, 2)
         iterations = self.initial_power_iterations
         validation.optional(validation.integer, n("initial_power_iterations"), iterations, 0)
+        _check_network(self, "hidden_channels", (self.hidden_channels,))
+        if self.network == "dense":
+            if len(self.kernel_sizes) < 2:
+                validation.fail(
+                    n("kernel_sizes"), "at least 2 sizes with network='dense'", self.kernel_sizes
+                )
+            if self.fc_end_blocks and not self.fc_hidden_units:
+                validation.fail(
+                    n("fc_hidden_units"), "non-empty with network='dense'", self.fc_hidden_units
+                )
+            linear_widths(n("fc_hidden_units"), self.fc_hidden_units[1:], self.activation)
         if not isinstance(self.block, BlockConfig):
             validation.fail(n("block"), "a BlockConfig", self.block)

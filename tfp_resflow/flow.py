@@ -3,8 +3,9 @@
     data -> latent (inverse):  ActNorm_0 -> [ResidualBlock_k -> ActNorm_k] for k = 1..num_blocks
 
 as in the authors' models (an ActNorm before the first block and after every block). Each block's
-`g` is `tfp_resflow.network.lipschitz_mlp`, so `Lip(g) <= lipschitz_constant < 1`. The layers
-are created on first use, when the event size is known, or by `build(event_size)`.
+`g` is `tfp_resflow.network.lipschitz_mlp` (`dense_network.dense_mlp`, the i-DenseNet block, with
+`network="dense"`), so `Lip(g) <= lipschitz_constant < 1`. The layers are created on first use,
+when the event size is known, or by `build(event_size)`.
 
 Example:
     flow = ResidualFlowBijector()
@@ -20,7 +21,7 @@ import keras
 import tensorflow as tf
 import tensorflow_probability as tfp
 
-from tfp_resflow import network
+from tfp_resflow import dense_network, network
 from tfp_resflow.actnorm import ActNorm, ActNormLayer
 from tfp_resflow.bijector import ResidualBlock
 from tfp_resflow.composite import StackedBijector, Step
@@ -134,15 +135,25 @@ class ResidualFlowBijector(StackedBijector):
 
     def _new_block(self, k: int, event_size: int, dtype: str | None) -> Step:
         c = self._config
-        g = network.lipschitz_mlp(
-            event_size,
-            c.hidden_units,
-            lipschitz_constant=c.lipschitz_constant,
-            activation=c.activation,
-            norm_orders=c.norm_orders,
-            learnable_norm_orders=c.learnable_norm_orders,
-            dtype=dtype,
-        )
+        if c.network == "dense":
+            g = dense_network.dense_mlp(
+                event_size,
+                c.hidden_units,
+                lipschitz_constant=c.lipschitz_constant,
+                activation=c.activation,
+                learnable_concatenation=c.learnable_concatenation,
+                dtype=dtype,
+            )
+        else:
+            g = network.lipschitz_mlp(
+                event_size,
+                c.hidden_units,
+                lipschitz_constant=c.lipschitz_constant,
+                activation=c.activation,
+                norm_orders=c.norm_orders,
+                learnable_norm_orders=c.learnable_norm_orders,
+                dtype=dtype,
+            )
         block = ResidualBlock(g, c.block, validate_args=self._validate, name=f"block_{k}")
         return Step(block, 1)
 

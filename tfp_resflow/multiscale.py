@@ -16,7 +16,10 @@ Every flatten is row-major over `[h, w, c]`. The ActNorms are optional (`actnorm
 convolutional block's `g` is `network.lipschitz_cnn` (`SpectralConv2D`s with norm at most
 `lipschitz_constant`, pre-activation, except the network's first block, which starts with a
 convolution as in the authors' model); each fully connected block's `g` is
-`network.lipschitz_mlp`. The latent is always a flat vector, so the base distribution is
+`network.lipschitz_mlp`. With `network="dense"` they are the i-DenseNet blocks of
+`dense_network` instead: `dense_cnn` (no pre-activation) and `dense_mlp` starting with a linear
+projection to `fc_hidden_units[0]` features, as in Perugachi-Diaz et al. (2021). The latent is
+always a flat vector, so the base distribution is
 `tfd.Sample(tfd.Normal(0, 1), [D])`, and `forward` (used by `sample`) re-splits it, inverting
 every block with its fixed-point iteration.
 
@@ -38,7 +41,7 @@ import keras
 import tensorflow as tf
 import tensorflow_probability as tfp
 
-from tfp_resflow import network
+from tfp_resflow import dense_network, network
 from tfp_resflow.actnorm import ActNorm, ActNormLayer
 from tfp_resflow.bijector import ResidualBlock
 from tfp_resflow.composite import FactorOut, Features, StackedBijector, Step
@@ -138,6 +141,52 @@ class MultiscaleResidualFlow(StackedBijector):
             options["initial_power_iterations"] = self._config.initial_power_iterations
         return options
 
+    def _new_cnn(self, shape: tuple[int, ...], *, activation_first: bool) -> keras.Model:
+        """A convolutional `g` for images of `shape`."""
+        c = self._config
+        if c.network == "dense":
+            return dense_network.dense_cnn(
+                shape,
+                c.hidden_channels,
+                c.kernel_sizes,
+                lipschitz_constant=c.lipschitz_constant,
+                activation=c.activation,
+                learnable_concatenation=c.learnable_concatenation,
+                **self._layer_options(),
+            )
+        return network.lipschitz_cnn(
+            shape,
+            c.hidden_channels,
+            c.kernel_sizes,
+            lipschitz_constant=c.lipschitz_constant,
+            activation=c.activation,
+            learnable_norm_orders=c.learnable_norm_orders,
+            activation_first=activation_first,  # the authors' first block: no pre-activation
+            **self._layer_options(),
+        )
+
+    def _new_mlp(self, size: int) -> keras.Model:
+        """A fully connected `g` for the flattened final tensor of `size` entries."""
+        c = self._config
+        if c.network == "dense":
+            return dense_network.dense_mlp(
+                size,
+                c.fc_hidden_units[1:],
+                projection_units=c.fc_hidden_units[0],
+                lipschitz_constant=c.lipschitz_constant,
+                activation=c.activation,
+                learnable_concatenation=c.learnable_concatenation,
+                **self._layer_options(),
+            )
+        return network.lipschitz_mlp(
+            size,
+            c.fc_hidden_units,
+            lipschitz_constant=c.lipschitz_constant,
+            activation=c.activation,
+            learnable_norm_orders=c.learnable_norm_orders,
+            **self._layer_options(),
+        )
+
     def _scale_steps(self, i: int, num_blocks: int, shape: tuple[int, ...]) -> list:
         """Scale `i`: its blocks (each followed by ActNorm), its features mark, the squeeze."""
         c = self._config
@@ -145,16 +194,7 @@ class MultiscaleResidualFlow(StackedBijector):
         if i == 0 and c.actnorm:
             steps.append(self._new_actnorm(shape))
         for j in range(num_blocks):
-            g = network.lipschitz_cnn(
-                shape,
-                c.hidden_channels,
-                c.kernel_sizes,
-                lipschitz_constant=c.lipschitz_constant,
-                activation=c.activation,
-                learnable_norm_orders=c.learnable_norm_orders,
-                activation_first=(i, j) != (0, 0),  # the authors' first block: no pre-act
-                **self._layer_options(),
-            )
+            g = self._new_cnn(shape, activation_first=(i, j) != (0, 0))
             steps.append(self._new_block(g, 3, f"block_{i}_{j}"))
             if c.actnorm:
                 steps.append(self._new_actnorm(shape))
@@ -177,14 +217,7 @@ class MultiscaleResidualFlow(StackedBijector):
         # TFP's forward is latent -> data: its inverse flattens the final images.
         steps = [Step(tfb.Reshape(event_shape_out=final_shape, event_shape_in=[size]), 3)]
         for k in range(c.fc_end_blocks):
-            g = network.lipschitz_mlp(
-                size,
-                c.fc_hidden_units,
-                lipschitz_constant=c.lipschitz_constant,
-                activation=c.activation,
-                learnable_norm_orders=c.learnable_norm_orders,
-                **self._layer_options(),
-            )
+            g = self._new_mlp(size)
             steps.append(self._new_block(g, 1, f"fc_block_{k}"))
             if c.actnorm:
                 steps.append(self._new_actnorm((size,)))
