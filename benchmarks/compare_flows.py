@@ -19,7 +19,8 @@ What: test negative log-likelihood, time per training step and time to sample, f
                   4x4x4, squeeze, 4 steps at 2x2x16; a step is ActNorm -> invertible 1x1
                   convolution (`tfb.ScaleMatvecLU` over Keras-owned LU factors) -> affine
                   coupling (`tfb.RealNVP` over channels, Keras 3 conv net 3x3-1x1-3x3, 32 wide)
-    (and `idensenet`, `network="dense"`, once the config dataclasses have that field)
+    idensenet (toys and digits): i-DenseNet's g (`network="dense"`, CLipSwish), sized like
+        resflow-lipswish (`IDENSENET_TOY`, `IDENSENET_DIGITS`); resflow-clipswish likewise
 
 The models are registries (`TOY_FLOWS`, `DIGITS_FLOWS`: name -> builder of an unbuilt
 `FlowModel` from a seed), so a variant is one line.
@@ -93,7 +94,6 @@ from measure import write_results  # noqa: E402
 
 from tfp_resflow import data, multiscale, presets, training  # noqa: E402
 from tfp_resflow.actnorm import ActNorm, ActNormLayer  # noqa: E402
-from tfp_resflow.config import ImageFlowConfig, ResidualFlowConfig  # noqa: E402
 from tfp_resflow.config_fields import with_fields  # noqa: E402
 from tfp_resflow.flow import ResidualFlowBijector  # noqa: E402
 from tfp_resflow.image import LogitTransform, Squeeze  # noqa: E402
@@ -367,6 +367,19 @@ FlowBuilder = Callable[[int], FlowModel]
 DIGITS_LOSS = {"loss_unit": "bits_per_dim", "num_levels": data.DIGITS_NUM_LEVELS}
 
 
+# The i-DenseNet variants (`network="dense"`, CLipSwish), sized like the reference model: toy
+# growths 88-88 (36,036 parameters); digits growth 20 with kernels 3-3-1 and fully connected
+# blocks of projection 48 and growths 40-40 (47,678).
+IDENSENET_TOY = {"network": "dense", "activation": "clipswish", "hidden_units": (88, 88)}
+IDENSENET_DIGITS = {
+    "network": "dense",
+    "activation": "clipswish",
+    "hidden_channels": 20,
+    "kernel_sizes": (3, 3, 1),
+    "fc_hidden_units": (48, 40, 40),
+}
+
+
 def toy_resflow(**fields: object) -> FlowBuilder:
     """`ResidualFlowBijector(presets.TOY)` with `fields` changed (`config_fields.with_fields`)."""
     config = with_fields(presets.TOY, **fields)
@@ -396,25 +409,21 @@ TOY_FLOWS: dict[str, FlowBuilder] = {
     # CLipSwish doubles the width the next layer reads: 45-45 keeps the 64-64 model's size.
     "resflow-clipswish": toy_resflow(activation="clipswish", hidden_units=(45, 45)),
     "resflow-elu": toy_resflow(activation="elu"),
+    "idensenet": toy_resflow(**IDENSENET_TOY),
     "realnvp": network_owning(lambda seed: realnvp_2d(), [2]),
     "maf": network_owning(lambda seed: maf_2d(), [2]),
 }
 DIGITS_FLOWS: dict[str, FlowBuilder] = {
     "resflow-lipswish": digits_resflow(activation="lipswish"),
-    "resflow-clipswish": digits_resflow(activation="clipswish"),
+    # Equal size for CLipSwish: 14 hidden channels and 45-45 fully connected (45,109).
+    "resflow-clipswish": digits_resflow(
+        activation="clipswish", hidden_channels=14, fc_hidden_units=(45, 45)
+    ),
     "resflow-elu": digits_resflow(activation="elu"),
+    "idensenet": digits_resflow(**IDENSENET_DIGITS),
     "glow": network_owning(lambda seed: glow_digits(seed=seed), data.DIGITS_SHAPE, **DIGITS_LOSS),
 }
 
-# >>> i-DenseNet entries (`network="dense"`: g is a densely connected network). Registered only
-# once the config dataclasses have a `network` field, so the script runs before that change.
-# The lead adds further variants here (e.g. "idensenet-clipswish": ..., network="dense",
-# activation="clipswish").
-if "network" in {f.name for f in dataclasses.fields(ResidualFlowConfig)}:
-    TOY_FLOWS["idensenet"] = toy_resflow(network="dense")
-if "network" in {f.name for f in dataclasses.fields(ImageFlowConfig)}:
-    DIGITS_FLOWS["idensenet"] = digits_resflow(network="dense")
-# <<< i-DenseNet entries
 
 REFERENCE_MODEL = "resflow-lipswish"  # parameter ratios are to this model
 ALIASES = {"resflow": REFERENCE_MODEL}  # the name before the registry

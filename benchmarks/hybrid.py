@@ -9,8 +9,8 @@ authors' head (per scale: 3x3 conv, ActNorm, ReLU, average pooling; then a dense
     coupling   a Glow-style flow from TFP bijectors (`compare_flows.glow_digits`' steps: ActNorm,
                1x1 convolution, affine coupling; squeeze between levels), wrapped as a
                `StackedBijector` with a features mark after each level
-    idensenet  the `digits` preset with `network="dense"` (i-DenseNet's g), once
-               `ImageFlowConfig` has that field
+    idensenet  i-DenseNet's g (`network="dense"`, CLipSwish), sized like `resflow`
+               (`compare_flows.IDENSENET_DIGITS`)
 
 The flows are a registry (`FLOWS`: name -> builder of the flow from a seed); a variant is one
 line, and every registered flow runs at every lambda unless `--flows` picks some.
@@ -26,7 +26,6 @@ Prints a markdown table and writes `benchmarks/results/hybrid.json` (or `--outpu
 """
 
 import argparse
-import dataclasses
 import math
 import os
 import statistics
@@ -42,13 +41,12 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 import tensorflow_probability as tfp  # noqa: E402
-from compare_flows import CouplingCNN, LUWeights  # noqa: E402
+from compare_flows import IDENSENET_DIGITS, CouplingCNN, LUWeights  # noqa: E402
 from measure import write_results  # noqa: E402
 
 from tfp_resflow import data, evaluation, multiscale, presets, training  # noqa: E402
 from tfp_resflow.actnorm import ActNorm, ActNormLayer  # noqa: E402
 from tfp_resflow.composite import Features, StackedBijector, Step  # noqa: E402
-from tfp_resflow.config import ImageFlowConfig  # noqa: E402
 from tfp_resflow.config_fields import with_fields  # noqa: E402
 from tfp_resflow.hybrid import HybridFlowModel  # noqa: E402
 from tfp_resflow.image import LogitTransform, Squeeze  # noqa: E402
@@ -125,13 +123,9 @@ def digits_resflow(**fields: object) -> FlowBuilder:
 
 FLOWS: dict[str, FlowBuilder] = {
     "resflow": digits_resflow(),
+    "idensenet": digits_resflow(**IDENSENET_DIGITS),  # sized like resflow (compare_flows)
     "coupling": lambda seed: CouplingStack(seed=seed),
 }
-# >>> i-DenseNet entry (`network="dense"`), registered only once `ImageFlowConfig` has a
-# `network` field, so the script runs before that change.
-if "network" in {f.name for f in dataclasses.fields(ImageFlowConfig)}:
-    FLOWS["idensenet"] = digits_resflow(network="dense")
-# <<< i-DenseNet entry
 
 
 def build(flow_name: str, nll_weight: str, seed: int) -> HybridFlowModel:

@@ -7,7 +7,6 @@ curves and pictures). Fast tests check compare_flows' model registry and its tim
 (`WallClockBudget`) on a tiny Keras model.
 """
 
-import dataclasses
 import json
 import math
 import subprocess
@@ -69,22 +68,32 @@ def test_models_for_resolves_aliases_and_skips_other_data(compare_flows, dataset
     assert compare_flows.models_for(dataset, names) == expected
 
 
-@pytest.mark.parametrize("activation", ["clipswish", "elu"])
-def test_registered_variants_change_one_field(compare_flows, activation):
-    model = compare_flows.build_model("8gaussians", f"resflow-{activation}", seed=0)
-    assert model.bijector.config.activation == activation
-    default = compare_flows.build_model("8gaussians", "resflow", seed=0).bijector.config
-    assert dataclasses.replace(model.bijector.config, activation="lipswish") == default
+@pytest.mark.parametrize("dataset", ["8gaussians", "digits"])
+@pytest.mark.parametrize("name", ["resflow-clipswish", "resflow-elu", "idensenet"])
+def test_residual_variants_keep_the_reference_size(compare_flows, dataset, name):
+    """Each variant changes its activation (and network), and is sized like the reference."""
+
+    def count(model_name):
+        model = compare_flows.build_model(dataset, model_name, seed=0)
+        model.build((None, *model.event_shape))
+        return model, sum(math.prod(w.shape) for w in model.trainable_weights)
+
+    model, size = count(name)
+    _, reference = count("resflow")
+    config = model.bijector.config
+    assert config.activation == {"resflow-elu": "elu"}.get(name, "clipswish")
+    assert config.network == ("dense" if name == "idensenet" else "resnet")
+    assert abs(size / reference - 1) <= compare_flows.PARAMETER_TOLERANCE / 2
 
 
-def test_idensenet_is_registered_exactly_when_configs_have_network(compare_flows):
-    from tfp_resflow.config import ImageFlowConfig, ResidualFlowConfig
-
-    def has_network(cls):
-        return "network" in {f.name for f in dataclasses.fields(cls)}
-
-    assert ("idensenet" in compare_flows.TOY_FLOWS) == has_network(ResidualFlowConfig)
-    assert ("idensenet" in compare_flows.DIGITS_FLOWS) == has_network(ImageFlowConfig)
+def test_tail_loss_is_the_mean_of_the_last_steps(compare_flows):
+    timer = compare_flows.StepTimer()
+    losses = [5.0, 4.0, 3.0, 2.0, 1.0, 1.0, 0.5, 0.5, 0.25, 0.25]
+    running = [sum(losses[: k + 1]) / (k + 1) for k in range(len(losses))]
+    timer.running_losses = running
+    assert timer.tail_loss(0.2) == pytest.approx((0.25 + 0.25) / 2)
+    assert timer.tail_loss(0.5) == pytest.approx(sum(losses[5:]) / 5)
+    assert timer.tail_loss(1.0) == pytest.approx(sum(losses) / len(losses))
 
 
 def test_wall_clock_budget_stops_fit_and_pauses_for_checkpoints(compare_flows):
