@@ -39,6 +39,7 @@ from tfp_resflow.actnorm import ActNorm, ActNormLayer
 from tfp_resflow.bijector import ResidualBlock, data_dependent_init, training_mode
 from tfp_resflow.bits import bits_per_dim
 from tfp_resflow.config import BlockConfig, ImageFlowConfig, ResidualFlowConfig
+from tfp_resflow.dense_network import LipschitzDenseLayer, dense_cnn, dense_mlp
 from tfp_resflow.flow import ResidualFlowBijector
 from tfp_resflow.hybrid import ClassificationHead, HybridFlowModel
 from tfp_resflow.image import LogitTransform, Squeeze
@@ -76,6 +77,7 @@ __all__ = [
     "HybridFlowModel",
     "ImageFlowConfig",
     "LipSwish",
+    "LipschitzDenseLayer",
     "LogDetFn",
     "LogitTransform",
     "MultiscaleResidualFlow",
@@ -88,6 +90,8 @@ __all__ = [
     "Squeeze",
     "bits_per_dim",
     "data_dependent_init",
+    "dense_cnn",
+    "dense_mlp",
     "exact_log_det",
     "get_activation",
     "image_flow",
