@@ -259,3 +259,22 @@ def test_hybrid_benchmark_quick(tmp_path):
     for row in rows:
         assert all(math.isfinite(v) for v in numbers(row)), row
         assert 0.0 <= row["test_accuracy"] <= 1.0
+
+
+def test_tune_learning_rates_picks_the_lowest_late_loss(compare_flows, monkeypatch):
+    """Each model gets the rate whose run ends lowest; a non-finite run never wins."""
+    late = {("a", 1e-3): 2.0, ("a", 1e-2): 1.0, ("b", 1e-3): 1.5, ("b", 1e-2): float("nan")}
+    monkeypatch.setattr(compare_flows, "build_model", lambda dataset, name, seed: name)
+
+    def fake_train(model, dataset, budget, seed, *, timer):
+        assert seed == compare_flows.TUNING_SEED
+        assert budget.sample_repeats == 0
+        timer.running_losses = [late[(model, budget.learning_rate)]] * 10
+        return {"test_loss": 0.0, "steps": 10}
+
+    monkeypatch.setattr(compare_flows, "train_and_evaluate", fake_train)
+    budget = compare_flows.Budget(steps=10, batch_size=4)
+    chosen, rows = compare_flows.tune_learning_rates("8gaussians", ["a", "b"], budget, (1e-3, 1e-2))
+    assert chosen == {"a": 1e-2, "b": 1e-3}
+    assert len(rows) == 4
+    assert {r["model"] for r in rows} == {"a", "b"}
