@@ -2,23 +2,24 @@
 
 What: test NLL of a residual flow trained for the same steps, with three seeds per variant, on
 
-    toy     checkerboard (`--toy-dataset`), `presets.TOY` (8 blocks, g 2-64-64-2), test NLL in
-            nats, exact (evaluation mode uses the exact log-det for 2-D events)
+    toy     checkerboard (`--toy-dataset`), `presets.TOY` (8 blocks, CLipSwish g 2-45-45-2),
+            test NLL in nats, exact (evaluation mode uses the exact log-det for 2-D events)
     digits  the `digits` preset image flow, test bits/dim (evaluation mode: the authors'
             unbiased roulette with 20 exact terms, the same for every variant)
 
 Each variant changes one field of the data set's default config with `config.with_fields`:
 
     default       toy: `BlockConfig()` - unbiased roulette, 2 exact terms + geometric(0.5),
-                  Rademacher probes, Neumann gradient, LipSwish (the package's block default)
+                  Rademacher probes, Neumann gradient (the package's block default), CLipSwish
                   digits: the preset's (the authors' image settings) - unbiased roulette,
-                  2 exact terms + Poisson(2), Gaussian probes, Neumann gradient, LipSwish
+                  2 exact terms + Poisson(2), Gaussian probes, Neumann gradient, ELU
     truncated     log_det="truncated": the biased i-ResNet series with num_terms=10 (the
                   BlockConfig default; its gradient stays the matching truncated Neumann series)
     backprop      neumann_gradient=False: autodiff through the roulette series
     probes        the other probe: Gaussian for toy, Rademacher for digits (whose default is
                   already Gaussian)
-    elu           activation="elu" instead of LipSwish
+    lipswish      activation="lipswish" (toy: with g 2-64-64-2, the size of the default)
+    elu           toy only: activation="elu", g 2-64-64-2
 
 How: the recipe and measurements of `compare_flows.py` (`train_and_evaluate`: Keras `fit` with
 `training.make_optimizer`, EMA weights, converged Lipschitz estimates, evaluation mode). The
@@ -80,14 +81,16 @@ VARIANTS = {
         "truncated": {"log_det": "truncated"},
         "backprop": {"neumann_gradient": False},
         "gaussian probes": {"probe": "gaussian"},
-        "elu": {"activation": "elu"},
+        # The default is CLipSwish 45-45; the other activations at the size they had as default.
+        "lipswish": {"activation": "lipswish", "hidden_units": (64, 64)},
+        "elu": {"activation": "elu", "hidden_units": (64, 64)},
     },
     "digits": {
         "default": {},
         "truncated": {"log_det": "truncated"},
         "backprop": {"neumann_gradient": False},
         "rademacher probes": {"probe": "rademacher"},
-        "elu": {"activation": "elu"},
+        "lipswish": {"activation": "lipswish"},  # the default is ELU
     },
 }
 

@@ -405,10 +405,11 @@ def network_owning(flow: Callable[[int], tuple], event_shape, **kwargs: object) 
 
 
 TOY_FLOWS: dict[str, FlowBuilder] = {
-    "resflow-lipswish": toy_resflow(activation="lipswish"),
-    # CLipSwish doubles the width the next layer reads: 45-45 keeps the 64-64 model's size.
+    # LipSwish and ELU with g 2-64-64-2; CLipSwish doubles the width the next layer reads, so
+    # 45-45 keeps that size (the `TOY` preset).
+    "resflow-lipswish": toy_resflow(activation="lipswish", hidden_units=(64, 64)),
     "resflow-clipswish": toy_resflow(activation="clipswish", hidden_units=(45, 45)),
-    "resflow-elu": toy_resflow(activation="elu"),
+    "resflow-elu": toy_resflow(activation="elu", hidden_units=(64, 64)),
     "idensenet": toy_resflow(**IDENSENET_TOY),
     "realnvp": network_owning(lambda seed: realnvp_2d(), [2]),
     "maf": network_owning(lambda seed: maf_2d(), [2]),

@@ -188,6 +188,7 @@ def test_quick_results_are_complete(quick_run):
         "truncated",
         "backprop",
         "gaussian probes",
+        "lipswish",
         "elu",
     }
     estimators = json.loads((out / "estimators.json").read_text())
