@@ -11,8 +11,11 @@ Full mode (about 20 minutes on 2 CPU cores; one script at a time, so timings do 
     logdet_memory.py   --terms 2 20                               (both networks)
     solver.py          --models digits --digits-model <compare_flows' seed-0 residual digits
                        model, saved to a scratch directory>       (no 2.5-minute train_tf.py run)
+    lipschitz_budget.py --jobs 2   where the blocks' Lipschitz budget goes, per initialiser and
+                       activation (about 30-40 minutes more on a loaded machine)
 
-The new scripts write `compare_flows.json`, `ablations.json`, `estimators.json` (+ `.png`) to
+The new scripts write `compare_flows.json`, `ablations.json`, `estimators.json` (+ `.png`),
+`lipschitz_budget.json` to
 `--output-dir` (default `benchmarks/results/`); the three older scripts, run here in reduced
 configurations, write `train_step_run_all.json`, `logdet_memory_run_all.json` and
 `solver_run_all.json`, so the committed full runs quoted in the README (`train_step.json`,
@@ -26,7 +29,8 @@ into a fresh temporary directory unless `--output-dir` is given (never the commi
     its curves and pictures), ablations.py --quick, estimators.py --quick,
     train_step.py --configs toy digits --steps 2, logdet_memory.py --terms 2 5 --networks mlp,
     solver.py --models digits --tolerances 1e-4 --num-samples 8 --repeats 1 --digits-model <the
-    residual digits model compare_flows.py --quick trained for 4 steps>
+    residual digits model compare_flows.py --quick trained for 4 steps>, lipschitz_budget.py
+    --quick (one toy variant, 3 steps)
 
     python benchmarks/run_all.py
     python benchmarks/run_all.py --quick
@@ -50,7 +54,15 @@ from measure import write_results
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 RESULTS = HERE / "results"
-SCRIPTS = ("compare_flows", "ablations", "estimators", "train_step", "logdet_memory", "solver")
+SCRIPTS = (
+    "compare_flows",
+    "ablations",
+    "estimators",
+    "train_step",
+    "logdet_memory",
+    "solver",
+    "lipschitz_budget",
+)
 # Files each script writes (relative to the output directory): what the tests check.
 OUTPUTS = {
     "compare_flows": "compare_flows.json",
@@ -59,6 +71,7 @@ OUTPUTS = {
     "train_step": "train_step_run_all.json",
     "logdet_memory": "logdet_memory_run_all.json",
     "solver": "solver_run_all.json",
+    "lipschitz_budget": "lipschitz_budget.json",
 }
 
 
@@ -108,6 +121,7 @@ def tasks(*, quick: bool, out: Path, scratch: Path) -> list[Task]:
                 ],
                 after=("compare_flows",),
             ),
+            Task("lipschitz_budget", ["--quick", *output("lipschitz_budget")]),
         ]
     return [
         Task("compare_flows", [*output("compare_flows"), "--save-digits-model", str(model)]),
@@ -120,6 +134,7 @@ def tasks(*, quick: bool, out: Path, scratch: Path) -> list[Task]:
             ["--models", "digits", "--digits-model", str(model), *output("solver")],
             after=("compare_flows",),
         ),
+        Task("lipschitz_budget", ["--jobs", "2", *output("lipschitz_budget")]),
     ]
 
 

@@ -196,6 +196,23 @@ def test_quick_results_are_complete(quick_run):
     truncated = [r for r in estimators["rows"] if r["estimator"] == "truncated"]
     assert truncated
     assert all(r["finite"] for r in estimators["rows"])
+    budget = json.loads((out / "lipschitz_budget.json").read_text())
+    assert {(r["kind"], r["activation"], r["initialiser"]) for r in budget["rows"]} == {
+        ("toy", "clipswish", "peak")
+    }
+    for row in budget["rows"]:
+        for block in row["init"] + row["trained"]:
+            # The gain decomposition is exact (a telescoping product per example) ...
+            parts = (block["bound"], block["norm_use"], block["direction"])
+            assert math.prod(parts) * block["activation_gain"] == pytest.approx(
+                block["realised_rms_gain"], rel=1e-4
+            )
+            # ... the tangents reproduce the exact Jacobian, and no layer exceeds its bound.
+            assert block["jacobian_check"] < 1e-5
+            linear = [layer for layer in block["layers"] if layer["type"] == "linear"]
+            assert all(layer["norm_over_bound"] < 1.01 for layer in linear)
+        # The `peak` initialiser starts blocks far from the identity (glorot: ~0.005).
+        assert all(block["jacobian_norm_median"] > 0.1 for block in row["init"])
 
 
 @pytest.mark.slow
