@@ -18,8 +18,8 @@ the explicit convolution operator on its images). An activation's gain on the da
 sqrt(mean phi'(a)^2) over the pre-activations a of held-out points (CLipSwish: the norm of
 each unit's 2-row Jacobian), its gain on the signal the tangent ratio above.
 
-What: for the toy model (`ResidualFlowBijector(presets.TOY)`, checkerboard, 8 blocks of
-g 2-64-64-2, c = 0.9) and the `digits` image flow (`multiscale.image_flow((8, 8, 1),
+What: for the toy model (`ResidualFlowBijector(presets.TOY)` with g 2-64-64-2, checkerboard,
+8 blocks, c = 0.9) and the `digits` image flow (`multiscale.image_flow((8, 8, 1),
 "digits")`: conv blocks 3x3-1x1-3x3 of width 32 at 8x8x1 and 4x4x4, two fully connected
 blocks 64-64-64-64, c = 0.98), at initialisation and after a short training (the recipe of
 `compare_flows.py`; toy 400 steps of 256, digits 3 epochs of 23 steps of 64), per variant:
@@ -122,7 +122,11 @@ QUICK_EXAMPLES = 16
 
 
 def base_config(kind: str):
-    return presets.TOY if kind == "toy" else presets.get_preset("digits")
+    """The diagnosed models: g 2-64-64-2 for the toy (the `TOY` preset's size before it took
+    CLipSwish 2-45-45-2), the `digits` preset; each variant sets the activation."""
+    if kind == "toy":
+        return with_fields(presets.TOY, hidden_units=(64, 64))
+    return presets.get_preset("digits")
 
 
 def build(kind: str, activation: str) -> FlowModel:
