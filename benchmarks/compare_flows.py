@@ -90,7 +90,7 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 import tensorflow_probability as tfp  # noqa: E402
-from measure import write_results  # noqa: E402
+from measure import save_figure, write_results  # noqa: E402
 
 from tfp_resflow import data, multiscale, presets, training  # noqa: E402
 from tfp_resflow.actnorm import ActNorm, ActNormLayer  # noqa: E402
@@ -974,11 +974,7 @@ def plot_curves(summary: list[dict], dataset: str, path: Path) -> None:
     )
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    print(f"wrote {path}")
+    save_figure(fig, path)
 
 
 def _report(r: dict) -> None:

@@ -39,7 +39,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
-from measure import write_results  # noqa: E402
+from measure import save_figure, write_results  # noqa: E402
 
 from tfp_resflow import logdet  # noqa: E402
 
@@ -310,11 +310,7 @@ def plot(rows: list[dict], path: Path) -> None:
         for ax in axes[i]:
             ax.grid(alpha=0.3)
             ax.legend(fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    print(f"wrote {path}")
+    save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> None:

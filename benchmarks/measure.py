@@ -51,3 +51,14 @@ def print_table(columns: list[str], rows: list[list[object]]) -> None:
     print("|" + " --- |" * len(columns))
     for row in rows:
         print("| " + " | ".join(str(cell) for cell in row) + " |")
+
+
+def save_figure(fig, path: Path) -> None:
+    """Writes a matplotlib figure as the benchmarks' PNGs (110 dpi), closes it, says where."""
+    import matplotlib.pyplot as plt  # the benchmarks' only plotting dependency, imported late
+
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    print(f"wrote {path}")
