@@ -15,6 +15,7 @@ from tfp_resflow.activation import (
     CLipSwish,
     LipSwish,
     get_activation,
+    width_factor,
 )
 
 # Grid spacing 1e-3 on [-100, 100]: it contains the peak of |phi'| (at x = 2.3994 / beta,
@@ -122,3 +123,15 @@ def test_new_layer_per_call_and_config_round_trip():
 def test_bad_arguments_raise(make, message):
     with pytest.raises(ValueError, match=message):
         make()
+
+
+@pytest.mark.parametrize("name", sorted(ACTIVATIONS))
+def test_width_factor_is_the_layers_outputs_per_input(name):
+    layer = get_activation(name)
+    assert width_factor(name) * 3 == layer.compute_output_shape((None, 3))[-1]
+    assert width_factor(name.upper()) == width_factor(name)
+
+
+def test_width_factor_rejects_an_unknown_name():
+    with pytest.raises(ValueError, match="activation"):
+        width_factor("relu6")

@@ -1,5 +1,8 @@
 """Tests of the model configs (`tfp_resflow.config`): how a block picks its estimators."""
 
+import subprocess
+import sys
+
 import pytest
 
 from tfp_resflow import logdet
@@ -120,3 +123,21 @@ def test_network_is_read_from_the_command_line():
     assert ImageFlowConfig().network == ResidualFlowConfig().network == "resnet"
     # The image defaults make a valid dense config: a projection to 128, one layer of growth 128.
     assert ImageFlowConfig(network="dense").fc_hidden_units == (128, 128)
+
+
+def test_importing_the_package_and_its_presets_leaves_the_runtime_unstarted():
+    """Configs are checked at import (the presets); that must not start TensorFlow's runtime,
+    or `tf.distribute` could no longer split the CPU into logical devices (`--cpu-devices`)."""
+    code = (
+        "import tensorflow as tf\n"
+        "import tfp_resflow, tfp_resflow.presets, tfp_resflow.training\n"
+        "cpu = tf.config.list_physical_devices('CPU')[0]\n"
+        "devices = [tf.config.LogicalDeviceConfiguration()] * 2\n"
+        "tf.config.set_logical_device_configuration(cpu, devices)\n"
+        "print(len(tf.config.list_logical_devices('CPU')))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=False
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split()[-1] == "2"

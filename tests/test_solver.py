@@ -76,6 +76,11 @@ def test_solve_and_gradient_compile_with_xla(name):
         return x, converged, tape.gradient(value, z)
 
     compiled = tf.function(solve_and_gradient, jit_compile=True)(z)
+    # XLA fuses and reorders float32 operations, so the two runs stop at different iterates.
+    # Each stops within (atol + rtol |x|) / (1 - Lip) of the fixed point (here of x, and of the
+    # implicit gradient's own fixed point), so they may differ by twice that: about 1.4e-4 for
+    # gradients near 5.7 (measured on an AMD EPYC: 1.5e-5; 1e-5 was tighter than the solver).
     for got, expected in zip(compiled, solve_and_gradient(z), strict=True):
-        np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5)
+        bound = 2 * (1e-6 + 1e-6 * np.abs(np.asarray(expected, np.float64))) / (1 - 0.9)
+        assert np.all(np.abs(np.asarray(got, np.float64) - expected) <= bound)
     assert compiled[1].numpy().all()

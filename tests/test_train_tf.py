@@ -111,7 +111,11 @@ def _learnable_layers(model):
 
 @pytest.mark.parametrize(
     ("args", "event_shape", "num_levels"),
-    [(["--dataset", "8gaussians"], (2,), None), ([], (8, 8, 1), 17)],
+    # The toy preset's CLipSwish is 1-Lipschitz in l2 only: learnable orders take LipSwish.
+    [
+        (["--dataset", "8gaussians", "--model", "activation=lipswish"], (2,), None),
+        ([], (8, 8, 1), 17),
+    ],
     ids=["toy", "digits"],
 )
 def test_learnable_norm_orders_flag_reaches_every_layer(args, event_shape, num_levels):
@@ -388,7 +392,10 @@ def test_killed_run_resumes_from_its_backup(tmp_path, half_written):
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "orders", [[], ["--model", "learnable_norm_orders=true"]], ids=["fixed", "learnable"]
+    # The toy preset's CLipSwish is 1-Lipschitz in l2 only: learnable orders take LipSwish.
+    "orders",
+    [[], ["--model", "learnable_norm_orders=true", "activation=lipswish"]],
+    ids=["fixed", "learnable"],
 )
 def test_mirrored_on_two_cpus_matches_the_default_strategy(tmp_path, orders):
     # With exact log-dets the loss is deterministic, so both runs compute the same function of

@@ -25,6 +25,7 @@ __all__ = [
     "CLipSwish",
     "LipSwish",
     "get_activation",
+    "width_factor",
 ]
 
 import math
@@ -139,6 +140,24 @@ ACTIVATIONS: dict[str, Callable[..., keras.layers.Layer]] = {
     "tanh": lambda **kwargs: keras.layers.Activation("tanh", **kwargs),
     "identity": keras.layers.Identity,
 }
+
+
+# How many outputs each activation gives per input: CLipSwish concatenates two.
+_WIDTH_FACTORS = {"clipswish": 2}
+
+
+def width_factor(name: str) -> int:
+    """Outputs per input of the activation `name` (2 for CLipSwish, else 1).
+
+    A plain lookup: configs check their widths with it when they are made, and building a layer
+    there would start TensorFlow's runtime at import time (before `tf.distribute` can set up
+    logical devices or collectives).
+
+    Raises:
+        ValueError: If `name` is not in `ACTIVATIONS`.
+    """
+    key = name.lower() if isinstance(name, str) else name
+    return _WIDTH_FACTORS.get(validation.choice("activation", key, tuple(ACTIVATIONS)), 1)
 
 
 def get_activation(name: str, **kwargs) -> keras.layers.Layer:

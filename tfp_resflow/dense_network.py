@@ -55,7 +55,7 @@ import keras
 import tensorflow as tf
 
 from tfp_resflow import validation
-from tfp_resflow.activation import get_activation
+from tfp_resflow.activation import get_activation, width_factor
 from tfp_resflow.lipschitz import SpectralDense
 from tfp_resflow.spectral_conv import SpectralConv2D
 
@@ -169,7 +169,7 @@ def linear_widths(name: str, growths: Sequence[int], activation: str) -> list[in
         ValueError: naming `name`, for a non-positive growth or an odd one with CLipSwish.
     """
     growths = validation.integers(name, growths, nonempty=False)
-    factor = get_activation(activation).compute_output_shape((None, 1))[-1]
+    factor = width_factor(activation)
     if any(k % factor for k in growths):
         validation.fail(name, f"growths divisible by {factor} with {activation}", growths)
     return [k // factor for k in growths]
