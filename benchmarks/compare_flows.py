@@ -883,7 +883,9 @@ def _parameter_cell(s: dict) -> str:
     params = f"{s['parameters']:,}"
     if s["free_parameters"] != s["parameters"]:
         params += f" ({s['free_parameters']:,} unmasked)"
-    return params + f" ({s.get('parameters_vs_resflow', 1.0):.3f}x)"
+    # Without the reference model in the run (`--models`) there is no ratio to show.
+    ratio = s.get("parameters_vs_resflow")
+    return params if ratio is None else params + f" ({ratio:.3f}x)"
 
 
 def _rate(s: dict) -> str:

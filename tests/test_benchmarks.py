@@ -296,3 +296,11 @@ def test_tune_learning_rates_picks_the_lowest_late_loss(compare_flows, monkeypat
     assert chosen == {"a": 1e-2, "b": 1e-3}
     assert len(rows) == 4
     assert {r["model"] for r in rows} == {"a", "b"}
+
+
+def test_parameter_cell_shows_a_ratio_only_against_a_reference(compare_flows):
+    entry = {"parameters": 35_348, "free_parameters": 35_348}
+    assert compare_flows._parameter_cell(entry) == "35,348"
+    assert compare_flows._parameter_cell({**entry, "parameters_vs_resflow": 0.984}) == (
+        "35,348 (0.984x)"
+    )
