@@ -8,6 +8,7 @@ samples.png (density.png for 2-D data), checkpoints/, logs/ (TensorBoard) and mo
 Examples:
     python train_tf.py
     python train_tf.py --dataset 8gaussians --epochs 20
+    python train_tf.py --context label             # p(x | label): samples.png, a row per class
     python train_tf.py --model blocks_per_scale=4,4 hidden_channels=64 solver=anderson
     python train_tf.py --dataset mnist --preset mnist --download   # needs internet once
     python train_tf.py --output-dir runs/default --resume --epochs 60
@@ -116,12 +117,16 @@ def load_data(config: TrainConfig, download: bool) -> tuple:  # noqa: FBT001
     the training dataset itself would advance its reshuffling, and the order `fit` sees would
     then depend on how a strategy wraps the dataset.
     """
+    with_context = training.with_context  # (the argument below shadows the module's name)
 
     def load(split: str, *, training: bool = True) -> tuple:
         batch_size = config.batch_size if training else config.eval_batch_size
         options = {"seed": config.seed, "download": download, "training": training}
-        options["labels"] = config.task != "density"
-        return data.load_dataset(config.dataset, split, batch_size=batch_size, **options)
+        options["labels"] = config.task != "density" or config.context != "none"
+        dataset, shape, levels = data.load_dataset(
+            config.dataset, split, batch_size=batch_size, **options
+        )
+        return with_context(dataset, config), shape, levels
 
     train, event_shape, num_levels = load("train")
     test, _, _ = load("test", training=False)
@@ -212,15 +217,20 @@ def _evaluate_only(run: _Run) -> int:
 def _sample(run: _Run, count: int) -> int:
     """`--sample N`: N samples of the loaded checkpoint's EMA weights, as PNG (or .npy)."""
     config, model = run.config, run.model
+    contexts, columns = None, None
+    if model.context_shape is not None:  # `count` per class, one row per class
+        contexts, columns = evaluation.class_contexts(model.context_shape[0], count), count
     with evaluation.ema_weights(model):
         model.update_lipschitz(atol=config.lipschitz_tolerance, rtol=config.lipschitz_tolerance)
-        samples = model.sample(count, seed=[config.seed, 2]).numpy()
+        total = count if contexts is None else len(contexts)
+        samples = model.sample(total, seed=[config.seed, 2], context=contexts).numpy()
     path = run.run_dir / f"samples_{count}.png"
     if run.evaluation.toy_points is not None:  # 2-D data: the points themselves
         path = path.with_suffix(".npy")
         np.save(path, samples)
     else:
-        grid = artifacts.image_grid(samples, scale=max(1, 64 // samples.shape[1]))
+        scale = max(1, 64 // samples.shape[1])
+        grid = artifacts.image_grid(samples, columns=columns, scale=scale)
         artifacts.write_png(path, grid)
     print(f"wrote {path}")
     return 0

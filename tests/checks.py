@@ -4,10 +4,11 @@ import numpy as np
 import tensorflow as tf
 
 
-def brute_force_inverse_log_det(bijector, y, event_ndims):
+def brute_force_inverse_log_det(bijector, y, event_ndims, **kwargs):
     """log|det d inverse(y) / dy| per event, from the full Jacobian (float64, small events).
 
-    `tf.identity` defeats TFP's cache: a cached result would not be on this tape.
+    `tf.identity` defeats TFP's cache: a cached result would not be on this tape. `kwargs` go
+    to `inverse` (e.g. a conditional bijector's `conditional_input`, one per example).
     """
     y = tf.convert_to_tensor(y)
     batch_shape = y.shape[: y.shape.rank - event_ndims]
@@ -15,7 +16,7 @@ def brute_force_inverse_log_det(bijector, y, event_ndims):
     flat = tf.reshape(y, [-1, event_shape.num_elements()])
     with tf.GradientTape() as tape:
         tape.watch(flat)
-        x = bijector.inverse(tf.identity(tf.reshape(flat, [-1, *event_shape])))
+        x = bijector.inverse(tf.identity(tf.reshape(flat, [-1, *event_shape])), **kwargs)
         x = tf.reshape(x, [tf.shape(flat)[0], -1])
     jacobian = tape.batch_jacobian(x, flat).numpy()
     return np.linalg.slogdet(jacobian)[1].reshape(batch_shape)

@@ -195,3 +195,173 @@ def test_g_is_evaluated_once_per_block_forward_and_once_more_backward(counted_de
         counted_dense.count = 0
         model.log_prob(x)  # evaluation: the exact log-det (2-D) also reuses its g(y)
     assert counted_dense.count == per_pass
+
+
+# ------------------------------------------------------------------------------------------------
+# Conditional blocks: one trace per kind, and gradients that reach the context and its network
+
+CONTEXT_SIZE = 2
+
+
+def conditional_mlp(hidden=(8,)):
+    """A conditional g whose context network is moved off its zero start (so c matters)."""
+    g = lipschitz_mlp(
+        3, hidden, context_size=CONTEXT_SIZE, dtype="float64", initial_power_iterations=50
+    )
+    rng = np.random.default_rng(5)
+    for layer in g.layers:
+        if layer.name.startswith("context"):
+            for weight in layer.trainable_weights:
+                weight.assign(0.5 * rng.normal(size=weight.shape))
+    return g
+
+
+def context_weights(g):
+    """The context network's variables (as `tf.Variable`s, which a tape can zero-fill)."""
+    layers = [layer for layer in g.layers if layer.name.startswith("context")]
+    return [w.value for layer in layers for w in layer.trainable_weights]
+
+
+def test_conditional_blocks_of_one_kind_share_their_functions():
+    a = ResidualBlock(conditional_mlp(), context_size=CONTEXT_SIZE)
+    b = ResidualBlock(conditional_mlp(), context_size=CONTEXT_SIZE)
+    assert block_functions.structure_key(a.residual_fn) is not None
+    assert a._passes() is b._passes()
+    assert a._passes().traced
+    c = data((6, CONTEXT_SIZE), seed=3)
+    xa, xb = a.inverse(data(), conditional_input=c), b.inverse(data(), conditional_input=c)
+    assert not np.allclose(xa, xb)  # shared functions, each block's own weights
+
+
+@pytest.mark.parametrize("log_det", ["unbiased", "exact"])
+def test_conditional_traced_passes_equal_inline_passes(log_det):
+    g = conditional_mlp()
+    traced = ResidualBlock(g, log_det=log_det, num_probes=2, context_size=CONTEXT_SIZE)
+    inline = ResidualBlock(lambda t: g(t), log_det=log_det, num_probes=2, context_size=CONTEXT_SIZE)
+    assert traced._passes().traced
+    assert not inline._passes().traced
+    y, c, weights = data(), data((6, CONTEXT_SIZE), seed=3), data(seed=2)
+
+    def loss_and_gradients(block, direction):
+        y_in, c_in = tf.identity(y), tf.identity(c)
+        with tf.GradientTape() as tape:
+            tape.watch([y_in, c_in])
+            if direction == "inverse":
+                x, log_det = block.inverse_and_log_det(y_in, seed=[1, 2], conditional_input=c_in)
+                loss = tf.reduce_sum(weights * x) - tf.reduce_sum(log_det)
+            else:
+                loss = tf.reduce_sum(weights * block.forward(y_in, conditional_input=c_in))
+        return loss, tape.gradient(loss, [y_in, c_in, *g.trainable_variables])
+
+    for direction in ("inverse", "forward"):
+        expected_loss, expected = loss_and_gradients(inline, direction)
+        loss, gradients = loss_and_gradients(traced, direction)
+        np.testing.assert_allclose(loss, expected_loss, rtol=1e-12)
+        for a, b in zip(gradients, expected, strict=True):
+            assert a is not None
+            np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12)
+
+
+def brute_force_log_det(g, y, c, num_terms=None):
+    """`log|det(I + J)|` from the full Jacobian of `g(., c)` (or its series to `num_terms`),
+    differentiable in `c` and the weights by ordinary autodiff."""
+    with tf.GradientTape() as tape:
+        tape.watch(y)
+        gy = g([y, c])
+    jacobian = tape.batch_jacobian(gy, y)
+    if num_terms is None:
+        return tf.linalg.slogdet(tf.eye(3, dtype=y.dtype) + jacobian).log_abs_determinant
+    power, total = tf.eye(3, batch_shape=[y.shape[0]], dtype=y.dtype), 0.0
+    for k in range(1, num_terms + 1):
+        power = power @ jacobian
+        total += (-1.0) ** (k + 1) / k * tf.linalg.trace(power)
+    return total
+
+
+def gradient_of(fn, c, variables):
+    c_in = tf.identity(c)
+    with tf.GradientTape() as tape:
+        tape.watch(c_in)
+        loss = fn(c_in)
+    # (The last layer's shift does not move the log-det: its gradient is zero, not None.)
+    grads = tape.gradient(
+        loss, [c_in, *variables], unconnected_gradients=tf.UnconnectedGradients.ZERO
+    )
+    return np.concatenate([np.ravel(t) for t in grads])
+
+
+def test_exact_log_det_gradient_reaches_the_context_and_its_network():
+    g = conditional_mlp()
+    block = ResidualBlock(g, log_det="exact", context_size=CONTEXT_SIZE)
+    y, c, w = data(), data((6, CONTEXT_SIZE), seed=3), data((6,), seed=4)
+    variables = context_weights(g)
+
+    def estimated(c_in):
+        with training_mode(True):
+            return tf.reduce_sum(w * block.inverse_and_log_det(y, conditional_input=c_in)[1])
+
+    expected = gradient_of(
+        lambda c_in: tf.reduce_sum(w * brute_force_log_det(g, y, c_in)), c, variables
+    )
+    actual = gradient_of(estimated, c, variables)
+    assert np.abs(expected).max() > 1e-3  # the context does move the log-det
+    np.testing.assert_allclose(actual, expected, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("fields", "num_terms"),
+    [(dict(log_det="unbiased"), None), (dict(log_det="truncated", num_terms=4), 4)],
+    ids=["unbiased", "truncated"],
+)
+def test_stochastic_log_det_gradients_are_unbiased_in_the_context(fields, num_terms):
+    """z-test: the mean Neumann gradient over seeds is the exact gradient (of the log-det, or of
+    the truncated series for the truncated estimator), for c and the context network."""
+    g = conditional_mlp()
+    block = ResidualBlock(g, context_size=CONTEXT_SIZE, **fields)
+    y, c, w = data((3, 3)), data((3, CONTEXT_SIZE), seed=3), data((3,), seed=4)
+    variables = context_weights(g)
+    expected = gradient_of(
+        lambda c_in: tf.reduce_sum(w * brute_force_log_det(g, y, c_in, num_terms)), c, variables
+    )
+
+    @tf.function
+    def one_gradient(seed):
+        with tf.GradientTape() as tape:
+            tape.watch(c)
+            with training_mode(True):
+                _, log_det = block.inverse_and_log_det(y, seed=seed, conditional_input=c)
+            loss = tf.reduce_sum(w * log_det)
+        grads = tape.gradient(
+            loss, [c, *variables], unconnected_gradients=tf.UnconnectedGradients.ZERO
+        )
+        return tf.concat([tf.reshape(t, [-1]) for t in grads], axis=0)
+
+    samples = np.stack([one_gradient(tf.constant([i, 7])).numpy() for i in range(300)])
+    mean, stderr = samples.mean(axis=0), samples.std(axis=0, ddof=1) / np.sqrt(len(samples))
+    z = (mean - expected) / np.maximum(stderr, 1e-12)
+    assert np.abs(z).max() < 4.5, (np.abs(z).max(), mean, expected)
+    # Power: the spread is small next to the gradient, so a wrong gradient would fail.
+    assert stderr.max() < 0.2 * np.abs(expected).max()
+
+
+def test_inverse_gradient_in_the_context_matches_finite_differences():
+    g = conditional_mlp()
+    block = ResidualBlock(g, context_size=CONTEXT_SIZE, atol=1e-13, rtol=0.0)
+    z, c, w = data(), data((6, CONTEXT_SIZE), seed=3), data(seed=4)
+
+    def loss(c_in):
+        return tf.reduce_sum(w * block.forward(tf.identity(z), conditional_input=c_in))
+
+    c_in = tf.identity(c)
+    with tf.GradientTape() as tape:
+        tape.watch(c_in)
+        value = loss(c_in)
+    gradient = tape.gradient(value, c_in).numpy()
+    eps = 1e-5
+    numeric = np.zeros_like(gradient)
+    for index in np.ndindex(*gradient.shape):
+        step = np.zeros_like(gradient)
+        step[index] = eps
+        numeric[index] = (loss(c + step) - loss(c - step)).numpy() / (2 * eps)
+    assert np.abs(numeric).max() > 1e-3
+    np.testing.assert_allclose(gradient, numeric, rtol=1e-6, atol=1e-8)

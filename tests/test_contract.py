@@ -14,6 +14,10 @@ everything. Every check then runs for every entry:
 6. Keras serialisation round trips for the entries that support it (and through a `.keras` file
    of a `FlowModel`); the others must be refused loudly.
 
+Conditional entries (`Entry.context_size`) run every check given a context per example
+(`conditional_input`, routed through chains and inversions by `context.conditional_kwargs`):
+the round trip, the brute-force log-det and the rest hold for each example's own context.
+
 Two bugs this contract found when it was written are fixed and stay covered: a float64
 `ResidualFlowBijector` restored from its config in float32 (its config lacked the dtype), and
 `FlowModel`'s default base was float32 whatever the model's dtype (`test_flow_model_in_float64`).
@@ -48,6 +52,7 @@ from tfp_resflow.bijector import ResidualBlock, training_mode
 from tfp_resflow.composite import inverse_and_log_det
 from tfp_resflow.config import ImageFlowConfig
 from tfp_resflow.config_fields import with_fields
+from tfp_resflow.context import conditional_kwargs
 from tfp_resflow.flow import ResidualFlowBijector
 from tfp_resflow.fresh_bijector import keras_layers_of
 from tfp_resflow.image import LogitTransform, Squeeze
@@ -114,6 +119,35 @@ def multiscale_dense(dtype):  # dense convolutional and fully connected g (proje
     return multiscale(dtype, network="dense", kernel_sizes=(3, 1), fc_hidden_units=(8, 4))
 
 
+CONTEXT_SIZE = 2
+
+
+def block_mlp_conditional(dtype):
+    g = lipschitz_mlp(VECTOR_SIZE, (8,), context_size=CONTEXT_SIZE, dtype=dtype)
+    return ResidualBlock(g, context_size=CONTEXT_SIZE)
+
+
+def block_cnn_conditional(dtype):  # the context broadcast over the 4x4 positions
+    g = lipschitz_cnn((4, 4, 2), 4, (3, 1, 3), context_size=CONTEXT_SIZE, dtype=dtype)
+    return ResidualBlock(g, event_ndims=3, eval_log_det="exact", context_size=CONTEXT_SIZE)
+
+
+def residual_flow_conditional(dtype):
+    return residual_flow(dtype, context_size=CONTEXT_SIZE, context_hidden_units=(4,))
+
+
+def multiscale_conditional(dtype):
+    return multiscale(dtype, context_size=CONTEXT_SIZE, context_hidden_units=(4,))
+
+
+def chain_flow_shift_conditional(dtype):  # TFP's per-name kwargs reach the flow
+    return tfb.Chain([residual_flow_conditional(dtype), shift(dtype)])
+
+
+def invert_chain_invert_block_conditional(dtype):  # through Invert, twice, and a Chain
+    return tfb.Invert(tfb.Chain([tfb.Invert(block_mlp_conditional(dtype)), shift(dtype)]))
+
+
 def actnorm(event_ndims):
     return lambda dtype: ActNorm(ActNormLayer(dtype=dtype), event_ndims=event_ndims)
 
@@ -158,6 +192,12 @@ def images(channels):
 VECTORS, IMAGES_1, IMAGES_2 = vectors, images(1), images(2)  # [3], [4, 4, 1], [4, 4, 2]
 
 
+def contexts(batch, seed, dtype):
+    """One context per example, all different (a broadcasting mistake would show)."""
+    rng = np.random.default_rng(seed + 100)
+    return tf.constant(rng.normal(size=(batch, CONTEXT_SIZE)), dtype)
+
+
 # ------------------------------------------------------------------------------------------------
 # The registry
 
@@ -174,6 +214,7 @@ class Entry:
         not_serializable: why Keras cannot serialise it; None for entries that must round trip.
         training: run the checks in training mode (for exact training estimators of large
             events); evaluation mode otherwise.
+        context_size: K for a conditional bijector (every call gets `contexts`), else None.
     """
 
     build: Callable[[str], tfb.Bijector]
@@ -182,6 +223,7 @@ class Entry:
     latent_event_ndims: int
     not_serializable: str | None = None
     training: bool = False
+    context_size: int | None = None
 
 
 # Why an entry cannot be serialised (its `not_serializable`).
@@ -206,6 +248,24 @@ BIJECTORS = {
     "invert-invert-flow": Entry(invert_invert_flow, VECTORS, 1, 1, TFP_ONLY),
     "chain-invert-block": Entry(chain_invert_block, VECTORS, 1, 1, TFP_ONLY),
     "chain-logit-multiscale": Entry(chain_logit_multiscale, IMAGES_1, 3, 1, TFP_ONLY),
+    "block-mlp-conditional": Entry(
+        block_mlp_conditional, VECTORS, 1, 1, BLOCK, context_size=CONTEXT_SIZE
+    ),
+    "block-cnn-conditional": Entry(
+        block_cnn_conditional, IMAGES_2, 3, 3, BLOCK, context_size=CONTEXT_SIZE
+    ),
+    "residual-flow-conditional": Entry(
+        residual_flow_conditional, VECTORS, 1, 1, context_size=CONTEXT_SIZE
+    ),
+    "multiscale-conditional": Entry(
+        multiscale_conditional, IMAGES_1, 3, 1, context_size=CONTEXT_SIZE
+    ),
+    "chain-flow-shift-conditional": Entry(
+        chain_flow_shift_conditional, VECTORS, 1, 1, TFP_ONLY, context_size=CONTEXT_SIZE
+    ),
+    "invert-chain-invert-block-conditional": Entry(
+        invert_chain_invert_block_conditional, VECTORS, 1, 1, TFP_ONLY, context_size=CONTEXT_SIZE
+    ),
 }
 
 SERIALIZABLE = [name for name, entry in BIJECTORS.items() if entry.not_serializable is None]
@@ -223,7 +283,8 @@ def prepared(name, dtype="float64"):
     keras.utils.set_random_seed(0)
     entry = BIJECTORS[name]
     bijector = entry.build(dtype)
-    bijector.inverse(entry.data(32, 0, dtype))  # builds lazily sized layers, initialises ActNorm
+    # builds lazily sized layers, initialises ActNorm
+    bijector.inverse(entry.data(32, 0, dtype), **context_kwargs(entry, bijector, 32, dtype))
     layers = keras_layers_of(bijector)
     rng = np.random.default_rng(1)
     for layer in layers:
@@ -235,8 +296,16 @@ def prepared(name, dtype="float64"):
     return bijector
 
 
+def context_kwargs(entry, bijector, batch, dtype="float64"):
+    """The keyword arguments of a call on `batch` examples: their contexts, if conditional."""
+    if entry.context_size is None:
+        return {}
+    return conditional_kwargs(bijector, contexts(batch, 0, dtype))
+
+
 def setup(name):
-    """(entry, bijector, data batch y, latent batch z) of a registry entry, in float64."""
+    """(entry, bijector, y, z, kw) of a registry entry in float64: data and latent batches, and
+    the keyword arguments of every call (a context per example for conditional entries)."""
     entry = BIJECTORS[name]
     bijector = prepared(name)
     y = entry.data(BATCH, 2, "float64")
@@ -244,7 +313,7 @@ def setup(name):
     latent_shape = bijector.inverse_event_shape(event_shape)
     rng = np.random.default_rng(3)
     z = tf.constant(rng.normal(size=(BATCH, *latent_shape)), tf.float64)
-    return entry, bijector, y, z
+    return entry, bijector, y, z, context_kwargs(entry, bijector, BATCH)
 
 
 def fresh(t):
@@ -261,18 +330,18 @@ names = pytest.mark.parametrize("name", list(BIJECTORS))
 
 @names
 def test_round_trips_and_event_shapes(name):
-    entry, bijector, y, z = setup(name)
+    entry, bijector, y, z, kw = setup(name)
     assert bijector.dtype in (None, tf.float64)
     assert bijector.inverse_event_ndims(entry.event_ndims) == entry.latent_event_ndims
     assert bijector.forward_event_ndims(entry.latent_event_ndims) == entry.event_ndims
     with training_mode(entry.training):
-        x = bijector.inverse(fresh(y))
+        x = bijector.inverse(fresh(y), **kw)
         assert x.dtype == tf.float64
         assert x.shape == (BATCH, *bijector.inverse_event_shape(y.shape[1:]))
-        np.testing.assert_allclose(bijector.forward(fresh(x)), y, rtol=0, atol=1e-8)
-        y_of_z = bijector.forward(fresh(z))
+        np.testing.assert_allclose(bijector.forward(fresh(x), **kw), y, rtol=0, atol=1e-8)
+        y_of_z = bijector.forward(fresh(z), **kw)
         assert y_of_z.shape == (BATCH, *bijector.forward_event_shape(z.shape[1:]))
-        np.testing.assert_allclose(bijector.inverse(fresh(y_of_z)), z, rtol=0, atol=1e-8)
+        np.testing.assert_allclose(bijector.inverse(fresh(y_of_z), **kw), z, rtol=0, atol=1e-8)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -281,11 +350,11 @@ def test_round_trips_and_event_shapes(name):
 
 @names
 def test_inverse_log_det_equals_the_brute_force_jacobian(name):
-    entry, bijector, y, _ = setup(name)
+    entry, bijector, y, _, kw = setup(name)
     with training_mode(entry.training):
-        expected = brute_force_inverse_log_det(bijector, y, entry.event_ndims)
-        ildj = bijector.inverse_log_det_jacobian(fresh(y), event_ndims=entry.event_ndims)
-        again = bijector.inverse_log_det_jacobian(fresh(y), event_ndims=entry.event_ndims)
+        expected = brute_force_inverse_log_det(bijector, y, entry.event_ndims, **kw)
+        ildj = bijector.inverse_log_det_jacobian(fresh(y), event_ndims=entry.event_ndims, **kw)
+        again = bijector.inverse_log_det_jacobian(fresh(y), event_ndims=entry.event_ndims, **kw)
     # Exact estimators: the same value on every call (a stochastic one would differ by far more
     # than the fixed-point solves' tolerance, which entries with a tfb.Invert go through).
     np.testing.assert_allclose(again, ildj, rtol=0, atol=1e-12)
@@ -301,17 +370,19 @@ def test_inverse_log_det_equals_the_brute_force_jacobian(name):
 
 @names
 def test_forward_log_det_is_minus_the_inverse_log_det_at_the_image(name):
-    entry, bijector, y, z = setup(name)
+    entry, bijector, y, z, kw = setup(name)
     with training_mode(entry.training):
-        fldj = bijector.forward_log_det_jacobian(fresh(z), event_ndims=entry.latent_event_ndims)
-        y_of_z = bijector.forward(fresh(z))
-        ildj = bijector.inverse_log_det_jacobian(fresh(y_of_z), event_ndims=entry.event_ndims)
-        # And from the data side: ildj(y) = -fldj(inverse(y)).
-        x = bijector.inverse(fresh(y))
-        fldj_at_x = bijector.forward_log_det_jacobian(
-            fresh(x), event_ndims=entry.latent_event_ndims
+        fldj = bijector.forward_log_det_jacobian(
+            fresh(z), event_ndims=entry.latent_event_ndims, **kw
         )
-        ildj_at_y = bijector.inverse_log_det_jacobian(fresh(y), event_ndims=entry.event_ndims)
+        y_of_z = bijector.forward(fresh(z), **kw)
+        ildj = bijector.inverse_log_det_jacobian(fresh(y_of_z), event_ndims=entry.event_ndims, **kw)
+        # And from the data side: ildj(y) = -fldj(inverse(y)).
+        x = bijector.inverse(fresh(y), **kw)
+        fldj_at_x = bijector.forward_log_det_jacobian(
+            fresh(x), event_ndims=entry.latent_event_ndims, **kw
+        )
+        ildj_at_y = bijector.inverse_log_det_jacobian(fresh(y), event_ndims=entry.event_ndims, **kw)
     np.testing.assert_allclose(fldj, -ildj, rtol=0, atol=1e-9)
     np.testing.assert_allclose(fldj_at_x, -ildj_at_y, rtol=0, atol=1e-9)
 
@@ -322,13 +393,13 @@ def test_forward_log_det_is_minus_the_inverse_log_det_at_the_image(name):
 
 @names
 def test_eager_equals_tf_function(name):
-    entry, bijector, y, z = setup(name)
+    entry, bijector, y, z, kw = setup(name)
 
     def passes(y, z):
-        x = bijector.inverse(fresh(y))
-        ildj = bijector.inverse_log_det_jacobian(fresh(y), event_ndims=entry.event_ndims)
-        joint = inverse_and_log_det(bijector, fresh(y), event_ndims=entry.event_ndims)
-        return x, ildj, bijector.forward(fresh(z)), *joint
+        x = bijector.inverse(fresh(y), **kw)
+        ildj = bijector.inverse_log_det_jacobian(fresh(y), event_ndims=entry.event_ndims, **kw)
+        joint = inverse_and_log_det(bijector, fresh(y), event_ndims=entry.event_ndims, **kw)
+        return x, ildj, bijector.forward(fresh(z), **kw), *joint
 
     with training_mode(entry.training):  # read at trace time: trace inside the context
         eager = passes(y, z)
@@ -347,11 +418,13 @@ def test_eager_equals_tf_function(name):
 
 @names
 def test_joint_inverse_and_log_det_equals_the_two_calls(name):
-    entry, bijector, y, _ = setup(name)
+    entry, bijector, y, _, kw = setup(name)
     with training_mode(entry.training):
-        x = bijector.inverse(fresh(y))
-        ildj = bijector.inverse_log_det_jacobian(fresh(y), event_ndims=entry.event_ndims)
-        x_joint, ildj_joint = inverse_and_log_det(bijector, fresh(y), event_ndims=entry.event_ndims)
+        x = bijector.inverse(fresh(y), **kw)
+        ildj = bijector.inverse_log_det_jacobian(fresh(y), event_ndims=entry.event_ndims, **kw)
+        x_joint, ildj_joint = inverse_and_log_det(
+            bijector, fresh(y), event_ndims=entry.event_ndims, **kw
+        )
     np.testing.assert_allclose(x_joint, x, rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(ildj_joint, ildj, rtol=1e-12, atol=1e-12)
     assert ildj_joint.shape == ildj.shape  # TFP's: [] for constant Jacobians, else batch shape
@@ -375,7 +448,7 @@ def weight_dtypes(bijector):
 
 @pytest.mark.parametrize("name", SERIALIZABLE)
 def test_keras_serialization_round_trip(name):
-    entry, bijector, y, _ = setup(name)
+    entry, bijector, y, _, kw = setup(name)
     serialized = json.loads(json.dumps(keras.saving.serialize_keras_object(bijector)))
     restored = keras.saving.deserialize_keras_object(serialized)
     assert type(restored) is type(bijector)
@@ -384,12 +457,16 @@ def test_keras_serialization_round_trip(name):
     assert weight_dtypes(restored) == weight_dtypes(bijector), "the weights' dtype was lost"
     copy_weights(bijector, restored)
     with training_mode(entry.training):
-        x = bijector.inverse(fresh(y))
-        ildj = bijector.inverse_log_det_jacobian(fresh(y), event_ndims=entry.event_ndims)
-        np.testing.assert_array_equal(restored.inverse(fresh(y)), x)
+        x = bijector.inverse(fresh(y), **kw)
+        ildj = bijector.inverse_log_det_jacobian(fresh(y), event_ndims=entry.event_ndims, **kw)
+        np.testing.assert_array_equal(restored.inverse(fresh(y), **kw), x)
         np.testing.assert_array_equal(
-            restored.inverse_log_det_jacobian(fresh(y), event_ndims=entry.event_ndims), ildj
+            restored.inverse_log_det_jacobian(fresh(y), event_ndims=entry.event_ndims, **kw), ildj
         )
+
+
+def context_shape(entry):
+    return None if entry.context_size is None else [entry.context_size]
 
 
 @pytest.mark.parametrize("name", SERIALIZABLE)
@@ -398,7 +475,9 @@ def test_flow_model_keras_file_round_trip(name, tmp_path):
     entry = BIJECTORS[name]
     bijector = prepared(name, "float32")
     y = entry.data(8, 2, "float32")
-    model = FlowModel(bijector, y.shape[1:])
+    kw = context_kwargs(entry, bijector, 8, "float32")
+    context = contexts(8, 0, "float32") if entry.context_size else None
+    model = FlowModel(bijector, y.shape[1:], context_shape=context_shape(entry))
     model.build((None, *y.shape[1:]))
     path = tmp_path / f"{name}.keras"
     model.save(path)
@@ -406,14 +485,18 @@ def test_flow_model_keras_file_round_trip(name, tmp_path):
     assert isinstance(loaded, FlowModel)
     assert type(loaded.bijector) is type(bijector)
     assert loaded.bijector.get_config() == bijector.get_config()
+    assert loaded.context_shape == model.context_shape
     assert len(loaded.weights) == len(model.weights)
     for a, b in zip(loaded.weights, model.weights, strict=True):
         assert a.dtype == b.dtype, a.path
         np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=a.path)
     with training_mode(entry.training):
-        np.testing.assert_array_equal(loaded.bijector.inverse(fresh(y)), bijector.inverse(fresh(y)))
+        np.testing.assert_array_equal(
+            loaded.bijector.inverse(fresh(y), **kw), bijector.inverse(fresh(y), **kw)
+        )
     np.testing.assert_array_equal(
-        loaded.log_prob(y, training=entry.training), model.log_prob(y, training=entry.training)
+        loaded.log_prob(y, context=context, training=entry.training),
+        model.log_prob(y, context=context, training=entry.training),
     )
 
 
@@ -428,7 +511,7 @@ def test_unserializable_entries_are_refused_loudly(name, tmp_path):
     # Nor can a model holding it. (Keras opens the file before it serialises the config, so
     # the failed save leaves an empty file behind, which must not load as a model.)
     path = tmp_path / f"{name}.keras"
-    model = FlowModel(bijector, y.shape[1:], dtype="float64")
+    model = FlowModel(bijector, y.shape[1:], dtype="float64", context_shape=context_shape(entry))
     model.build((None, *y.shape[1:]))
     with pytest.raises(TypeError, match="Cannot serialize"):
         model.save(path)

@@ -321,3 +321,122 @@ def test_a_model_with_nothing_to_train_refuses_to_fit():
     model.compile(optimizer=keras.optimizers.Adam(1e-3))
     with pytest.raises(ValueError, match="has no trainable weights"):
         model.fit(np.zeros((8, 2), np.float32), epochs=1, verbose=0)
+
+
+# ------------------------------------------------------------------------------------------------
+# Conditional models p(x | c)
+
+
+def two_blobs(n, seed):
+    """(x, c): class 0 around (2, 0), class 1 around (-2, 0) (std 0.3); c one-hot."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 2, n)
+    x = np.stack([2.0 - 4.0 * labels, np.zeros(n)], axis=1) + 0.3 * rng.normal(size=(n, 2))
+    return x.astype(np.float32), np.eye(2, dtype=np.float32)[labels]
+
+
+def conditional_model(**kwargs):
+    flow = ResidualFlowBijector(
+        num_blocks=2, hidden_units=(16,), context_size=2, context_hidden_units=(8,), **kwargs
+    )
+    return FlowModel(flow, event_shape=[2], context_shape=[2])
+
+
+def context_network_weights(model):
+    return [w for w in model.trainable_weights if "context" in w.path]
+
+
+@pytest.mark.parametrize("form", ["dataset", "arrays", "tuple"])
+def test_a_conditional_model_fits_pairs_in_every_form(form):
+    keras.utils.set_random_seed(0)
+    model = conditional_model()
+    model.compile(optimizer=keras.optimizers.Adam(1e-2))
+    x, c = two_blobs(128, seed=0)
+    model.build((None, 2))
+    before = [w.numpy().copy() for w in context_network_weights(model)]
+    assert before  # the context networks are the model's weights
+    if form == "dataset":
+        history = model.fit(tf.data.Dataset.from_tensor_slices((x, c)).batch(32), verbose=0)
+    elif form == "arrays":
+        history = model.fit(x, c, batch_size=32, verbose=0)
+    else:
+        history = model.fit((x, c), batch_size=32, verbose=0)
+    assert np.isfinite(history.history["loss"][-1])
+    for old, new in zip(before, context_network_weights(model), strict=True):
+        assert not np.allclose(old, new.numpy()), new.path
+    evaluated = model.evaluate(x, c, batch_size=64, verbose=0)
+    assert np.isfinite(evaluated)
+
+
+def test_a_conditional_model_learns_what_the_context_says():
+    keras.utils.set_random_seed(1)
+    model = conditional_model()
+    model.compile(optimizer=keras.optimizers.Adam(1e-2))
+    x, c = two_blobs(1024, seed=1)
+    model.fit(x, c, batch_size=128, epochs=4, verbose=0)
+    test_x, test_c = two_blobs(256, seed=2)
+    right = model.log_prob(test_x, context=test_c).numpy().mean()
+    wrong = model.log_prob(test_x, context=1.0 - test_c).numpy().mean()
+    assert right > wrong + 2.0, (right, wrong)
+    # Samples follow their context: one for all, or one per sample.
+    left = model.sample(64, seed=[1, 2], context=[0.0, 1.0]).numpy()
+    assert left.shape == (64, 2)
+    assert left[:, 0].mean() < -1.0
+    per_sample = model.sample(64, seed=[3, 4], context=np.eye(2)[np.arange(64) % 2]).numpy()
+    assert per_sample[0::2, 0].mean() > 1.0
+    assert per_sample[1::2, 0].mean() < -1.0
+
+
+def test_transformed_distribution_takes_the_context_as_bijector_kwargs():
+    keras.utils.set_random_seed(2)
+    model = conditional_model(log_det="exact")
+    model.build((None, 2))
+    x, c = two_blobs(6, seed=3)
+    kwargs = {"conditional_input": c}
+    np.testing.assert_allclose(
+        model.distribution.log_prob(x, bijector_kwargs=kwargs),
+        model.log_prob(x, context=c),
+        rtol=1e-5,
+    )
+    samples = model.distribution.sample(6, seed=[5, 6], bijector_kwargs=kwargs)
+    assert samples.shape == (6, 2)
+
+
+def test_conditional_export_has_context_endpoints(tmp_path):
+    keras.utils.set_random_seed(3)
+    model = conditional_model()
+    model.build((None, 2))
+    model.export(str(tmp_path / "saved"))
+    reloaded = tf.saved_model.load(str(tmp_path / "saved"))
+    x, c = two_blobs(8, seed=4)
+    np.testing.assert_allclose(
+        reloaded.log_prob(tf.constant(x), tf.constant(c)),
+        model.log_prob(x, context=c),
+        rtol=1e-5,
+    )
+    assert reloaded.sample(tf.constant(5), tf.constant([[1.0, 0.0]])).shape == (5, 2)
+
+
+def test_context_mistakes_raise_clear_errors():
+    model = conditional_model()
+    x, c = two_blobs(4, seed=5)
+    with pytest.raises(
+        ValueError, match=r"models p\(x \| c\): pass context=c of shape \[batch, 2\]"
+    ):
+        model.log_prob(x)
+    with pytest.raises(ValueError, match=r"takes contexts of shape \[batch, 2\] or \[2\]"):
+        model.log_prob(x, context=np.zeros((4, 3), np.float32))
+    with pytest.raises(ValueError, match=r"its input is the pair \(x, c\)"):
+        model(x)
+    with pytest.raises(ValueError, match="takes no context"):
+        small_model(num_blocks=1, hidden_units=(8,)).log_prob(x, context=c)
+    with pytest.raises(ValueError, match=r"the bijector is conditional.*context_shape=\[K\]"):
+        FlowModel(ResidualFlowBijector(context_size=2), event_shape=[2])
+    with pytest.raises(ValueError, match="needs a conditional bijector"):
+        FlowModel(ResidualFlowBijector(), event_shape=[2], context_shape=[2])
+    with pytest.raises(ValueError, match=r"does not match the bijector's context_size \[2\]"):
+        FlowModel(ResidualFlowBijector(context_size=2), event_shape=[2], context_shape=[3])
+    with pytest.raises(ValueError, match=r"context_shape must be \[K\]"):
+        FlowModel(ResidualFlowBijector(context_size=2), event_shape=[2], context_shape=[2, 1])
+    with pytest.raises(ValueError, match="is unconditional"):
+        ResidualFlowBijector(event_size=2).inverse(x, conditional_input=c)

@@ -203,3 +203,69 @@ def test_keras_file_keeps_the_ties_and_the_learned_orders(tmp_path):
 def test_bad_arguments_raise(make, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         make()
+
+
+# ------------------------------------------------------------------------------------------------
+# Conditional g(x, c): Lipschitz in x for every context
+
+
+def perturb_context_network(g, scale):
+    """Moves every weight that only the context reaches (its network and the shifts)."""
+    rng = np.random.default_rng(7)
+    for layer in g.layers:
+        if layer.name.startswith("context"):
+            for weight in layer.trainable_weights:
+                weight.assign(scale * rng.normal(size=weight.shape))
+
+
+def conditional_jacobian_norms(g, x, c):
+    return jacobian_norms(lambda t: g([t, c]), x)
+
+
+@pytest.mark.parametrize("scale", [1.0, 100.0])  # 100: shifts in the hundreds
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda: lipschitz_mlp(4, (16, 16), context_size=3, dtype="float64"),
+        lambda: lipschitz_mlp(4, (16, 8), activation="clipswish", context_size=3, dtype="float64"),
+        lambda: lipschitz_cnn((4, 4, 2), 8, context_size=3, dtype="float64"),
+    ],
+    ids=["mlp", "mlp-clipswish", "cnn"],
+)
+def test_conditional_g_is_a_contraction_in_x_for_every_context(build, scale):
+    g = build()
+    inflate_and_converge(g)
+    perturb_context_network(g, scale)
+    x_shape = g.inputs[0].shape[1:]
+    x = tf.random.stateless_normal((8, *x_shape), seed=(0, 1), dtype=tf.float64) * 3.0
+    bound = max(layer.lipschitz_constant for layer in spectral_layers(g))
+    outputs = []
+    for seed in range(4):  # random contexts, far from the origin too
+        c = tf.random.stateless_normal((8, 3), seed=(seed, 9), dtype=tf.float64) * 10.0**seed
+        norms = conditional_jacobian_norms(g, x, c)
+        assert norms.max() <= bound * (1 + 1e-3), norms.max()
+        outputs.append(g([x, c]).numpy())
+    # The context matters: different contexts, different g (the bound is not met vacuously).
+    assert np.abs(outputs[0] - outputs[1]).max() > 1e-3
+
+
+def test_conditional_g_starts_independent_of_the_context():
+    g = lipschitz_mlp(3, (8,), context_size=2, dtype="float64")
+    x = tf.random.stateless_normal((5, 3), seed=(1, 2), dtype=tf.float64)
+    c1 = tf.random.stateless_normal((5, 2), seed=(3, 4), dtype=tf.float64)
+    np.testing.assert_array_equal(g([x, c1]), g([x, 5.0 * c1]))  # shifts start at zero
+    assert [tuple(t.shape) for t in g.inputs] == [(None, 3), (None, 2)]
+    unconditional = lipschitz_mlp(3, (8,), dtype="float64")
+    assert len(spectral_layers(g)) == len(spectral_layers(unconditional))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (dict(context_size=0), "context_size must be None or an integer >= 1"),
+        (dict(context_size=2, context_hidden_units=(0,)), "context_hidden_units"),
+    ],
+)
+def test_bad_context_arguments_raise(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        lipschitz_mlp(3, (8,), **kwargs)

@@ -13,6 +13,7 @@ from pathlib import Path
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -148,6 +149,10 @@ def test_learnable_norm_orders_flag_reaches_every_layer(args, event_shape, num_l
         (["--dataset", "moons", "--task", "hybrid"], "the toy set 'moons' has none"),
         (["--task", "hybrid", "--nll-weight", "-1"], "nll_weight must be a number >= 0"),
         (["--task", "hybrid", "--nll-weight", "half"], "nll_weight must be a number >= 0"),
+        (["--context", "class"], "context must be one of ('none', 'label')"),
+        (["--dataset", "moons", "--context", "label"], "context 'label' needs labels"),
+        (["--context", "label", "--task", "hybrid"], "models p(x | label) with task 'density'"),
+        (["--context", "label", "--preset", "idensenet_mnist"], "'resnet' with a context_size"),
     ],
 )
 def test_bad_flags_exit_nonzero_with_one_line(args, message, capsys):
@@ -171,6 +176,24 @@ def test_task_flag_builds_the_model(task, nll_weight, expected):
     if expected is not None:
         assert model.num_classes == 10
         assert model._nll_weight == pytest.approx(expected)
+
+
+def test_a_class_conditional_run_samples_one_row_per_class(tmp_path):
+    run = tmp_path / "conditional"
+    args = [*TINY_DIGITS, "--context", "label", "--epochs", "1", "--steps-per-epoch", "2"]
+    assert train_tf.main([*args, "--num-samples", "20", "--output-dir", str(run)]) == 0
+    config = json.loads((run / "config.json").read_text())
+    assert config["context"] == "label"
+    assert config["model_config"]["context_size"] == 10
+    assert np.isfinite(read_metrics(run)["epochs"][-1]["test_bits_per_dim"])
+    model = keras.models.load_model(run / "model.keras")
+    assert model.context_shape == (10,)
+    # 20 samples: 2 per class, a row of 2 (8x8 digits scaled 8x, 1-pixel borders) per class.
+    picture = tf.io.decode_png(tf.io.read_file(str(run / "samples.png")))
+    assert picture.shape[:2] == (8 * (10 * 9 + 1), 8 * (2 * 9 + 1))
+    assert train_tf.main([*args, "--output-dir", str(run), "--sample", "3"]) == 0
+    picture = tf.io.decode_png(tf.io.read_file(str(run / "samples_3.png")))
+    assert picture.shape[:2] == (8 * (10 * 9 + 1), 8 * (3 * 9 + 1))
 
 
 def test_a_hybrid_run_reports_test_accuracy(tmp_path):

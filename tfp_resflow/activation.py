@@ -160,12 +160,12 @@ def width_factor(name: str) -> int:
     return _WIDTH_FACTORS.get(validation.choice("activation", key, tuple(ACTIVATIONS)), 1)
 
 
-def get_activation(name: str, **kwargs) -> keras.layers.Layer:
+def get_activation(name: str, /, **kwargs) -> keras.layers.Layer:
     """Returns a new 1-Lipschitz activation layer (see the module table for each constant).
 
     Args:
         name: One of `ACTIVATIONS` (case-insensitive).
-        **kwargs: Passed to the layer (e.g. `dtype`).
+        **kwargs: Passed to the layer (e.g. `dtype`, or its `name`).
 
     Raises:
         ValueError: If `name` is not in `ACTIVATIONS`.

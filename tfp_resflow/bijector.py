@@ -14,6 +14,11 @@ The fixed-point inverse has an implicit gradient (`tfp_resflow.solver`): for `z 
 `dx/dz = (I + J_g(x))^-1`, computed by a second fixed-point solve on vectors, instead of
 backpropagating through the iterations.
 
+A conditional block (`context_size=K`, with a `g` of `[x, c]` such as
+`network.lipschitz_mlp(D, context_size=K)`) models `x + g(x, c)`: every method takes
+`conditional_input=c` of shape `[..., K]` (TFP's convention), broadcast to the batch shape of its
+input. For each c, `Lip_x(g(., c)) < 1`, so the block stays invertible in x.
+
 The estimator is chosen per call by `modes.training_mode`: training uses the unbiased estimator
 with the Neumann gradient; evaluation uses the exact log-det for small events or the roulette with
 20 exact terms (as the authors evaluate), without rebuilding anything.
@@ -30,6 +35,7 @@ from tfp_resflow import logdet, solver
 from tfp_resflow.block_functions import BlockFunctions, block_functions
 from tfp_resflow.config import BlockConfig
 from tfp_resflow.config_fields import with_fields
+from tfp_resflow.context import check_context_size, flatten_context
 from tfp_resflow.fresh_bijector import FreshBijector
 
 # Re-exported: the modes are used wherever blocks are.
@@ -63,6 +69,8 @@ class ResidualBlock(FreshBijector):
         config: the block's estimators and solver (`config.BlockConfig`; default: the
             authors' block, the unbiased roulette with geometric(0.5) extra terms).
         event_ndims: 1 for vector events `[D]`, 3 for image events `[H, W, C]`.
+        context_size: K for a conditional block, whose `g` is called as `g([x, c])` with
+            `c` of shape `[batch, K]`; None (default) for `g(x)`.
         validate_args: check inputs for NaN/inf.
         name: name scope.
         **fields: `BlockConfig` fields replacing those of `config`, e.g.
@@ -79,6 +87,7 @@ class ResidualBlock(FreshBijector):
         config: BlockConfig | None = None,
         *,
         event_ndims: int = 1,
+        context_size: int | None = None,
         validate_args: bool = False,
         name: str = "residual_block",
         **fields: Any,
@@ -94,6 +103,7 @@ class ResidualBlock(FreshBijector):
                 raise ValueError(f"config must be a BlockConfig; got {config!r}.")
             self._residual_fn = residual_fn
             self._event_ndims = event_ndims
+            self._context_size = check_context_size("context_size", context_size)
             self._config = with_fields(config, **fields)
             self._functions: BlockFunctions | None = None
             self._recent = threading.local()  # latest inverse pair, for warm starts
@@ -109,6 +119,11 @@ class ResidualBlock(FreshBijector):
     def config(self) -> BlockConfig:
         """The block's estimators and solver."""
         return self._config
+
+    @property
+    def context_size(self) -> int | None:
+        """K for a conditional block (`conditional_input` of shape `[..., K]`), else None."""
+        return self._context_size
 
     @property
     def residual_fn(self) -> Callable[[tf.Tensor], tf.Tensor]:
@@ -150,58 +165,79 @@ class ResidualBlock(FreshBijector):
             )
         return self._check_values(t, name)
 
+    def _value(self, y: tf.Tensor, context: tf.Tensor | None) -> tf.Tensor:
+        return self._passes().value(self._residual_fn, y, context)
+
+    def _flat_context(self, context: Any, t: tf.Tensor, batch_shape: tf.Tensor) -> tf.Tensor | None:
+        return flatten_context(
+            context, batch_shape, self._context_size, owner=self.name, dtype=t.dtype
+        )
+
     # -- TFP hooks ---------------------------------------------------------------------------------
 
-    def _inverse_and_log_det(self, y: tf.Tensor, seed: Any = None) -> tuple[tf.Tensor, tf.Tensor]:
+    def _inverse_and_log_det(
+        self, y: tf.Tensor, seed: Any = None, conditional_input: Any = None
+    ) -> tuple[tf.Tensor, tf.Tensor]:
         y = self._check_input(y, "y")
         flat, batch_shape = self._flatten_batch(y)
-        x, log_det = self._passes().joint(self._residual_fn, flat, seed, training=is_training())
+        context = self._flat_context(conditional_input, y, batch_shape)
+        x, log_det = self._passes().joint(
+            self._residual_fn, flat, seed, training=is_training(), context=context
+        )
         self._track_keras_variables()  # g may have been built by this call
-        self._record_inverse(flat, x)
+        self._record_inverse(flat, x, context)
         return tf.reshape(x, tf.shape(y)), tf.reshape(log_det, batch_shape)
 
-    def _inverse(self, y: tf.Tensor, seed: Any = None) -> tf.Tensor:
+    def _inverse(self, y: tf.Tensor, seed: Any = None, conditional_input: Any = None) -> tf.Tensor:
         y = self._check_input(y, "y")
-        flat, _ = self._flatten_batch(y)
-        x = self._passes().value(self._residual_fn, flat)
+        flat, batch_shape = self._flatten_batch(y)
+        context = self._flat_context(conditional_input, y, batch_shape)
+        x = self._value(flat, context)
         self._track_keras_variables()
-        self._record_inverse(flat, x)
+        self._record_inverse(flat, x, context)
         return tf.reshape(x, tf.shape(y))
 
-    def _inverse_log_det_jacobian(self, y: tf.Tensor, seed: Any = None) -> tf.Tensor:
-        return self._inverse_and_log_det(y, seed=seed)[1]
+    def _inverse_log_det_jacobian(
+        self, y: tf.Tensor, seed: Any = None, conditional_input: Any = None
+    ) -> tf.Tensor:
+        return self._inverse_and_log_det(y, seed=seed, conditional_input=conditional_input)[1]
 
-    def _forward(self, z: tf.Tensor, seed: Any = None) -> tf.Tensor:
+    def _forward(self, z: tf.Tensor, seed: Any = None, conditional_input: Any = None) -> tf.Tensor:
         z = self._check_input(z, "z")
-        flat, _ = self._flatten_batch(z)
+        flat, batch_shape = self._flatten_batch(z)
+        context = self._flat_context(conditional_input, z, batch_shape)
         passes = self._passes()
-        x, converged = passes.solve(self._residual_fn, flat, self._warm_start_for(flat))
-        x = self._report_nonconvergence(x, converged > 0.5, flat)
+        start = self._warm_start_for(flat, context)
+        x, converged = passes.solve(self._residual_fn, flat, start, context)
+        x = self._report_nonconvergence(x, converged > 0.5, flat, context)
         return tf.reshape(x, tf.shape(z))
 
     # -- warm starts: TFP asks for forward(inverse(y)) in every log_prob ------------------------
 
-    def _record_inverse(self, y: tf.Tensor, x: tf.Tensor) -> None:
+    def _record_inverse(self, y: tf.Tensor, x: tf.Tensor, context: tf.Tensor | None) -> None:
         """Remembers this thread's latest eager inverse pair (graphs have the value cache)."""
         if tf.executing_eagerly():
-            self._recent.pair = (y, x)
+            self._recent.pair = (y, x, context)
 
-    def _warm_start_for(self, z: tf.Tensor) -> tf.Tensor | None:
+    def _warm_start_for(self, z: tf.Tensor, context: tf.Tensor | None) -> tf.Tensor | None:
         """The recorded `y` of the latest eager inverse, to start the fixed-point iteration.
 
         Any start converges (the map is a contraction); when `z` is that inverse's output, as in
         TFP's density correction `fldj(inverse(y))`, the iteration stops after one step. It is
-        a starting point, not a cached answer, so it cannot be stale.
+        a starting point, not a cached answer, so it cannot be stale (a conditional block
+        takes it only for an equal context: another context has another inverse).
         """
         pair = getattr(self._recent, "pair", None)
         if not tf.executing_eagerly() or pair is None:
             return None
-        y, _ = pair
-        if y.dtype != z.dtype or y.shape != z.shape:
+        y, _, recorded = pair
+        if y.dtype != z.dtype or y.shape != z.shape or not _same_context(recorded, context):
             return None
         return y
 
-    def _report_nonconvergence(self, x: tf.Tensor, converged: tf.Tensor, z: tf.Tensor) -> tf.Tensor:
+    def _report_nonconvergence(
+        self, x: tf.Tensor, converged: tf.Tensor, z: tf.Tensor, context: tf.Tensor | None
+    ) -> tf.Tensor:
         """Raises (unless `on_nonconvergence="nan"`) and NaN-fills unconverged examples.
 
         An input with NaN or inf has no inverse: that is reported as such, not as a solver
@@ -225,9 +261,7 @@ class ResidualBlock(FreshBijector):
             residual = tf.cond(
                 all_converged,
                 lambda: tf.zeros([], x.dtype),
-                lambda: tf.reduce_max(
-                    tf.abs(self._passes().value(self._residual_fn, tf.stop_gradient(x)) - z)
-                ),
+                lambda: tf.reduce_max(tf.abs(self._value(tf.stop_gradient(x), context) - z)),
             )
             tolerances = solver.tolerances(x.dtype, config.atol, config.rtol)
             check = tf.debugging.Assert(
@@ -245,3 +279,10 @@ class ResidualBlock(FreshBijector):
             with tf.control_dependencies([check]):
                 x = tf.identity(x)
         return solver.nan_unless(converged, x)
+
+
+def _same_context(a: tf.Tensor | None, b: tf.Tensor | None) -> bool:
+    """Whether two eager flat contexts are equal (both None for unconditional blocks)."""
+    if a is None or b is None:
+        return a is b
+    return a.shape == b.shape and bool(tf.reduce_all(a == b))

@@ -7,6 +7,12 @@ A residual block `x = y + g(y)` has three passes:
     value(y)       -> x              data -> latent without the log-det
     solve(z)       -> x              latent -> data: x + g(x) = z by fixed-point iteration
 
+For a conditional `g` (a Keras model of `[x, c]`, `network.lipschitz_mlp(context_size=K)`) each
+pass also takes the flat context `c` (`[batch, K]`): the estimators and the solver see
+`x -> g(x, c)` and list `c` among the tensors they differentiate, so the custom gradients (the
+Neumann log-det gradient, the implicit gradient of the solve) reach `c` and every weight of the
+context network.
+
 Written as pure functions of `g`'s weight values (Keras' `stateless_call`), each pass is traced
 once with `tf.function` and called by every block whose `g` has the same structure (the same
 layer classes and `BlockConfig`, up to names): a multi-scale flow's 52 blocks need 5 traces, not 52.
@@ -30,6 +36,7 @@ from typing import Any
 
 import keras
 import tensorflow as tf
+from keras.src.models.functional import Functional  # the class of keras.Model(inputs, outputs)
 
 from tfp_resflow import logdet, solver, stateless_random
 from tfp_resflow.activation import CLipSwish, LipSwish
@@ -38,7 +45,7 @@ from tfp_resflow.dense_network import LipschitzDenseLayer
 from tfp_resflow.lipschitz import SpectralConv2D, SpectralDense
 from tfp_resflow.norm_order import NormOrder
 
-__all__ = ["BlockFunctions", "block_functions", "structure_key"]
+__all__ = ["BlockFunctions", "block_functions", "structure_key", "with_context"]
 
 # Layer classes whose `get_config()` determines their `call` completely, so two layers with equal
 # configurations (up to names) compute the same function of their weights.
@@ -49,6 +56,9 @@ _SHAREABLE_LAYERS = (
     keras.layers.Identity,
     keras.layers.Dense,
     keras.layers.Conv2D,
+    keras.layers.Add,
+    keras.layers.Reshape,
+    Functional,
     SpectralDense,
     SpectralConv2D,
     LipSwish,
@@ -87,6 +97,20 @@ def structure_key(g: object) -> str | None:
     ]
     config = _strip_names(g.get_config())
     return json.dumps([type(g).__name__, config, weights], sort_keys=True, default=repr)
+
+
+def with_context(g: Callable, context: tf.Tensor) -> Callable[[tf.Tensor], tf.Tensor]:
+    """`x -> g([x, c])` for a conditional `g`, `c` tiled to the batch of `x`.
+
+    The series estimators evaluate `g` on the batch tiled once per probe (`[P * B, ...]`,
+    `series._tile`), so the context is tiled the same way.
+    """
+
+    def g_given_context(x: tf.Tensor) -> tf.Tensor:
+        repeats = tf.shape(x)[0] // tf.shape(context)[0]
+        return g([x, tf.tile(context, [repeats, 1])])
+
+    return g_given_context
 
 
 def joint_pass(
@@ -140,27 +164,38 @@ class BlockFunctions:
     # -- the public passes: `g` is the calling block's own residual function -------------------
 
     def joint(
-        self, g: Callable, y: tf.Tensor, seed: Any, *, training: bool
+        self,
+        g: Callable,
+        y: tf.Tensor,
+        seed: Any,
+        *,
+        training: bool,
+        context: tf.Tensor | None = None,
     ) -> tuple[tf.Tensor, tf.Tensor]:
         """`(y + g(y), log_det)`, `[batch, *event] -> ([batch, *event], [batch])`."""
         if not self.traced:
-            return joint_pass(g, y, seed, self._estimator(training, y))
+            g, parameters = _inline(g, context)
+            return joint_pass(g, y, seed, self._estimator(training, y), parameters)
         seed = stateless_random.sanitize_seed(seed)
-        return self._joint[training](y, seed, *self._weights(g))
+        return self._joint[training](y, seed, context, *self._weights(g))
 
-    def value(self, g: Callable, y: tf.Tensor) -> tf.Tensor:
+    def value(self, g: Callable, y: tf.Tensor, context: tf.Tensor | None = None) -> tf.Tensor:
         """`y + g(y)`."""
         if not self.traced:
-            return y + g(y)
-        return self._value(y, *self._weights(g))
+            return y + _inline(g, context)[0](y)
+        return self._value(y, context, *self._weights(g))
 
     def solve(
-        self, g: Callable, z: tf.Tensor, start: tf.Tensor | None
+        self,
+        g: Callable,
+        z: tf.Tensor,
+        start: tf.Tensor | None,
+        context: tf.Tensor | None = None,
     ) -> tuple[tf.Tensor, tf.Tensor]:
         """`(x, converged)` with `x + g(x) = z`; see `solver.solve_residual`."""
         if not self.traced:
-            return self._solve_with(g, z, start, ())
-        return self._solve(z, start, *self._weights(g))
+            return self._solve_with(*_inline(g, context), z, start)
+        return self._solve(z, start, context, *self._weights(g))
 
     # -- helpers -----------------------------------------------------------------------------
 
@@ -175,12 +210,22 @@ class BlockFunctions:
         return trainable, non_trainable
 
     def _stateless_g(
-        self, trainable: list[tf.Tensor], non_trainable: list[tf.Tensor]
-    ) -> Callable[[tf.Tensor], tf.Tensor]:
-        return lambda t: self._template.stateless_call(trainable, non_trainable, t)[0]
+        self,
+        trainable: list[tf.Tensor],
+        non_trainable: list[tf.Tensor],
+        context: tf.Tensor | None,
+    ) -> tuple[Callable[[tf.Tensor], tf.Tensor], list[tf.Tensor]]:
+        """`g` as a function of `x` alone, and the tensors it reads that need gradients."""
+
+        def g(t: tf.Tensor) -> tf.Tensor:
+            return self._template.stateless_call(trainable, non_trainable, t)[0]
+
+        if context is None:
+            return g, list(trainable)
+        return with_context(g, context), [*trainable, context]
 
     def _solve_with(
-        self, g: Callable, z: tf.Tensor, start: tf.Tensor | None, parameters: Sequence
+        self, g: Callable, parameters: Sequence, z: tf.Tensor, start: tf.Tensor | None
     ) -> tuple[tf.Tensor, tf.Tensor]:
         s = self.config
         atol, rtol = solver.tolerances(z.dtype, s.atol, s.rtol)
@@ -202,28 +247,43 @@ class BlockFunctions:
         self,
         y: tf.Tensor,
         seed: tf.Tensor,
+        context: tf.Tensor | None,
         trainable: list[tf.Tensor],
         non_trainable: list[tf.Tensor],
         *,
         training: bool,
     ) -> tuple[tf.Tensor, tf.Tensor]:
-        g = self._stateless_g(trainable, non_trainable)
-        return joint_pass(g, y, seed, self._estimator(training, y), trainable)
+        g, parameters = self._stateless_g(trainable, non_trainable, context)
+        return joint_pass(g, y, seed, self._estimator(training, y), parameters)
 
     def _traced_value(
-        self, y: tf.Tensor, trainable: list[tf.Tensor], non_trainable: list[tf.Tensor]
+        self,
+        y: tf.Tensor,
+        context: tf.Tensor | None,
+        trainable: list[tf.Tensor],
+        non_trainable: list[tf.Tensor],
     ) -> tf.Tensor:
-        return y + self._stateless_g(trainable, non_trainable)(y)
+        return y + self._stateless_g(trainable, non_trainable, context)[0](y)
 
     def _traced_solve(
         self,
         z: tf.Tensor,
         start: tf.Tensor | None,
+        context: tf.Tensor | None,
         trainable: list[tf.Tensor],
         non_trainable: list[tf.Tensor],
     ) -> tuple[tf.Tensor, tf.Tensor]:
-        g = self._stateless_g(trainable, non_trainable)
-        return self._solve_with(g, z, start, trainable)
+        return self._solve_with(*self._stateless_g(trainable, non_trainable, context), z, start)
+
+
+def _inline(g: Callable, context: tf.Tensor | None) -> tuple[Callable, tuple[tf.Tensor, ...]]:
+    """An untraced `g` of `x` alone, and the tensors it reads that need gradients.
+
+    (The variables it reads are found by the custom gradients themselves.)
+    """
+    if context is None:
+        return g, ()
+    return with_context(g, context), (context,)
 
 
 # Shared functions live as long as some block uses them.

@@ -12,6 +12,9 @@ residual block's seed is `fold_in(seed, k)`), and backwards for `forward`. The l
 final tensor, or, with factor-outs, the concatenation of the flattened parts and the flattened
 final tensor.
 
+A stack with a `context_size` is conditional: its methods take `conditional_input=c`
+(`[..., K]`, broadcast to the batch shape), flattened once and given to every conditional step.
+
 `inverse_log_det_and_features` also returns the features a classification head reads in the same
 pass (`tfp_resflow.hybrid`): the activations at the `Features()` marks and the parts that leave at
 the factor-outs (the authors' heads), or the latent for a stack without either.
@@ -28,6 +31,7 @@ import tensorflow_probability as tfp
 from tfp_resflow import stateless_random
 from tfp_resflow.actnorm import ActNorm
 from tfp_resflow.bijector import ResidualBlock
+from tfp_resflow.context import conditional_kwargs, flatten_context
 from tfp_resflow.fresh_bijector import FreshBijector
 from tfp_resflow.joint_pass import inverse_and_log_det  # re-exported: users find it here
 
@@ -61,6 +65,12 @@ class StackedBijector(FreshBijector):
 
     _steps: list[Step | FactorOut | Features]
     _input_event_shape: tuple[int, ...] | None = None
+    _context_size: int | None = None
+
+    @property
+    def context_size(self) -> int | None:
+        """K for a conditional stack (`conditional_input` of shape `[..., K]`), else None."""
+        return self._context_size
 
     # -- static shapes -------------------------------------------------------------------------
 
@@ -152,7 +162,7 @@ class StackedBijector(FreshBijector):
     # -- the walk --------------------------------------------------------------------------------
 
     def inverse_log_det_and_features(
-        self, y: tf.Tensor, *, seed: Any = None
+        self, y: tf.Tensor, *, seed: Any = None, conditional_input: Any = None
     ) -> tuple[tf.Tensor, tf.Tensor, list[tf.Tensor]]:
         """`(inverse(y), inverse_log_det_jacobian(y), features)` in one pass.
 
@@ -164,13 +174,21 @@ class StackedBijector(FreshBijector):
         features: list[tf.Tensor] = []
         with self._name_and_control_scope("inverse_log_det_and_features"):
             y = tf.convert_to_tensor(y, dtype_hint=self.dtype, name="y")
-            z, log_det = self._walk(y, log_det=True, seed=seed, features=features)
+            z, log_det = self._walk(
+                y, log_det=True, seed=seed, features=features, context=conditional_input
+            )
         if not features:
             features.append(tf.reshape(z, [-1, *self._latent_event_shape]))
         return z, log_det, features
 
     def _walk(
-        self, y: tf.Tensor, *, log_det: bool, seed: Any, features: list | None = None
+        self,
+        y: tf.Tensor,
+        *,
+        log_det: bool,
+        seed: Any,
+        features: list | None = None,
+        context: Any = None,
     ) -> tuple[tf.Tensor, Any]:
         """Data -> latent through every step; the log-det too when `log_det`.
 
@@ -183,6 +201,7 @@ class StackedBijector(FreshBijector):
         event_shape = self._input_event_shape
         batch_shape = tf.shape(y)[: tf.rank(y) - len(event_shape)]
         t = tf.reshape(y, [-1, *event_shape])
+        context = self._flat_context(context, batch_shape, t.dtype)
         total = tf.zeros(tf.shape(t)[:1], t.dtype) if log_det else None
         seed = None if seed is None else stateless_random.sanitize_seed(seed)
         parts: list[tf.Tensor] = []
@@ -192,7 +211,7 @@ class StackedBijector(FreshBijector):
                 t = self._mark(step, t, parts, features)
                 continue
             bijector, event_ndims = step
-            kwargs = {}
+            kwargs = self._context_kwargs(bijector, context)
             if isinstance(bijector, ResidualBlock):
                 if seed is not None:
                     kwargs["seed"] = stateless_random.fold_in(seed, num_blocks)
@@ -203,13 +222,24 @@ class StackedBijector(FreshBijector):
                 )
                 total += step_log_det
             else:
-                t = bijector.inverse(t)
+                t = bijector.inverse(t, **kwargs)
         if parts:
             t = tf.concat([*parts, tf.reshape(t, [tf.shape(t)[0], -1])], axis=-1)
         z = tf.reshape(t, tf.concat([batch_shape, self._latent_event_shape], axis=0))
         if log_det:
             total = tf.reshape(total, batch_shape)
         return z, total
+
+    def _flat_context(
+        self, context: Any, batch_shape: tf.Tensor, dtype: tf.DType
+    ) -> tf.Tensor | None:
+        """The context as `[N, K]` for the flat batch of N examples (checked)."""
+        size = self._context_size
+        return flatten_context(context, batch_shape, size, owner=self.name, dtype=dtype)
+
+    @staticmethod
+    def _context_kwargs(bijector: tfb.Bijector, context: tf.Tensor | None) -> dict:
+        return {} if context is None else conditional_kwargs(bijector, context)
 
     @staticmethod
     def _mark(
@@ -226,21 +256,27 @@ class StackedBijector(FreshBijector):
         parts.append(tf.reshape(t[..., kept:], [tf.shape(t)[0], -1]))
         return t[..., :kept]
 
-    def _inverse(self, y: tf.Tensor, **kwargs: Any) -> tf.Tensor:
-        return self._walk(y, log_det=False, seed=None)[0]
+    def _inverse(self, y: tf.Tensor, seed: Any = None, conditional_input: Any = None) -> tf.Tensor:
+        return self._walk(y, log_det=False, seed=None, context=conditional_input)[0]
 
-    def _inverse_log_det_jacobian(self, y: tf.Tensor, seed: Any = None) -> tf.Tensor:
-        return self._walk(y, log_det=True, seed=seed)[1]
+    def _inverse_log_det_jacobian(
+        self, y: tf.Tensor, seed: Any = None, conditional_input: Any = None
+    ) -> tf.Tensor:
+        return self._walk(y, log_det=True, seed=seed, context=conditional_input)[1]
 
-    def _inverse_and_log_det(self, y: tf.Tensor, seed: Any = None) -> tuple[tf.Tensor, tf.Tensor]:
-        return self._walk(y, log_det=True, seed=seed)
+    def _inverse_and_log_det(
+        self, y: tf.Tensor, seed: Any = None, conditional_input: Any = None
+    ) -> tuple[tf.Tensor, tf.Tensor]:
+        return self._walk(y, log_det=True, seed=seed, context=conditional_input)
 
-    def _forward(self, z: tf.Tensor, **kwargs: Any) -> tf.Tensor:
+    def _forward(self, z: tf.Tensor, seed: Any = None, conditional_input: Any = None) -> tf.Tensor:
         """Latent -> data: every step's `forward`, last step first, re-attaching the parts."""
+        del seed  # the solves are deterministic
         z = self._prepare(z, "z")
         latent_shape = self._latent_event_shape
         batch_shape = tf.shape(z)[: tf.rank(z) - len(latent_shape)]
         t = tf.reshape(z, [-1, *latent_shape])
+        context = self._flat_context(conditional_input, batch_shape, t.dtype)
         parts = []
         if self._part_shapes:
             sizes = [math.prod(s) for s in self.latent_shapes]
@@ -253,5 +289,5 @@ class StackedBijector(FreshBijector):
                 shape = self._part_shapes[len(parts) - 1]
                 t = tf.concat([t, tf.reshape(parts.pop(), [-1, *shape])], axis=-1)
             else:
-                t = step.bijector.forward(t)
+                t = step.bijector.forward(t, **self._context_kwargs(step.bijector, context))
         return tf.reshape(t, tf.concat([batch_shape, self._input_event_shape], axis=0))

@@ -18,6 +18,7 @@ from typing import Any
 
 from tfp_resflow import logdet, solver, validation
 from tfp_resflow.activation import ACTIVATIONS
+from tfp_resflow.context import check_context_size
 from tfp_resflow.dense_network import linear_widths
 
 __all__ = ["NETWORKS", "BlockConfig", "ImageFlowConfig", "ResidualFlowConfig"]
@@ -48,6 +49,15 @@ def _check_network(config: object, growths: str, widths: tuple[int, ...]) -> Non
     if getattr(config, "norm_orders", None) is not None:
         validation.fail(n("norm_orders"), "None with network='dense'", config.norm_orders)
     linear_widths(n(growths), widths, config.activation)
+
+
+def _check_context(config: object) -> None:
+    """Checks `context_size` and `context_hidden_units` (conditional flows: resnet g only)."""
+    n = _namer(config)
+    check_context_size(n("context_size"), config.context_size)
+    validation.integers(n("context_hidden_units"), config.context_hidden_units, nonempty=False)
+    if config.context_size is not None and config.network != "resnet":
+        validation.fail(n("network"), "'resnet' with a context_size", config.network)
 
 
 def _normalise(config: object) -> None:
@@ -168,6 +178,9 @@ class ResidualFlowConfig:
             block, `dense_network.dense_mlp`; l2 norms only).
         learnable_concatenation: with `network="dense"`, learn the concatenation weights
             (else both fixed at c / sqrt(2)); see `dense_network.LipschitzDenseLayer`.
+        context_size: K for a conditional flow p(x | c) with contexts of shape `[..., K]`
+            (`network.lipschitz_mlp(context_size=K)`; `network="resnet"` only); None: p(x).
+        context_hidden_units: hidden widths of each block's context network.
         block: the blocks' estimators and solver.
     """
 
@@ -180,6 +193,8 @@ class ResidualFlowConfig:
     actnorm: bool = True
     network: str = "resnet"
     learnable_concatenation: bool = True
+    context_size: int | None = None
+    context_hidden_units: tuple[int, ...] = (64,)
     block: BlockConfig = BlockConfig()
 
     def __post_init__(self) -> None:
@@ -192,6 +207,7 @@ class ResidualFlowConfig:
         validation.boolean(n("learnable_norm_orders"), self.learnable_norm_orders)
         validation.boolean(n("actnorm"), self.actnorm)
         _check_network(self, "hidden_units", self.hidden_units)
+        _check_context(self)
         if self.network == "dense" and not self.hidden_units:
             validation.fail(n("hidden_units"), "non-empty with network='dense'", ())
         if not isinstance(self.block, BlockConfig):
@@ -230,6 +246,10 @@ class ImageFlowConfig:
         network: kind of every `g`: "resnet" (`network.lipschitz_cnn`, `lipschitz_mlp`) or
             "dense" (the i-DenseNet blocks of `dense_network`; l2 norms only).
         learnable_concatenation: with `network="dense"`, learn the concatenation weights.
+        context_size: K for a class- or attribute-conditional flow p(x | c) with context
+            vectors `[..., K]` (e.g. one-hot labels), broadcast over space in every `g`
+            (`network="resnet"` only); None: p(x).
+        context_hidden_units: hidden widths of each block's context network.
         block: every block's estimators and solver (the authors' images: the roulette with
             Poisson(2) extra terms after 2 exact ones and Gaussian probes).
     """
@@ -250,6 +270,8 @@ class ImageFlowConfig:
     initial_power_iterations: int | None = None
     network: str = "resnet"
     learnable_concatenation: bool = True
+    context_size: int | None = None
+    context_hidden_units: tuple[int, ...] = (64,)
     block: BlockConfig = BlockConfig(term_distribution="poisson", probe="gaussian")
 
     def __post_init__(self) -> None:
@@ -276,6 +298,7 @@ class ImageFlowConfig:
         iterations = self.initial_power_iterations
         validation.optional(validation.integer, n("initial_power_iterations"), iterations, 0)
         _check_network(self, "hidden_channels", (self.hidden_channels,))
+        _check_context(self)
         if self.network == "dense":
             if len(self.kernel_sizes) < 2:
                 validation.fail(

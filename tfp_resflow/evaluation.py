@@ -103,13 +103,25 @@ def _evaluation_outputs(
             return tf.cast(out, tf.float64), tf.zeros(tf.shape(out), tf.int64)
 
         step = model._evaluation_step = tf.function(evaluate)
+    conditional = getattr(model, "context_shape", None) is not None
     for batch in dataset:
-        x, labels = batch if isinstance(batch, tuple) else (batch, None)
+        if conditional:  # (x, c): the pair is the model's input; there are no labels
+            x, labels = tuple(batch), None
+        else:
+            x, labels = batch if isinstance(batch, tuple) else (batch, None)
         losses, predicted = step(x)
         if labelled and labels is None:
             raise ValueError("accuracy needs (x, labels) batches.")
         hits = None if labels is None else predicted.numpy() == labels.numpy()
         yield losses.numpy(), hits
+
+
+def class_contexts(num_classes: int, per_class: int) -> np.ndarray:
+    """One-hot contexts `[num_classes * per_class, num_classes]`, class by class.
+
+    Samples of a class-conditional model drawn with them tile as one row per class.
+    """
+    return np.repeat(np.eye(num_classes, dtype=np.float32), per_class, axis=0)
 
 
 def evaluate_loss(model: FlowModel, dataset: tf.data.Dataset | Iterable[tf.Tensor]) -> float:
@@ -164,7 +176,7 @@ class EvaluationCallback(keras.callbacks.Callback):
         self._writer = None
         # The estimator's spread is measured on one training-sized batch of test data.
         first = next(iter(test_data))
-        self._probe_batch = (first[0] if isinstance(first, tuple) else first)[: config.batch_size]
+        self._first_batch = tf.nest.map_structure(lambda t: t[: config.batch_size], first)
         self._traced: dict[str, Any] = {}
         self._ema_power_vectors: dict = {}  # the EMA weights' own (u, v), between evaluations
 
@@ -238,7 +250,7 @@ class EvaluationCallback(keras.callbacks.Callback):
         passes).
         """
         if name not in self._traced:
-            model, config = self.model, self.config
+            model, config, contexts = self.model, self.config, self._sample_contexts()
             functions = {
                 "converge_lipschitz": lambda: model.update_lipschitz(
                     atol=config.lipschitz_tolerance, rtol=config.lipschitz_tolerance
@@ -249,21 +261,46 @@ class EvaluationCallback(keras.callbacks.Callback):
                     tf.range(config.num_eval_draws),
                     fn_output_signature=tf.float64,
                 ),
-                "sample": lambda: model.sample(config.num_samples, seed=[config.seed, 1]),
+                "sample": lambda: model.sample(
+                    config.num_samples if contexts is None else len(contexts),
+                    seed=[config.seed, 1],
+                    context=contexts,
+                ),
             }
             self._traced[name] = tf.function(functions[name])
         return self._traced[name]
 
+    @property
+    def _conditional(self) -> bool:
+        return getattr(self.model, "context_shape", None) is not None
+
+    def _probe_batch(self) -> Any:
+        """The model's input for the estimator statistics: x, or `(x, c)` if conditional."""
+        first = self._first_batch
+        if self._conditional or not isinstance(first, tuple):
+            return first
+        return first[0]  # (x, labels)
+
     def _estimator_statistics(self, eval_mode: float) -> dict:
         """Spread of the training-mode (unbiased) estimate on one test batch, vs evaluation."""
-        x = self._probe_batch
-        draws = self._function("train_mode_draws")(x).numpy()
+        inputs = self._probe_batch()
+        draws = self._function("train_mode_draws")(inputs).numpy()
         return {
             "train_mode_mean": float(np.mean(draws)),
             "train_mode_std": float(np.std(draws, ddof=1)) if len(draws) > 1 else 0.0,
             "eval_mode": eval_mode,
-            "batch_size": int(x.shape[0]),
+            "batch_size": int(tf.nest.flatten(inputs)[0].shape[0]),
         }
+
+    def _sample_contexts(self) -> np.ndarray | None:
+        """A class-conditional model's sample contexts, one row of samples.png per class.
+
+        As many per class as fit in `num_samples` (at least one).
+        """
+        if not self._conditional:
+            return None
+        size = self.model.context_shape[0]
+        return class_contexts(size, max(1, self.config.num_samples // size))
 
     def _write_pictures(self) -> None:
         samples = self._function("sample")().numpy()
@@ -280,7 +317,9 @@ class EvaluationCallback(keras.callbacks.Callback):
             self._last_picture = scatter[None, ..., None]
         else:
             scale = max(1, 64 // samples.shape[1])
-            grid = artifacts.image_grid(samples, scale=scale)
+            contexts = self._sample_contexts()
+            columns = None if contexts is None else len(contexts) // contexts.shape[1]
+            grid = artifacts.image_grid(samples, columns=columns, scale=scale)
             artifacts.write_png(self.run_dir / "samples.png", grid)
             self._last_picture = grid[None]
 

@@ -11,6 +11,11 @@ Example:
     flow = ResidualFlowBijector()
     distribution = tfd.TransformedDistribution(tfd.Sample(tfd.Normal(0.0, 1.0), [2]), flow)
     log_p = distribution.log_prob(x)           # x: [batch, 2]
+
+    # p(x | c): every method takes conditional_input=c, [batch, K] or [K]
+    flow = ResidualFlowBijector(context_size=3)
+    distribution = tfd.TransformedDistribution(tfd.Sample(tfd.Normal(0.0, 1.0), [2]), flow)
+    log_p = distribution.log_prob(x, bijector_kwargs={"conditional_input": c})
 """
 
 import dataclasses
@@ -79,6 +84,7 @@ class ResidualFlowBijector(StackedBijector):
                 )  # stored as checked: floats, the learnable default written out
                 config = dataclasses.replace(config, norm_orders=tuple(orders))
             self._config = config
+            self._context_size = config.context_size
             self._dtype_name = None if dtype is None else tf.as_dtype(dtype).name
             self._validate = validate_args
             self._event_size: int | None = None
@@ -152,9 +158,17 @@ class ResidualFlowBijector(StackedBijector):
                 activation=c.activation,
                 norm_orders=c.norm_orders,
                 learnable_norm_orders=c.learnable_norm_orders,
+                context_size=c.context_size,
+                context_hidden_units=c.context_hidden_units,
                 dtype=dtype,
             )
-        block = ResidualBlock(g, c.block, validate_args=self._validate, name=f"block_{k}")
+        block = ResidualBlock(
+            g,
+            c.block,
+            context_size=c.context_size,
+            validate_args=self._validate,
+            name=f"block_{k}",
+        )
         return Step(block, 1)
 
     @property

@@ -11,6 +11,11 @@ every optimizer step it runs the power iterations of the Lipschitz layers, so th
 estimates follow the weights (Chen et al. do the same after each step). Learnable norm orders
 (`tfp_resflow.norm_order`) get the gradient of `lipschitz.norm_order_loss` in the same step.
 
+A conditional model `p(x | c)` (`context_shape=[K]`, around a bijector built with a
+`context_size`) trains on `(x, c)` pairs, from a `tf.data.Dataset` of pairs or `fit(x, c)` or
+`fit((x, c))`; `log_prob(x, context=c)` and `sample(n, context=c)` take the context, and the
+bijector's conditional members get it through `context.conditional_kwargs`.
+
 `model(x, training=...)` returns the per-example negative log-likelihood, in nats or in bits per
 dimension (`loss_unit`); training mode uses the blocks' unbiased training estimators,
 evaluation mode their evaluation estimators.
@@ -26,6 +31,7 @@ import tensorflow_probability as tfp
 
 from tfp_resflow import bits, lipschitz, validation
 from tfp_resflow.base_distribution import is_standard_normal, standard_normal
+from tfp_resflow.context import conditional_kwargs, context_sizes
 from tfp_resflow.fresh_bijector import keras_layers_of
 from tfp_resflow.joint_pass import inverse_and_log_det
 from tfp_resflow.modes import data_dependent_init, training_mode
@@ -65,6 +71,8 @@ class FlowModel(keras.Model):
             to [0, 1) (256 for 8-bit images), for "bits_per_dim"; None for continuous data.
         power_iterations: power iterations per Lipschitz layer after every training step;
             None uses each layer's own default (`power_iterations` of `SpectralDense`).
+        context_shape: `[K]` for a conditional model p(x | c) with context vectors of size K;
+            None (default) for p(x).
         **kwargs: passed to `keras.Model` (e.g. `name`).
     """
 
@@ -77,6 +85,7 @@ class FlowModel(keras.Model):
         loss_unit: str = "nats",
         num_levels: int | None = None,
         power_iterations: int | None = None,
+        context_shape: Sequence[int] | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -96,6 +105,7 @@ class FlowModel(keras.Model):
         if base is None:  # over the latent, whose shape may differ from the data's (as for
             # multi-scale image flows, whose latent is a vector); in the model's dtype
             base = standard_normal(latent_shape, self.compute_dtype)
+        self.context_shape = _check_context_shape(context_shape, bijector)
         self.distribution = tfd.TransformedDistribution(base, bijector)
         self.bijector = bijector
         self._nll_loss = _MeanOverExamples(name="negative_log_likelihood")
@@ -116,8 +126,12 @@ class FlowModel(keras.Model):
     def build(self, input_shape: Sequence[int | None]) -> None:
         """Creates lazily-sized layers with one pass of zeros, without data-dependent init.
 
-        (Flows built at construction, such as `MultiscaleResidualFlow`, need no pass.)
+        (Flows built at construction, such as `MultiscaleResidualFlow`, need no pass.) A
+        conditional model takes the shape of x, or the shapes of `(x, c)`.
         """
+        if input_shape and isinstance(input_shape[0], Sequence | tf.TensorShape):
+            input_shape = input_shape[0]  # (x, c): Keras builds from the call's input
+        input_shape = tuple(input_shape)
         event_shape = tuple(input_shape[1:])
         if event_shape != self.event_shape:
             raise ValueError(
@@ -127,26 +141,112 @@ class FlowModel(keras.Model):
         layers = keras_layers_of(self.bijector)
         if not layers or not all(layer.built for layer in layers):  # lazily sized flows
             dummy = tf.zeros([1, *self.event_shape], self.compute_dtype)
+            kwargs = self._bijector_kwargs(self._dummy_context())
             with data_dependent_init(enabled=False), training_mode(training=False):
-                self.bijector.inverse(dummy)
+                self.bijector.inverse(dummy, **kwargs)
         self.flow_layers = keras_layers_of(self.bijector)
         for layer in self.flow_layers:
             if not layer.built:
                 raise ValueError(f"{self.name}: layer {layer.name} was not built by a pass.")
         super().build(input_shape)
 
-    def initialize(self, x: tf.Tensor) -> None:
+    def initialize(self, x: tf.Tensor, context: tf.Tensor | None = None) -> None:
         """Data-dependent initialisation (ActNorm) from a batch, outside any training step.
 
         Running it once on the first (global) batch before `fit` gives the same initial state
         under any `tf.distribute` strategy, where an in-step initialisation would see only one
-        replica's share of the batch. Layers that are initialised already are left alone.
+        replica's share of the batch. Layers that are initialised already are left alone. A
+        conditional model needs the batch's contexts.
         """
         x = self._check_events(x)
+        kwargs = self._bijector_kwargs(context)
         if not self.built:
-            self.build((None, *self.event_shape))
+            self.build(self.input_shape_for_build())
         with training_mode(training=False):
-            self.bijector.inverse(x)
+            self.bijector.inverse(x, **kwargs)
+
+    # -- the context -------------------------------------------------------------------------
+
+    def input_shape_for_build(self) -> tuple:
+        """`(None, *event_shape)`, or for a conditional model the pair of x's and c's shapes."""
+        x_shape = (None, *self.event_shape)
+        if self.context_shape is None:
+            return x_shape
+        return (x_shape, (None, *self.context_shape))
+
+    @property
+    def _default_save_signature(self) -> Any:
+        # Keras' SavedModel signature calls the model on inputs of the shapes given to `build`,
+        # which for a conditional model is often x's alone (`model.build((None, D))`); its
+        # input is the pair (x, c).
+        if self.context_shape is None:
+            return super()._default_save_signature
+        x = tf.TensorSpec([None, *self.event_shape], self.compute_dtype)
+        c = tf.TensorSpec([None, *self.context_shape], self.compute_dtype)
+
+        @tf.function(input_signature=[(x, c)])
+        def serving_default(inputs: tuple) -> tf.Tensor:
+            return self(inputs)
+
+        return serving_default
+
+    def _dummy_context(self) -> tf.Tensor | None:
+        if self.context_shape is None:
+            return None
+        return tf.zeros([1, *self.context_shape], self.compute_dtype)
+
+    def _bijector_kwargs(self, context: Any) -> dict:
+        """The bijector's keyword arguments for `context` (checked against `context_shape`)."""
+        if self.context_shape is None:
+            if context is not None:
+                raise ValueError(
+                    f"{self.name} models p(x) and takes no context; build a conditional "
+                    "model with FlowModel(..., context_shape=[K]) and a bijector with a "
+                    "context_size."
+                )
+            return {}
+        k = self.context_shape[0]
+        if context is None:
+            raise ValueError(
+                f"{self.name} models p(x | c): pass context=c of shape [batch, {k}] (one per "
+                f"example) or [{k}] (one for all)."
+            )
+        context = tf.convert_to_tensor(context, dtype_hint=self.compute_dtype)
+        if context.shape.rank == 0 or (
+            context.shape.rank is not None and context.shape[-1] not in (None, k)
+        ):
+            raise ValueError(
+                f"{self.name} takes contexts of shape [batch, {k}] or [{k}]; got shape "
+                f"{context.shape}."
+            )
+        if not context.dtype.is_floating:
+            context = tf.cast(context, self.compute_dtype)
+        return conditional_kwargs(self.bijector, context)
+
+    def _split(self, inputs: Any) -> tuple[Any, Any]:
+        """`(x, c)` of a conditional model's input, `(x, None)` of an unconditional one's."""
+        pair = isinstance(inputs, tuple | list) and len(inputs) == 2
+        if self.context_shape is None:
+            return inputs, None
+        if not pair:
+            raise ValueError(
+                f"{self.name} models p(x | c); its input is the pair (x, c), c of shape "
+                f"[batch, {self.context_shape[0]}]."
+            )
+        return inputs[0], inputs[1]
+
+    def _pair_up(self, data: Any) -> Any:
+        """Keras' data `(x, c)` (a data set of pairs, `fit(x, c)`) as the input `(x, c)`.
+
+        Keras reads a pair as `(inputs, targets)`; a conditional model has no targets, so the
+        second element is the context (`fit((x, c))` already gives the pair as the input).
+        """
+        if self.context_shape is None:
+            return data
+        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        if y is not None and not isinstance(x, tuple | list):
+            x, y = (x, y), None
+        return keras.utils.pack_x_y_sample_weight(x, y, sample_weight)
 
     # -- density -----------------------------------------------------------------------------
 
@@ -169,32 +269,54 @@ class FlowModel(keras.Model):
             )
         return x
 
-    def log_prob(self, x: tf.Tensor, *, training: bool = False, seed: Any = None) -> tf.Tensor:
-        """`log p(x)` in nats, shape `[batch]`; evaluation-mode log-dets unless `training`.
+    def log_prob(
+        self,
+        x: tf.Tensor,
+        *,
+        context: tf.Tensor | None = None,
+        training: bool = False,
+        seed: Any = None,
+    ) -> tf.Tensor:
+        """`log p(x)` (`log p(x | c)`) in nats, `[batch]`; evaluation log-dets unless `training`.
 
             log p(x) = log p_base(z) + ildj(x),   (z, ildj) = inverse_and_log_det(x)
 
         in one pass through the bijector (`joint_pass.inverse_and_log_det`): the same value as
         `self.distribution.log_prob(x)` for the same seed, with each residual block's `g`
-        evaluated once. `seed` seeds the stochastic log-dets (None: fresh randomness).
+        evaluated once. `seed` seeds the stochastic log-dets (None: fresh randomness). A
+        conditional model needs `context`, `[batch, K]` or `[K]`.
         """
         x = self._check_events(x)
+        kwargs = self._bijector_kwargs(context)
         with training_mode(training):
             z, log_det = inverse_and_log_det(
-                self.bijector, x, event_ndims=len(self.event_shape), seed=seed
+                self.bijector, x, event_ndims=len(self.event_shape), seed=seed, **kwargs
             )
             return self.distribution.distribution.log_prob(z) + log_det
 
-    def call(self, x: tf.Tensor, *, training: bool | None = None) -> tf.Tensor:
-        """Per-example negative log-likelihood in `loss_unit`, shape `[batch]`."""
-        log_prob = self.log_prob(x, training=bool(training))
+    def call(self, x: Any, *, training: bool | None = None) -> tf.Tensor:
+        """Per-example negative log-likelihood in `loss_unit`, shape `[batch]`.
+
+        `x` is a batch of events, or for a conditional model the pair `(x, c)`.
+        """
+        x, context = self._split(x)
+        log_prob = self.log_prob(x, context=context, training=bool(training))
         if self.loss_unit == "bits_per_dim":
             return bits.bits_per_dim(log_prob, math.prod(self.event_shape), self.num_levels)
         return -log_prob
 
-    def sample(self, num_samples: int, seed: Any = None) -> tf.Tensor:
-        """`num_samples` draws from the model (fixed-point inverses of the residual blocks)."""
-        return self.distribution.sample(num_samples, seed=seed)
+    def sample(
+        self, num_samples: int, seed: Any = None, *, context: tf.Tensor | None = None
+    ) -> tf.Tensor:
+        """`num_samples` draws from the model (fixed-point inverses of the residual blocks).
+
+        A conditional model draws from p(x | c): `context` `[num_samples, K]` (one per sample)
+        or `[K]` (one for all).
+        """
+        kwargs = self._bijector_kwargs(context)
+        if not kwargs:
+            return self.distribution.sample(num_samples, seed=seed)
+        return self.distribution.sample(num_samples, seed=seed, bijector_kwargs=kwargs)
 
     # -- training ----------------------------------------------------------------------------
 
@@ -237,7 +359,7 @@ class FlowModel(keras.Model):
         if optimizer is not None and not optimizer.built:
             with self.distribute_strategy.scope():
                 if not self.built:
-                    self.build((None, *self.event_shape))
+                    self.build(self.input_shape_for_build())
                 optimizer.build(self.trainable_variables)
         if not self.trainable_variables:  # Keras would only warn, and train nothing
             raise ValueError(
@@ -249,9 +371,15 @@ class FlowModel(keras.Model):
         return super().make_train_function(force)
 
     def train_step(self, data: Any) -> dict:
-        logs = super().train_step(data)
+        logs = super().train_step(self._pair_up(data))
         self.update_lipschitz(self.power_iterations)
         return logs
+
+    def test_step(self, data: Any) -> dict:
+        return super().test_step(self._pair_up(data))
+
+    def predict_step(self, data: Any) -> Any:
+        return super().predict_step(self._pair_up(data))
 
     def update_lipschitz(
         self,
@@ -285,6 +413,7 @@ class FlowModel(keras.Model):
             "loss_unit": self.loss_unit,
             "num_levels": self.num_levels,
             "power_iterations": self.power_iterations,
+            "context_shape": None if self.context_shape is None else list(self.context_shape),
         }
 
     @classmethod
@@ -302,16 +431,59 @@ class FlowModel(keras.Model):
         input_signature: Any = None,
         **kwargs: Any,
     ) -> None:
-        """Writes a SavedModel with `log_prob(x)` (evaluation mode) and `sample(n)` endpoints."""
+        """Writes a SavedModel with `log_prob(x)` (evaluation mode) and `sample(n)` endpoints.
+
+        A conditional model's endpoints are `log_prob(x, context)` and `sample(n, context)`,
+        the context `[batch, K]` (for `sample`, `[num_samples, K]` or `[1, K]` for one for all).
+        """
         if format != "tf_saved_model":
             raise ValueError(f"FlowModel.export supports format='tf_saved_model'; got {format!r}.")
         archive = keras.export.ExportArchive()
         archive.track(self)
         spec = tf.TensorSpec([None, *self.event_shape], self.compute_dtype, name="x")
-        archive.add_endpoint("log_prob", lambda x: self.log_prob(x), input_signature=[spec])
-        archive.add_endpoint(
-            "sample",
-            lambda n: self.sample(n),
-            input_signature=[tf.TensorSpec([], tf.int32, name="num_samples")],
-        )
+        count = tf.TensorSpec([], tf.int32, name="num_samples")
+        if self.context_shape is None:
+            archive.add_endpoint("log_prob", lambda x: self.log_prob(x), input_signature=[spec])
+            archive.add_endpoint("sample", lambda n: self.sample(n), input_signature=[count])
+        else:
+            context = tf.TensorSpec([None, *self.context_shape], self.compute_dtype, "context")
+            archive.add_endpoint(
+                "log_prob",
+                lambda x, c: self.log_prob(x, context=c),
+                input_signature=[spec, context],
+            )
+            archive.add_endpoint(
+                "sample",
+                lambda n, c: self.sample(n, context=c),
+                input_signature=[count, context],
+            )
         archive.write_out(filepath, verbose=bool(verbose))
+
+
+def _check_context_shape(context_shape: Any, bijector: tfb.Bijector) -> tuple[int] | None:
+    """`(K,)` for a conditional model (whose bijector must take a context), else None."""
+    conditional = bool(conditional_kwargs(bijector, None))
+    if context_shape is None:
+        if conditional:
+            raise ValueError(
+                "the bijector is conditional (it takes conditional_input); pass "
+                "context_shape=[K], the shape of one context vector."
+            )
+        return None
+    if isinstance(context_shape, str) or not isinstance(context_shape, Sequence):
+        validation.fail("context_shape", "[K], the shape of one context vector", context_shape)
+    if len(context_shape) != 1:
+        validation.fail("context_shape", "[K] (contexts are vectors)", context_shape)
+    size = validation.positive_integer("context_shape[0]", context_shape[0])
+    if not conditional:
+        raise ValueError(
+            f"context_shape={list(context_shape)} needs a conditional bijector (e.g. "
+            f"ResidualFlowBijector(context_size={size})); this one takes no context."
+        )
+    sizes = {s for s in context_sizes(bijector) if s is not None}
+    if sizes and sizes != {size}:
+        raise ValueError(
+            f"context_shape={list(context_shape)} does not match the bijector's context_size "
+            f"{sorted(sizes)}."
+        )
+    return (size,)

@@ -99,6 +99,7 @@ class MultiscaleResidualFlow(StackedBijector):
             if not isinstance(config, ImageFlowConfig):
                 raise ValueError(f"config must be an ImageFlowConfig; got {config!r}.")
             self._config = config
+            self._context_size = config.context_size
             self._scale_shapes = scale_shapes(input_shape, config)
             self._image_shape = tuple(int(n) for n in input_shape)
             self._dtype_name = None if dtype is None else tf.as_dtype(dtype).name
@@ -131,12 +132,20 @@ class MultiscaleResidualFlow(StackedBijector):
     def _new_block(self, g: keras.Model, event_ndims: int, name: str) -> Step:
         c = self._config
         block = ResidualBlock(
-            g, c.block, event_ndims=event_ndims, validate_args=self._validate, name=name
+            g,
+            c.block,
+            event_ndims=event_ndims,
+            context_size=c.context_size,
+            validate_args=self._validate,
+            name=name,
         )
         return Step(block, event_ndims)
 
     def _layer_options(self) -> dict:
         options = {"dtype": self._dtype_name}
+        if self._config.context_size is not None:  # resnet g only (checked by the config)
+            options["context_size"] = self._config.context_size
+            options["context_hidden_units"] = self._config.context_hidden_units
         if self._config.initial_power_iterations is not None:
             options["initial_power_iterations"] = self._config.initial_power_iterations
         return options

@@ -24,10 +24,12 @@ import keras
 
 from tfp_resflow import validation
 from tfp_resflow.activation import get_activation
+from tfp_resflow.context import check_context_size
 from tfp_resflow.lipschitz import SpectralDense
 from tfp_resflow.norm_order import MAX_ORDER, MIN_ORDER, NormOrder
 from tfp_resflow.operator_norm import check_order
 from tfp_resflow.spectral_conv import SpectralConv2D
+from tfp_resflow.spectral_layer import SpectralLayer
 
 
 def check_norm_orders(
@@ -94,25 +96,31 @@ def _residual_function(
     norm_orders: Sequence | None,
     learnable_norm_orders: bool,
     zero_init_last: bool,
+    context_size: int | None,
+    context_hidden_units: Sequence[int],
     name: str | None,
     layer_kwargs: dict,
-) -> keras.Sequential:
+) -> keras.Model:
     """Builds `g` = linear o phi o ... o phi o linear [o phi] on inputs of `input_shape`.
 
-    The i-th linear layer is `layer_class(*layer_args[i], ...)`, with the i-th boundary
-    orders and `layer_kwargs` (which hold `dtype`); the orders are checked first.
+    The i-th linear layer is `layer_class(*layer_args[i], ...)`, whose first argument is its
+    output width, with the i-th boundary orders and `layer_kwargs` (which hold `dtype`); the
+    orders are checked first. With a `context_size`, a functional model of `[x, c]` that adds
+    a context shift after every linear layer (see `lipschitz_mlp`).
     """
     dtype = layer_kwargs["dtype"]
     domains, codomains = _orders(
         norm_orders, len(layer_args), activation, learnable=learnable_norm_orders, dtype=dtype
     )
-    layers = [keras.Input(input_shape, dtype=dtype)]
+    # Fixed names inside each g: two gs of one configuration then have equal structure keys
+    # (`block_functions.structure_key`) and share their traced passes.
+    layers = []
     if activation_first:
-        layers.append(get_activation(activation, dtype=dtype))
+        layers.append(get_activation(activation, dtype=dtype, name="activation_0"))
     for i, args in enumerate(layer_args):
         last = i == len(layer_args) - 1
         if i > 0:
-            layers.append(get_activation(activation, dtype=dtype))
+            layers.append(get_activation(activation, dtype=dtype, name=f"activation_{i + 1}"))
         initializer = "zeros" if last and zero_init_last else "glorot_uniform"
         layers.append(
             layer_class(
@@ -121,10 +129,55 @@ def _residual_function(
                 domain=domains[i],
                 codomain=codomains[i],
                 kernel_initializer=initializer,
+                name=f"linear_{i}",
                 **layer_kwargs,
             )
         )
-    return keras.Sequential(layers, name=name)
+    if context_size is None:
+        return keras.Sequential([keras.Input(input_shape, dtype=dtype), *layers], name=name)
+    return _with_context_shifts(
+        input_shape, layers, context_size, context_hidden_units, dtype=dtype, name=name
+    )
+
+
+def _with_context_shifts(
+    input_shape: tuple[int, ...],
+    layers: list[keras.layers.Layer],
+    context_size: int,
+    context_hidden_units: Sequence[int],
+    *,
+    dtype: str | None,
+    name: str | None,
+) -> keras.Model:
+    """`g(x, c)`: `layers` applied to x, each linear layer's output shifted by `s_i(c)`.
+
+        e = MLP(c)                          unconstrained (ELU hidden layers)
+        h_i = L_i(phi(h_{i-1})) + s_i(e)    s_i linear, starting at zero
+        s_i broadcast over space for images
+
+    For a fixed c each shift is a constant, so `x -> L_i x + s_i(c)` has the Lipschitz
+    constant of `L_i`, and `Lip_x(g(., c)) <= prod_i ||L_i|| <= c^n` for every c.
+    """
+    x = x_in = keras.Input(input_shape, dtype=dtype, name="x")
+    c_in = keras.Input((context_size,), dtype=dtype, name="context")
+    e = c_in
+    for j, units in enumerate(context_hidden_units):
+        e = keras.layers.Dense(units, activation="elu", dtype=dtype, name=f"context_{j}")(e)
+    i = 0
+    for layer in layers:
+        x = layer(x)
+        if not isinstance(layer, SpectralLayer):
+            continue  # an activation
+        width = x.shape[-1]
+        shift = keras.layers.Dense(
+            width, kernel_initializer="zeros", dtype=dtype, name=f"context_shift_{i}"
+        )(e)
+        if len(input_shape) > 1:  # images: one shift per channel, over all positions
+            spatial = (1,) * (len(input_shape) - 1)
+            shift = keras.layers.Reshape((*spatial, width), dtype=dtype, name=f"at_{i}")(shift)
+        x = keras.layers.Add(dtype=dtype, name=f"shifted_{i}")([x, shift])
+        i += 1
+    return keras.Model([x_in, c_in], x, name=name)
 
 
 def lipschitz_mlp(
@@ -137,10 +190,12 @@ def lipschitz_mlp(
     norm_orders: Sequence[float | str] | None = None,
     learnable_norm_orders: bool = False,
     zero_init_last: bool = False,
+    context_size: int | None = None,
+    context_hidden_units: Sequence[int] = (64,),
     dtype: str | None = None,
     name: str | None = None,
     **layer_kwargs,
-) -> keras.Sequential:
+) -> keras.Model:
     """Builds the authors' fully connected g for vector events, [batch, D] -> [batch, D].
 
         g = Dense(h_n -> D) o phi o ... o phi o Dense(D -> h_1) o [phi]
@@ -157,12 +212,19 @@ def lipschitz_mlp(
         learnable_norm_orders: Learn the orders (the authors' `--learn-p`), starting from
             `norm_orders`, which must then lie in (1, 5); see the module docs.
         zero_init_last: Start the last kernel at zero, so g = bias and the block is a shift.
+        context_size: K for a conditional g(x, c) with contexts c of shape [batch, K]: each
+            linear layer's output is shifted by a function of c (an unconstrained network
+            `context_hidden_units` wide, ELU, then one linear map per layer, starting at zero),
+            which leaves Lip_x(g(., c)) <= c**n for every c (see `_with_context_shifts`).
+            None (default): g(x).
+        context_hidden_units: Hidden widths of the context network (may be empty).
         dtype: Layer dtype, e.g. "float64".
         name: Model name.
         **layer_kwargs: Passed to every `SpectralDense` (e.g. `power_iterations`).
 
     Returns:
-        A `keras.Sequential` built for input [None, D].
+        A `keras.Sequential` built for input [None, D]; with a `context_size`, a functional
+        `keras.Model` of `[x, c]`, shapes `([None, D], [None, K])`.
 
     Raises:
         ValueError: On a non-positive size, a bad order list or an unknown activation.
@@ -179,6 +241,10 @@ def lipschitz_mlp(
         norm_orders=norm_orders,
         learnable_norm_orders=learnable_norm_orders,
         zero_init_last=zero_init_last,
+        context_size=check_context_size("context_size", context_size),
+        context_hidden_units=validation.integers(
+            "context_hidden_units", context_hidden_units, nonempty=False
+        ),
         name=name,
         layer_kwargs={"dtype": dtype, **layer_kwargs},
     )
@@ -195,10 +261,12 @@ def lipschitz_cnn(
     norm_orders: Sequence[float | str] | None = None,
     learnable_norm_orders: bool = False,
     zero_init_last: bool = False,
+    context_size: int | None = None,
+    context_hidden_units: Sequence[int] = (64,),
     dtype: str | None = None,
     name: str | None = None,
     **layer_kwargs,
-) -> keras.Sequential:
+) -> keras.Model:
     """Builds the authors' convolutional g for images, [batch, H, W, C] -> [batch, H, W, C].
 
         g = Conv3x3(-> C) o phi o Conv1x1(-> hidden) o phi o Conv3x3(-> hidden) o [phi]
@@ -216,12 +284,16 @@ def lipschitz_cnn(
         norm_orders: As in `lipschitz_mlp`, one more entry than `kernel_sizes`.
         learnable_norm_orders: As in `lipschitz_mlp`.
         zero_init_last: Start the last kernel at zero.
+        context_size: As in `lipschitz_mlp`; the shifts are per channel, the same at every
+            position (a vector context broadcast over space).
+        context_hidden_units: As in `lipschitz_mlp`.
         dtype: Layer dtype, e.g. "float64".
         name: Model name.
         **layer_kwargs: Passed to every `SpectralConv2D` (e.g. `power_iterations`).
 
     Returns:
-        A `keras.Sequential` built for input [None, H, W, C].
+        A `keras.Sequential` built for input [None, H, W, C]; with a `context_size`, a
+        functional `keras.Model` of `[x, c]`, shapes `([None, H, W, C], [None, K])`.
 
     Raises:
         ValueError: On a bad shape, width, kernel size, order list or activation.
@@ -240,6 +312,10 @@ def lipschitz_cnn(
         norm_orders=norm_orders,
         learnable_norm_orders=learnable_norm_orders,
         zero_init_last=zero_init_last,
+        context_size=check_context_size("context_size", context_size),
+        context_hidden_units=validation.integers(
+            "context_hidden_units", context_hidden_units, nonempty=False
+        ),
         name=name,
         layer_kwargs={"dtype": dtype, **layer_kwargs},
     )

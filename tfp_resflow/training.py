@@ -41,6 +41,7 @@ __all__ = [
     "TrainConfig",
     "build_model",
     "compiled_model",
+    "context_size",
     # Re-exported from `evaluation` for the notebooks, which evaluate with `training.*`.
     "ema_weights",
     "evaluate_loss",
@@ -49,9 +50,12 @@ __all__ = [
     "model_config",
     "resolve_preset",
     "total_steps",
+    "with_context",
 ]
 
 SCHEDULES = ("constant", "cosine")
+# What a flow is conditioned on: nothing (p(x)), or the example's class as a one-hot vector.
+CONTEXTS = ("none", "label")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,6 +73,7 @@ class TrainConfig:
     model: tuple[str, ...] = ()
     task: str = "density"  # "density", "classification" or "hybrid" (labelled data)
     nll_weight: str = "1"  # hybrid: lambda on -log p(x), a number >= 0 or "1/D"
+    context: str = "none"  # "label": a class-conditional flow p(x | label) (labelled data)
     epochs: int = 15
     steps_per_epoch: int = 0  # 0: one pass over the training data
     batch_size: int = 64
@@ -121,6 +126,17 @@ class TrainConfig:
                 f"task {self.task!r} needs labels: the toy set {self.dataset!r} "
                 "has none (use digits or a labelled tfds set)."
             )
+        validation.choice("context", self.context, CONTEXTS)
+        if self.context != "none" and self.dataset in toy_data.TOY_DATASETS:
+            raise ValueError(
+                f"context {self.context!r} needs labels: the toy set {self.dataset!r} has none "
+                "(use digits or a labelled tfds set)."
+            )
+        if self.context != "none" and self.task != "density":
+            raise ValueError(
+                f"context {self.context!r} models p(x | label) with task 'density'; the "
+                f"{self.task} task reads the label as its target."
+            )
         if self.verbose not in (0, 1, 2):
             validation.fail("verbose", "0, 1 or 2", self.verbose)
 
@@ -138,6 +154,8 @@ FLAG_HELP = {
     "task": "density (p(x) only), classification (a head on the flow's features, cross-entropy "
     "only) or hybrid (nll_weight * NLL + cross-entropy); the last two need labelled data",
     "nll_weight": "hybrid task: weight lambda of -log p(x), a number or 1/D (the authors: 1)",
+    "context": "none (p(x)), or label: a class-conditional flow p(x | label) on labelled data, "
+    "its samples.png one row per class",
     "epochs": "number of epochs (total, also with --resume)",
     "steps_per_epoch": "optimizer steps per epoch; 0 means one pass over the training data",
     "batch_size": "global batch size (split across replicas)",
@@ -222,10 +240,34 @@ def resolve_preset(config: TrainConfig) -> str:
 
 
 def model_config(config: TrainConfig) -> ResidualFlowConfig | ImageFlowConfig:
-    """The preset's model config with the run's `--model` changes; ValueError if one is bad."""
+    """The preset's model config with the run's `--model` changes and its context size.
+
+    Raises:
+        ValueError: for a bad change, or a context the model cannot take.
+    """
     preset = resolve_preset(config)
     base = presets.TOY if preset == "toy" else presets.get_preset(preset)
-    return parse_assignments(base, config.model)
+    flow_config = parse_assignments(base, config.model)
+    size = context_size(config)
+    if size is not None:
+        flow_config = dataclasses.replace(flow_config, context_size=size)
+    return flow_config
+
+
+def context_size(config: TrainConfig) -> int | None:
+    """K of the run's context vectors (the number of classes for "label"), or None."""
+    return data.num_classes(config.dataset) if config.context == "label" else None
+
+
+def with_context(dataset: tf.data.Dataset, config: TrainConfig) -> tf.data.Dataset:
+    """`(x, label)` batches as `(x, one-hot label)`, the pairs a class-conditional model fits.
+
+    Unchanged without a context.
+    """
+    size = context_size(config)
+    if size is None:
+        return dataset
+    return dataset.map(lambda x, label: (x, tf.one_hot(label, size, dtype=x.dtype)))
 
 
 def build_model(config: TrainConfig, event_shape: tuple, num_levels: int | None) -> FlowModel:
@@ -238,7 +280,9 @@ def build_model(config: TrainConfig, event_shape: tuple, num_levels: int | None)
         flow = multiscale.image_flow(event_shape, flow_config)
         options = {"loss_unit": "bits_per_dim", "num_levels": num_levels}
     if config.task == "density":
-        return FlowModel(flow, event_shape, **options)
+        size = context_size(config)
+        context_shape = None if size is None else [size]
+        return FlowModel(flow, event_shape, context_shape=context_shape, **options)
     weight = 0.0 if config.task == "classification" else _as_number(config.nll_weight)
     classes = data.num_classes(config.dataset)
     return HybridFlowModel(flow, event_shape, num_classes=classes, nll_weight=weight, **options)
@@ -264,8 +308,11 @@ def compiled_model(
     Call it inside the scope of the run's `tf.distribute` strategy.
     """
     model = build_model(config, event_shape, num_levels)
-    model.build((None, *event_shape))
-    model.initialize(init_batch[0] if isinstance(init_batch, tuple) else init_batch)
+    model.build(model.input_shape_for_build())
+    if model.context_shape is not None:  # (x, c) pairs
+        model.initialize(init_batch[0], context=init_batch[1])
+    else:  # x, or (x, labels)
+        model.initialize(init_batch[0] if isinstance(init_batch, tuple) else init_batch)
     model.compile(optimizer=make_optimizer(config, total_steps(config, steps_per_epoch)))
     model.optimizer.build(model.trainable_variables)
     return model
