@@ -163,3 +163,11 @@ def test_bad_input_is_named():
     model.compile(optimizer=keras.optimizers.Adam())
     with pytest.raises(ValueError, match=r"trains on \(x, label\) batches"):
         model.fit(np.zeros((4, 2), np.float32), epochs=1, verbose=0)
+
+
+def test_a_conditional_flow_is_refused():
+    conditional = ResidualFlowBijector(num_blocks=1, hidden_units=(4,), context_size=2)
+    with pytest.raises(ValueError, match="takes no context_shape and no conditional flow"):
+        HybridFlowModel(conditional, (2,), num_classes=3, context_shape=[2])
+    with pytest.raises(ValueError, match="takes no context_shape and no conditional flow"):
+        HybridFlowModel(conditional, (2,), num_classes=3)

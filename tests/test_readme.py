@@ -46,6 +46,9 @@ def test_readme_python_examples_run_as_shown(tmp_path, monkeypatch):
         exec(compile(block, "README.md", "exec"), namespace)  # noqa: S102
     assert namespace["log_p"].shape == (5,)
     assert namespace["samples"].shape == (3, 2)
+    assert namespace["log_p_given_c"].shape == (5,)  # the conditional section
+    assert namespace["left_samples"].shape == (3, 2)
+    assert namespace["same_density"].shape == (5,)
     assert (tmp_path / "flow.keras").exists()
 
 

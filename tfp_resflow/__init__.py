@@ -21,6 +21,7 @@ The package is flat; each module is about one idea:
 - `block_functions`: a block's passes as traced functions shared by blocks of one kind.
 - `bijector`: `ResidualBlock`, one invertible block as a TFP bijector.
 - `actnorm`: ActNorm with data-dependent initialisation.
+- `context`: the context c of conditional flows p(x | c): its checks and its routing to bijectors.
 - `joint_pass`: the joint inverse-and-log-det of any bijector (one pass where possible).
 - `composite`: stacks of bijectors walked in one pass (and the features a classifier reads).
 - `flow`: `ResidualFlowBijector`, a stack of blocks for vector events.
@@ -39,6 +40,7 @@ from tfp_resflow.actnorm import ActNorm, ActNormLayer
 from tfp_resflow.bijector import ResidualBlock, data_dependent_init, training_mode
 from tfp_resflow.bits import bits_per_dim
 from tfp_resflow.config import BlockConfig, ImageFlowConfig, ResidualFlowConfig
+from tfp_resflow.context import conditional_kwargs
 from tfp_resflow.dense_network import LipschitzDenseLayer, dense_cnn, dense_mlp
 from tfp_resflow.flow import ResidualFlowBijector
 from tfp_resflow.hybrid import ClassificationHead, HybridFlowModel
@@ -89,6 +91,7 @@ __all__ = [
     "SpectralDense",
     "Squeeze",
     "bits_per_dim",
+    "conditional_kwargs",
     "data_dependent_init",
     "dense_cnn",
     "dense_mlp",

@@ -133,6 +133,13 @@ class HybridFlowModel(FlowModel):
         head_channels: int = 256,
         **kwargs: Any,
     ) -> None:
+        if kwargs.get("context_shape") is not None or getattr(bijector, "context_size", None):
+            # Its (x, label) batches have no place for a context, and its head reads p(x)'s
+            # features: a conditional hybrid model is not defined here.
+            raise ValueError(
+                "HybridFlowModel models p(x) and p(label | x); it takes no context_shape and "
+                "no conditional flow (use FlowModel(..., context_shape=[K]) for p(x | c))."
+            )
         super().__init__(bijector, event_shape, **kwargs)
         if not isinstance(bijector, StackedBijector):
             raise ValueError(

@@ -461,12 +461,18 @@ class FlowModel(keras.Model):
 
 
 def _check_context_shape(context_shape: Any, bijector: tfb.Bijector) -> tuple[int] | None:
-    """`(K,)` for a conditional model (whose bijector must take a context), else None."""
-    conditional = bool(conditional_kwargs(bijector, None))
+    """`(K,)` for a conditional model, else None.
+
+    A bijector with a member of this package built with a `context_size` needs a context;
+    TFP's `MaskedAutoregressiveFlow` and `RealNVP` members may take one (their networks
+    decide), so they allow a `context_shape` without requiring it.
+    """
+    sizes = context_sizes(bijector)
+    ours = {s for s in sizes if s is not None}
     if context_shape is None:
-        if conditional:
+        if ours:
             raise ValueError(
-                "the bijector is conditional (it takes conditional_input); pass "
+                f"the bijector is conditional (context_size={sorted(ours)[0]}); pass "
                 "context_shape=[K], the shape of one context vector."
             )
         return None
@@ -475,15 +481,14 @@ def _check_context_shape(context_shape: Any, bijector: tfb.Bijector) -> tuple[in
     if len(context_shape) != 1:
         validation.fail("context_shape", "[K] (contexts are vectors)", context_shape)
     size = validation.positive_integer("context_shape[0]", context_shape[0])
-    if not conditional:
+    if not sizes:
         raise ValueError(
             f"context_shape={list(context_shape)} needs a conditional bijector (e.g. "
             f"ResidualFlowBijector(context_size={size})); this one takes no context."
         )
-    sizes = {s for s in context_sizes(bijector) if s is not None}
-    if sizes and sizes != {size}:
+    if ours and ours != {size}:
         raise ValueError(
             f"context_shape={list(context_shape)} does not match the bijector's context_size "
-            f"{sorted(sizes)}."
+            f"{sorted(ours)}."
         )
     return (size,)
