@@ -76,6 +76,7 @@ results stay).
 
 import argparse
 import dataclasses
+import json
 import math
 import os
 import statistics
@@ -111,6 +112,8 @@ DATASETS = (*TOY_SETS, "digits")
 LEARNING_RATE_GRID = (2e-3, 5e-3, 1e-2, 2e-2)
 TUNING_SEED = 100
 TUNING_TAIL = 0.2
+MAX_GRID_EXTENSIONS = 3  # past an end of the grid where a model's best rate lies
+CALIBRATION_STEPS = 60  # steps per model of `--calibrate` (the first one traces)
 PARAMETER_TOLERANCE = 0.10  # parameter counts within 10% of the residual flow's
 TOY_TEST_POINTS = 10_000
 NUM_SAMPLES = 64
@@ -485,8 +488,12 @@ class Budget:
     warmup_steps: int = 100
     ema_momentum: float = 0.99
     sample_repeats: int = 3  # timed sampling calls after the first; 0: no sampling
-    seconds: float | None = None  # training wall-clock per model and seed
+    seconds: float | None = None  # training time per model and seed
     checkpoints: int = 10  # test-loss evaluations of a time budget, the final one included
+    clock: str = "wall"  # how `seconds` are counted: a name of CLOCKS, or "calibrated"
+    # With clock="calibrated": (first step, every later step) in seconds of an idle machine
+    # (`calibrate`); the budget is then the steps that fit in `seconds` at that speed.
+    calibrated: tuple[float, float] | None = None
 
     def train_config(self, seed: int) -> training.TrainConfig:
         return training.TrainConfig(
@@ -541,8 +548,15 @@ def checkpoint_seconds(seconds: float, count: int, first_fraction: float = 1 / 3
     return [seconds * ratio ** (count - 1 - k) for k in range(count)]
 
 
+# How a time budget is counted. "wall": wall-clock, what a user waits for on an idle machine.
+# "cpu": the process's CPU time, which on a pinned core with one TensorFlow thread equals the
+# wall-clock of an idle core but does not count time the process waits for a busy machine, so a
+# long comparison can run beside other work and still give every model the same compute.
+CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
 class WallClockBudget(keras.callbacks.Callback):
-    """Stops `fit` when its training wall-clock reaches `seconds`; scores checkpoints on the way.
+    """Stops `fit` when its training time reaches `seconds`; scores checkpoints on the way.
 
     The clock starts at `start_clock()` (called right before `fit`; else at `on_train_begin`),
     so tracing and the first step count: that is what a user waits for. When a step ends past
@@ -555,6 +569,7 @@ class WallClockBudget(keras.callbacks.Callback):
         seconds: the training time after which `fit` stops (at the end of that step).
         checkpoints: training times at which to evaluate (those >= `seconds` are skipped).
         evaluate: returns the test loss; None: no checkpoints.
+        clock: the time in seconds (a value of `CLOCKS`; default the wall-clock).
     """
 
     def __init__(
@@ -562,9 +577,11 @@ class WallClockBudget(keras.callbacks.Callback):
         seconds: float,
         checkpoints: Iterable[float] = (),
         evaluate: Callable[[], float] | None = None,
+        clock: Callable[[], float] = time.perf_counter,
     ) -> None:
         super().__init__()
         self.seconds = seconds
+        self.clock = clock
         self._pending = sorted(t for t in checkpoints if t < seconds) if evaluate else []
         self.evaluate = evaluate
         self.curve: list[dict] = []
@@ -574,7 +591,7 @@ class WallClockBudget(keras.callbacks.Callback):
         self._start: float | None = None
 
     def start_clock(self) -> None:
-        self._start = time.perf_counter()
+        self._start = self.clock()
         self.paused_seconds = 0.0
 
     def on_train_begin(self, logs: dict | None = None) -> None:
@@ -585,7 +602,7 @@ class WallClockBudget(keras.callbacks.Callback):
         # Reading the loss waits for the step to finish.
         float(keras.ops.convert_to_numpy((logs or {}).get("loss", 0.0)))
         self.steps += 1
-        self.train_seconds = time.perf_counter() - self._start - self.paused_seconds
+        self.train_seconds = self.clock() - self._start - self.paused_seconds
         if self.train_seconds >= self.seconds:
             self.model.stop_training = True
             return
@@ -593,7 +610,7 @@ class WallClockBudget(keras.callbacks.Callback):
         if not due:
             return
         self._pending = self._pending[len(due) :]
-        pause = time.perf_counter()
+        pause = self.clock()
         loss = self.evaluate()
         self.curve.append(
             {
@@ -603,7 +620,46 @@ class WallClockBudget(keras.callbacks.Callback):
                 "test_loss": loss,
             }
         )
-        self.paused_seconds += time.perf_counter() - pause
+        self.paused_seconds += self.clock() - pause
+
+
+def calibrated_clock(
+    budget: WallClockBudget, first_step_seconds: float, step_seconds: float
+) -> Callable[[], float]:
+    """The idle-machine time of the steps `budget` has counted: a clock that load cannot move.
+
+    0 before the first step, `first + (k - 1) * step` after k steps, so a time budget becomes
+    the steps that fit in it at the speed `calibrate` measured on an idle machine: the
+    comparison is the same whatever else runs while it trains.
+    """
+    def seconds() -> float:
+        steps = budget.steps
+        return 0.0 if steps == 0 else first_step_seconds + (steps - 1) * step_seconds
+
+    return seconds
+
+
+def calibrate(dataset: str, names: Iterable[str], budget: Budget, steps: int) -> dict:
+    """Each model's first-step and median later-step wall time, `{model: {...}}`.
+
+    Run on an idle machine: these are the speeds a `--clock calibrated` comparison charges.
+    """
+    timing = {}
+    budget = dataclasses.replace(budget, steps=steps, sample_repeats=0)
+    for name in names:
+        keras.utils.set_random_seed(0)
+        timer = StepTimer()
+        train_and_evaluate(build_model(dataset, name, 0), dataset, budget, 0, timer=timer)
+        timing[name] = {
+            "first_step_seconds": round(timer.seconds[0], 4),
+            "step_seconds": statistics.median(timer.seconds[1:]),
+            "steps": len(timer.seconds),
+        }
+        print(
+            f"  calibration {dataset} {name}: first step {timer.seconds[0]:.2f} s, then "
+            f"{1000 * timing[name]['step_seconds']:.1f} ms per step"
+        )
+    return timing
 
 
 def score(model: FlowModel, test: tf.data.Dataset, config: training.TrainConfig) -> float:
@@ -663,7 +719,11 @@ def train_and_evaluate(
                 return score(model, test, config)
 
         times = checkpoint_seconds(budget.seconds, budget.checkpoints)
-        clock = WallClockBudget(budget.seconds, times, evaluate_ema)
+        if budget.clock == "calibrated":
+            clock = WallClockBudget(budget.seconds, times, evaluate_ema)
+            clock.clock = calibrated_clock(clock, *budget.calibrated)
+        else:
+            clock = WallClockBudget(budget.seconds, times, evaluate_ema, CLOCKS[budget.clock])
         callbacks.append(clock)
     start = time.perf_counter()
     if clock is not None:
@@ -715,7 +775,10 @@ def train_and_evaluate(
         end.update({"steps": clock.steps, "test_loss": test_loss})
         row.update(
             budget_seconds=budget.seconds,
-            # The clock's training time; train_seconds above also holds the pauses.
+            clock=budget.clock,
+            # The wall time of fit, checkpoint evaluations included.
+            wall_train_seconds=round(train_seconds, 2),
+            # The clock's training time (calibrated: the idle machine's time of these steps).
             train_seconds=round(clock.train_seconds, 2),
             checkpoint_evaluation_seconds=round(clock.paused_seconds, 2),
             curve=[*clock.curve, end],
@@ -733,35 +796,54 @@ def run_one(dataset: str, model_name: str, seed: int, budget: Budget, save_path=
 
 
 def tune_learning_rates(
-    dataset: str, names: Iterable[str], budget: Budget, grid: Sequence[float]
+    dataset: str,
+    names: Iterable[str],
+    budget: Budget,
+    grid: Sequence[float],
+    max_extensions: int = MAX_GRID_EXTENSIONS,
 ) -> tuple[dict[str, float], list[dict]]:
     """Each model's learning rate: the grid value with the lowest late training loss.
 
     Every model gets the same care: one run per grid value (seed `TUNING_SEED`, not one of the
     reported seeds, the budget of the comparison), scored by its mean training loss over the
     last `TUNING_TAIL` of its steps (`StepTimer.tail_loss`), so the test set plays no part.
-    A run that ends with a non-finite loss scores inf.
+    A run that ends with a non-finite loss scores inf. When a model's best value is at an end
+    of the grid, the grid grows past that end by the ratio of its last two values, up to
+    `max_extensions` times per model: no model's optimum is cut off by the grid.
 
     Returns:
-        `{model: learning rate}` and the tuning rows (one per model and grid value).
+        `{model: learning rate}` and the tuning rows (one per model and rate tried).
     """
     chosen, rows = {}, []
     budget = dataclasses.replace(budget, sample_repeats=0)
+
+    def score(name: str, rate: float) -> float:
+        keras.utils.set_random_seed(TUNING_SEED)
+        model = build_model(dataset, name, TUNING_SEED)
+        timer = StepTimer()
+        tuned = dataclasses.replace(budget, learning_rate=rate)
+        row = train_and_evaluate(model, dataset, tuned, TUNING_SEED, timer=timer)
+        tail = timer.tail_loss()
+        rows.append(
+            {"dataset": dataset, "model": name, "learning_rate": rate, "tail_loss": tail,
+             "test_loss": row["test_loss"], "steps": row["steps"]}
+        )
+        print(f"  tuning {dataset} {name} lr={rate:g}: late training loss {tail:.4f}")
+        return tail if math.isfinite(tail) else math.inf
+
     for name in names:
-        scores = {}
-        for rate in grid:
-            keras.utils.set_random_seed(TUNING_SEED)
-            model = build_model(dataset, name, TUNING_SEED)
-            timer = StepTimer()
-            tuned = dataclasses.replace(budget, learning_rate=rate)
-            row = train_and_evaluate(model, dataset, tuned, TUNING_SEED, timer=timer)
-            tail = timer.tail_loss()
-            scores[rate] = tail if math.isfinite(tail) else math.inf
-            rows.append(
-                {"dataset": dataset, "model": name, "learning_rate": rate, "tail_loss": tail,
-                 "test_loss": row["test_loss"], "steps": row["steps"]}
-            )
-            print(f"  tuning {dataset} {name} lr={rate:g}: late training loss {tail:.4f}")
+        scores = {rate: score(name, rate) for rate in grid}
+        for _ in range(max_extensions):
+            rates = sorted(scores)
+            best = min(scores, key=scores.get)
+            if len(rates) < 2 or best not in (rates[0], rates[-1]):
+                break
+            if best == rates[0]:
+                scores[best * rates[0] / rates[1]] = None  # placeholder, scored below
+            else:
+                scores[best * rates[-1] / rates[-2]] = None
+            new = next(r for r, v in scores.items() if v is None)
+            scores[new] = score(name, new)
         chosen[name] = min(scores, key=scores.get)
     return chosen, rows
 
@@ -990,6 +1072,32 @@ def _report(r: dict) -> None:
     )
 
 
+def _calibrate_only(
+    args: argparse.Namespace, argv: list[str] | None, datasets: list, budgets: dict, *, quick: bool
+) -> None:
+    """`--calibrate`: every model's step time on each data set, to `--output`."""
+    load_before = load_average()
+    timing = {}
+    steps = 3 if quick else CALIBRATION_STEPS
+    for dataset in datasets:
+        budget = budgets["digits" if dataset == "digits" else "toy"]
+        names = models_for(
+            dataset, args.models or (QUICK_TIME_MODELS if quick else flows_for(dataset))
+        )
+        speeds = calibrate(dataset, names, budget, steps)
+        timing[dataset] = {canonical(name): speed for name, speed in speeds.items()}
+    output = args.output or RESULTS.with_name("compare_flows_calibration.json")
+    write_results(
+        output,
+        __file__,
+        argv,
+        settings={"steps": steps, "statistic": "first step; median of the later steps"},
+        load_average_before=load_before,
+        load_average_after=load_average(),
+        calibration=timing,
+    )
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny settings (seconds per model)")
@@ -1022,6 +1130,30 @@ def main(argv: list[str] | None = None) -> None:
         "--digits-steps", type=int, default=None, help="default 115: 5 epochs of 1500 at 64"
     )
     parser.add_argument("--digits-batch-size", type=int, default=64)
+    parser.add_argument(
+        "--clock",
+        choices=(*CLOCKS, "calibrated"),
+        default="wall",
+        help="how time budgets count: wall-clock (default); the process's CPU time (a run "
+        "pinned to one core with one TensorFlow thread); or 'calibrated': the steps that fit "
+        "in the budget at the speeds of --calibration, measured on an idle machine (the "
+        "result does not depend on the load while it trains)",
+    )
+    parser.add_argument(
+        "--learning-rates-from",
+        type=Path,
+        help="take each model's learning rate from an earlier run's results JSON (its "
+        "tuned `learning_rates`) instead of tuning again",
+    )
+    parser.add_argument(
+        "--calibrate",
+        action="store_true",
+        help=f"only measure every model's step time ({CALIBRATION_STEPS} steps each, on an "
+        "idle machine) and write them to --output, for --clock calibrated",
+    )
+    parser.add_argument(
+        "--calibration", type=Path, help="the --calibrate output used by --clock calibrated"
+    )
     parser.add_argument(
         "--toy-seconds",
         type=float,
@@ -1075,6 +1207,11 @@ def main(argv: list[str] | None = None) -> None:
     quick, long = args.quick, args.long
     if quick and long:
         parser.error("--quick and --long exclude each other")
+    if (args.clock == "calibrated") != (args.calibration is not None):
+        parser.error("--clock calibrated and --calibration go together")
+    calibration = {}
+    if args.calibration:
+        calibration = json.loads(args.calibration.read_text())["calibration"]
     budgets = args.budget or ("both" if quick else "seconds" if long else "steps")
     output = args.output or (RESULTS_SECONDS if budgets == "seconds" else RESULTS)
     datasets = args.datasets or (["8gaussians", "digits"] if quick else list(DATASETS))
@@ -1093,11 +1230,14 @@ def main(argv: list[str] | None = None) -> None:
         QUICK_SECONDS if quick else LONG_DIGITS_SECONDS if long else DIGITS_SECONDS
     )
     timed = {"checkpoints": checkpoints, "sample_repeats": 0, "steps": MAX_STEPS}
+    timed["clock"] = args.clock
     toy_timed = Budget(batch_size=args.toy_batch_size, seconds=toy_seconds, **timed)
     digits_timed = Budget(batch_size=args.digits_batch_size, seconds=digits_seconds, **timed)
 
     grid = LEARNING_RATE_GRID if args.tune_learning_rates else args.learning_rates
     grid = tuple(grid or (Budget.learning_rate,))
+    if args.calibrate:
+        return _calibrate_only(args, argv, datasets, {"toy": toy, "digits": digits}, quick=quick)
 
     load_before = load_average()
     start = time.perf_counter()
@@ -1109,7 +1249,13 @@ def main(argv: list[str] | None = None) -> None:
             dataset, args.models or (QUICK_TIME_MODELS if quick else flows_for(dataset))
         )
         names = list(dict.fromkeys([*step_names, *time_names]))
-        if len(grid) > 1:
+        if args.learning_rates_from:
+            earlier = json.loads(args.learning_rates_from.read_text())["learning_rates"]
+            missing = [n for n in names if canonical(n) not in earlier.get(dataset, {})]
+            if missing:
+                parser.error(f"{args.learning_rates_from} has no rate for {missing} on {dataset}")
+            rates = {n: earlier[dataset][canonical(n)] for n in names}
+        elif len(grid) > 1:
             rates, tuned = tune_learning_rates(dataset, names, step_budget, grid)
             tuning_rows.extend(tuned)
         else:
@@ -1128,6 +1274,12 @@ def main(argv: list[str] | None = None) -> None:
             timed_budget = digits_timed if dataset == "digits" else toy_timed
             for model_name in time_names:
                 budget = dataclasses.replace(timed_budget, learning_rate=rates[model_name])
+                if args.clock == "calibrated":
+                    speed = calibration.get(dataset, {}).get(canonical(model_name))
+                    if speed is None:
+                        parser.error(f"{args.calibration} has no {model_name} on {dataset}")
+                    speeds = (speed["first_step_seconds"], speed["step_seconds"])
+                    budget = dataclasses.replace(budget, calibrated=speeds)
                 for seed in seeds:
                     time_rows.append(run_one(dataset, model_name, seed, budget))
                     _report(time_rows[-1])
@@ -1168,10 +1320,13 @@ def main(argv: list[str] | None = None) -> None:
             "learning_rate_grid": list(grid),
             "tuning": "one run per model and grid value at the equal-steps budget (seed "
             f"{TUNING_SEED}); the lowest mean training loss over the last {TUNING_TAIL:g} of "
-            "the steps wins" if len(grid) > 1 else "none: one rate for every model",
-            "time_budget": "training wall-clock from the start of fit (tracing and the first "
-            "step included), checkpoint evaluations excluded; fit stops at the end of the "
-            "step that reaches it",
+            f"the steps wins; the grid grows past an end that wins (up to {MAX_GRID_EXTENSIONS} "
+            "times)" if len(grid) > 1 else "none: one rate for every model",
+            "calibration": str(args.calibration) if args.calibration else None,
+            "learning_rates_from": str(args.learning_rates_from or "") or None,
+            "time_budget": f"training time ({args.clock} clock) from the start of fit (tracing "
+            "and the first step included), checkpoint evaluations excluded; fit stops at the "
+            "end of the step that reaches it",
         },
         load_average_before=load_before,
         load_average_after=load_average(),

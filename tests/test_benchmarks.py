@@ -96,6 +96,26 @@ def test_tail_loss_is_the_mean_of_the_last_steps(compare_flows):
     assert timer.tail_loss(1.0) == pytest.approx(sum(losses) / len(losses))
 
 
+def test_time_budget_counts_the_clock_it_is_given(compare_flows):
+    import itertools
+
+    import keras
+    import numpy as np
+    import tensorflow as tf
+
+    ticks = itertools.count()
+    clock = compare_flows.WallClockBudget(5.0, clock=lambda: float(next(ticks)))
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    model.compile(optimizer="sgd", loss="mse")
+    x = np.zeros((8, 2), "float32")
+    data = tf.data.Dataset.from_tensors((x, x[:, :1])).repeat()
+    clock.start_clock()  # tick 0; each step reads one tick: the 5th step reaches 5
+    model.fit(data, epochs=1, steps_per_epoch=100, verbose=0, callbacks=[clock])
+    assert clock.steps == 5
+    assert clock.train_seconds == 5.0
+    assert set(compare_flows.CLOCKS) == {"wall", "cpu"}
+
+
 def test_wall_clock_budget_stops_fit_and_pauses_for_checkpoints(compare_flows):
     import keras
     import numpy as np
@@ -292,7 +312,9 @@ def test_tune_learning_rates_picks_the_lowest_late_loss(compare_flows, monkeypat
 
     monkeypatch.setattr(compare_flows, "train_and_evaluate", fake_train)
     budget = compare_flows.Budget(steps=10, batch_size=4)
-    chosen, rows = compare_flows.tune_learning_rates("8gaussians", ["a", "b"], budget, (1e-3, 1e-2))
+    chosen, rows = compare_flows.tune_learning_rates(
+        "8gaussians", ["a", "b"], budget, (1e-3, 1e-2), max_extensions=0
+    )
     assert chosen == {"a": 1e-2, "b": 1e-3}
     assert len(rows) == 4
     assert {r["model"] for r in rows} == {"a", "b"}
@@ -304,3 +326,30 @@ def test_parameter_cell_shows_a_ratio_only_against_a_reference(compare_flows):
     assert compare_flows._parameter_cell({**entry, "parameters_vs_resflow": 0.984}) == (
         "35,348 (0.984x)"
     )
+
+
+def test_a_calibrated_clock_charges_the_idle_speed_per_step(compare_flows):
+    budget = compare_flows.WallClockBudget(1.0)
+    clock = compare_flows.calibrated_clock(budget, 0.5, 0.1)
+    assert clock() == 0.0
+    budget.steps = 1
+    assert clock() == 0.5  # the first step, tracing included
+    budget.steps = 6
+    assert clock() == pytest.approx(1.0)
+
+
+def test_tuning_grows_the_grid_past_an_end_where_the_best_rate_lies(compare_flows, monkeypatch):
+    tried = []
+
+    def fake_run(model, dataset, budget, seed, timer):  # the loss is lowest at 1e-4
+        tried.append(budget.learning_rate)
+        timer.running_losses = [abs(math.log10(budget.learning_rate) + 4.0)]
+        return {"test_loss": 0.0, "steps": 1}
+
+    monkeypatch.setattr(compare_flows, "build_model", lambda *args: None)
+    monkeypatch.setattr(compare_flows, "train_and_evaluate", fake_run)
+    budget = compare_flows.Budget(steps=10, batch_size=8)
+    chosen, rows = compare_flows.tune_learning_rates("8gaussians", ["m"], budget, [1e-2, 1e-3])
+    assert tried == pytest.approx([1e-2, 1e-3, 1e-4, 1e-5])  # extended twice, stopped inside
+    assert chosen["m"] == pytest.approx(1e-4)
+    assert len(rows) == 4
