@@ -96,6 +96,26 @@ def test_tail_loss_is_the_mean_of_the_last_steps(compare_flows):
     assert timer.tail_loss(1.0) == pytest.approx(sum(losses) / len(losses))
 
 
+def test_time_budget_counts_the_clock_it_is_given(compare_flows):
+    import itertools
+
+    import keras
+    import numpy as np
+    import tensorflow as tf
+
+    ticks = itertools.count()
+    clock = compare_flows.WallClockBudget(5.0, clock=lambda: float(next(ticks)))
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    model.compile(optimizer="sgd", loss="mse")
+    x = np.zeros((8, 2), "float32")
+    data = tf.data.Dataset.from_tensors((x, x[:, :1])).repeat()
+    clock.start_clock()  # tick 0; each step reads one tick: the 5th step reaches 5
+    model.fit(data, epochs=1, steps_per_epoch=100, verbose=0, callbacks=[clock])
+    assert clock.steps == 5
+    assert clock.train_seconds == 5.0
+    assert set(compare_flows.CLOCKS) == {"wall", "cpu"}
+
+
 def test_wall_clock_budget_stops_fit_and_pauses_for_checkpoints(compare_flows):
     import keras
     import numpy as np
