@@ -133,8 +133,9 @@ def rotated_toy_log_prob(name: str, x: np.ndarray, context: np.ndarray) -> np.nd
     context = np.broadcast_to(np.asarray(context, np.float64), x.shape)
     norms = np.linalg.norm(context, axis=-1)
     if not np.all(np.abs(norms - 1) < _UNIT_TOLERANCE):
-        validation.fail("context", "unit vectors (cos a, sin a)", f"norms in [{norms.min()}, "
-                        f"{norms.max()}]")
+        validation.fail(
+            "context", "unit vectors (cos a, sin a)", f"norms in [{norms.min()}, {norms.max()}]"
+        )
     cos, sin = context[:, 0], context[:, 1]
     y = np.stack([cos * x[:, 0] + sin * x[:, 1], -sin * x[:, 0] + cos * x[:, 1]], axis=-1)
     return toy_log_prob(name, y)
@@ -372,8 +373,11 @@ def grid_posterior(observation: np.ndarray, *, resolution: int = 1000) -> GridPo
     log_likelihood = two_moons_log_likelihood(observation, theta)
     peak = log_likelihood.max()
     if not np.isfinite(peak) or peak < -1e3:
-        validation.fail("observation", "an x_o that some theta in the prior's box can produce",
-                        observation.tolist())
+        validation.fail(
+            "observation",
+            "an x_o that some theta in the prior's box can produce",
+            observation.tolist(),
+        )
     log_normaliser = peak + np.log(np.sum(np.exp(log_likelihood - peak)) * h * h)
     return GridPosterior(
         observation=observation,
