@@ -1,6 +1,7 @@
 """Runs every benchmark script, each in its own process, and collects their JSON in one place.
 
-Full mode (about 20 minutes on 2 CPU cores; one script at a time, so timings do not compete):
+Full mode (about 45 minutes on 2 CPU cores, conditional.py about 25 of them; one script at a
+time, so timings do not compete):
 
     compare_flows.py   3 toy sets x (resflow-lipswish, realnvp, maf) + digits x (resflow-lipswish,
                        glow), 3 seeds, equal steps (its equal-seconds `--long` run, hours, is
@@ -24,7 +25,7 @@ configurations, write `train_step_run_all.json`, `logdet_memory_run_all.json` an
 `logdet_memory.json`) are never overwritten. `run_all.json` records each script's command,
 exit status and wall time, and the machine's load average before and after.
 
-Quick mode (`--quick`, about 2-3 minutes): every script in a tiny configuration, two at a time,
+Quick mode (`--quick`, about 4-5 minutes): every script in a tiny configuration, two at a time,
 into a fresh temporary directory unless `--output-dir` is given (never the committed results):
 
     compare_flows.py --quick (equal steps, and equal seconds: 3 s per model with 2 checkpoints,
@@ -192,7 +193,7 @@ def run(todo: list[Task], jobs: int, scratch: Path) -> list[Task]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="tiny configurations, 2-3 minutes")
+    parser.add_argument("--quick", action="store_true", help="tiny configurations, 4-5 minutes")
     parser.add_argument(
         "--output-dir",
         type=Path,

@@ -1,6 +1,6 @@
 """The benchmark scripts keep running: `benchmarks/run_all.py --quick` end to end.
 
-One subprocess runs every script in its tiny configuration (about 2-3 minutes on 2 CPU cores,
+One subprocess runs every script in its tiny configuration (about 4-5 minutes on 2 CPU cores,
 two scripts at a time) into a temporary directory; each must exit cleanly and write its JSON
 with non-empty rows of finite numbers (and the estimator plot, and compare_flows' time-budget
 curves and pictures). Fast tests check compare_flows' model registry and its time budget
@@ -445,3 +445,21 @@ def test_conditional_made_is_autoregressive_in_x_for_every_context():
             # Output i depends on x_<i only: zero on and above the diagonal.
             assert np.all(np.triu(np.abs(jacobian).sum(0)) == 0)
             assert np.abs(np.tril(jacobian.sum(0), -1)).sum() > 0
+
+
+def test_conditional_tuning_gives_every_model_the_same_rule(conditional, monkeypatch):
+    """compare_flows' rule: the rate whose run ends lowest; a non-finite run never wins."""
+    late = {("a", 1e-3): 2.0, ("a", 1e-2): 1.0, ("b", 1e-3): 1.5, ("b", 1e-2): float("nan")}
+
+    def fake_train(task, name, seed, budget, sizes, *, timer):
+        assert seed == conditional.TUNING_SEED
+        timer.running_losses = [late[(name, budget.learning_rate)]] * 10
+        return {"test_loss": 0.0}
+
+    monkeypatch.setattr(conditional, "train_and_score", fake_train)
+    budget = conditional.Budget(steps=10, batch_size=4)
+    chosen, rows = conditional.tune_learning_rates(
+        "rotated", ["a", "b"], budget, (1e-3, 1e-2), conditional.QUICK_SIZES
+    )
+    assert chosen == {"a": 1e-2, "b": 1e-3}
+    assert {(r["model"], r["learning_rate"]) for r in rows} == set(late)
