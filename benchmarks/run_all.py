@@ -1,6 +1,7 @@
 """Runs every benchmark script, each in its own process, and collects their JSON in one place.
 
-Full mode (about 20 minutes on 2 CPU cores; one script at a time, so timings do not compete):
+Full mode (about 45 minutes on 2 CPU cores, conditional.py about 25 of them; one script at a
+time, so timings do not compete):
 
     compare_flows.py   3 toy sets x (resflow-lipswish, realnvp, maf) + digits x (resflow-lipswish,
                        glow), 3 seeds, equal steps (its equal-seconds `--long` run, hours, is
@@ -13,16 +14,18 @@ Full mode (about 20 minutes on 2 CPU cores; one script at a time, so timings do 
                        model, saved to a scratch directory>       (no 2.5-minute train_tf.py run)
     lipschitz_budget.py --jobs 2   where the blocks' Lipschitz budget goes, per initialiser and
                        activation (about 30-40 minutes more on a loaded machine)
+    conditional.py     conditional flows (rotated 8gaussians, two-moons posterior with C2ST,
+                       class-conditional digits), 3 seeds, equal steps
 
 The new scripts write `compare_flows.json`, `ablations.json`, `estimators.json` (+ `.png`),
-`lipschitz_budget.json` to
+`lipschitz_budget.json`, `conditional.json` (+ `conditional_two_moons.png`) to
 `--output-dir` (default `benchmarks/results/`); the three older scripts, run here in reduced
 configurations, write `train_step_run_all.json`, `logdet_memory_run_all.json` and
 `solver_run_all.json`, so the committed full runs quoted in the README (`train_step.json`,
 `logdet_memory.json`) are never overwritten. `run_all.json` records each script's command,
 exit status and wall time, and the machine's load average before and after.
 
-Quick mode (`--quick`, about 2-3 minutes): every script in a tiny configuration, two at a time,
+Quick mode (`--quick`, about 4-5 minutes): every script in a tiny configuration, two at a time,
 into a fresh temporary directory unless `--output-dir` is given (never the committed results):
 
     compare_flows.py --quick (equal steps, and equal seconds: 3 s per model with 2 checkpoints,
@@ -30,7 +33,8 @@ into a fresh temporary directory unless `--output-dir` is given (never the commi
     train_step.py --configs toy digits --steps 2, logdet_memory.py --terms 2 5 --networks mlp,
     solver.py --models digits --tolerances 1e-4 --num-samples 8 --repeats 1 --digits-model <the
     residual digits model compare_flows.py --quick trained for 4 steps>, lipschitz_budget.py
-    --quick (one toy variant, 3 steps)
+    --quick (one toy variant, 3 steps), conditional.py --quick --budget steps (every task and
+    model, 10 steps, 3 on digits; its equal-time path is tested on its own)
 
     python benchmarks/run_all.py
     python benchmarks/run_all.py --quick
@@ -62,6 +66,7 @@ SCRIPTS = (
     "logdet_memory",
     "solver",
     "lipschitz_budget",
+    "conditional",
 )
 # Files each script writes (relative to the output directory): what the tests check.
 OUTPUTS = {
@@ -72,6 +77,7 @@ OUTPUTS = {
     "logdet_memory": "logdet_memory_run_all.json",
     "solver": "solver_run_all.json",
     "lipschitz_budget": "lipschitz_budget.json",
+    "conditional": "conditional.json",
 }
 
 
@@ -122,6 +128,7 @@ def tasks(*, quick: bool, out: Path, scratch: Path) -> list[Task]:
                 after=("compare_flows",),
             ),
             Task("lipschitz_budget", ["--quick", *output("lipschitz_budget")]),
+            Task("conditional", ["--quick", "--budget", "steps", *output("conditional")]),
         ]
     return [
         Task("compare_flows", [*output("compare_flows"), "--save-digits-model", str(model)]),
@@ -135,6 +142,7 @@ def tasks(*, quick: bool, out: Path, scratch: Path) -> list[Task]:
             after=("compare_flows",),
         ),
         Task("lipschitz_budget", ["--jobs", "2", *output("lipschitz_budget")]),
+        Task("conditional", output("conditional")),
     ]
 
 
@@ -185,7 +193,7 @@ def run(todo: list[Task], jobs: int, scratch: Path) -> list[Task]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="tiny configurations, 2-3 minutes")
+    parser.add_argument("--quick", action="store_true", help="tiny configurations, 4-5 minutes")
     parser.add_argument(
         "--output-dir",
         type=Path,

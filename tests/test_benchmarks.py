@@ -1,6 +1,6 @@
 """The benchmark scripts keep running: `benchmarks/run_all.py --quick` end to end.
 
-One subprocess runs every script in its tiny configuration (about 2-3 minutes on 2 CPU cores,
+One subprocess runs every script in its tiny configuration (about 4-5 minutes on 2 CPU cores,
 two scripts at a time) into a temporary directory; each must exit cleanly and write its JSON
 with non-empty rows of finite numbers (and the estimator plot, and compare_flows' time-budget
 curves and pictures). Fast tests check compare_flows' model registry and its time budget
@@ -9,11 +9,13 @@ curves and pictures). Fast tests check compare_flows' model registry and its tim
 
 import json
 import math
+import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -353,3 +355,140 @@ def test_tuning_grows_the_grid_past_an_end_where_the_best_rate_lies(compare_flow
     assert tried == pytest.approx([1e-2, 1e-3, 1e-4, 1e-5])  # extended twice, stopped inside
     assert chosen["m"] == pytest.approx(1e-4)
     assert len(rows) == 4
+
+
+# ------------------------------------------------------------------------------------------------
+# benchmarks/conditional.py (issue 19): its quick equal-steps run is part of run_all's quick run
+# above; here its equal-time path, the classifier two-sample test and the conditional baselines.
+
+
+@pytest.fixture(scope="module")
+def conditional():
+    import conditional
+
+    return conditional
+
+
+@pytest.mark.slow
+def test_conditional_quick_time_budget(tmp_path):
+    output = tmp_path / "conditional.json"
+    script = ROOT / "benchmarks" / "conditional.py"
+    result = subprocess.run(
+        [sys.executable, str(script), "--quick", "--budget", "seconds", "--output", str(output)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        # This checkout's package, also where another one is installed.
+        env={**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "3"},
+    )
+    assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-5000:]
+    results = json.loads(output.read_text())
+    assert results["command"].startswith("python benchmarks/conditional.py --quick")
+    rows = results["time_rows"]
+    assert {(r["task"], r["model"]) for r in rows} == {
+        *(
+            (task, model)
+            for task in ("rotated", "two_moons")
+            for model in ("resflow", "maf", "realnvp")
+        ),
+        ("digits", "resflow"),
+        ("digits", "resflow-unconditional"),
+    }
+    for row in rows:
+        values = list(numbers(row))
+        assert all(math.isfinite(v) for v in values), row
+        assert row["train_seconds"] >= row["budget_seconds"]
+        if row["task"] == "two_moons":
+            assert all(0.0 <= a <= 1.0 for a in row["c2st"])
+    # The baselines are sized like the residual flow.
+    assert all(s.get("parameters_within_tolerance", True) for s in results["time_summary"])
+    assert (tmp_path / results["picture"]).stat().st_size > 10_000
+    # The true densities' held-out NLL (the floors) are below every model's.
+    for row in rows:
+        if row["reference_loss"] is not None:
+            assert row["test_loss"] > row["reference_loss"]
+
+
+def test_c2st_tells_apart_only_different_samples(conditional):
+    from tfp_resflow import conditional_data
+
+    _, x_o = conditional.observations(1)
+    posterior = conditional_data.grid_posterior(x_o[0], resolution=400)
+    reference = posterior.sample(400, seed=0)
+    same = conditional.c2st(posterior.sample(400, seed=1), reference, steps=300, seed=0)
+    prior = conditional_data.two_moons_prior(400, seed=0)
+    different = conditional.c2st(prior, reference, steps=300, seed=0)
+    assert abs(same - 0.5) < 0.07
+    assert different > 0.9
+    broken = prior.copy()
+    broken[:100] = np.nan  # non-finite samples count as recognised
+    assert conditional.c2st(broken, reference, steps=300, seed=0) >= different - 0.05
+
+
+@pytest.mark.parametrize("name", ["maf", "realnvp"])
+def test_conditional_baselines_use_the_context_and_keep_the_size(conditional, name):
+    model = conditional.VECTOR_MODELS[name]()
+    model.build(model.input_shape_for_build())
+    x = np.random.default_rng(0).normal(size=(5, 2)).astype(np.float32)
+    c = np.random.default_rng(1).normal(size=(5, 2)).astype(np.float32)
+    # Non-zero output layers, so the context changes the density.
+    for network in model.networks:
+        for weight in network.trainable_weights:
+            weight.assign(np.random.default_rng(2).normal(0, 0.3, weight.shape))
+    log_p = model.log_prob(x, context=c).numpy()
+    assert np.all(np.isfinite(log_p))
+    assert np.max(np.abs(log_p - model.log_prob(x, context=c[::-1]).numpy())) > 1e-3
+    # One context for all examples is broadcast.
+    np.testing.assert_allclose(
+        model.log_prob(x, context=c[0]).numpy(),
+        model.log_prob(x, context=np.repeat(c[:1], 5, axis=0)).numpy(),
+        rtol=1e-5,
+    )
+    reference = conditional.VECTOR_MODELS["resflow"]()
+    reference.build(reference.input_shape_for_build())
+    count = compare_flows_parameters(model)
+    assert abs(count / compare_flows_parameters(reference) - 1) <= 0.10
+
+
+def compare_flows_parameters(model):
+    return sum(math.prod(w.shape) for w in model.trainable_weights)
+
+
+def test_conditional_made_is_autoregressive_in_x_for_every_context():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import tensorflow as tf
+    from conditional_baselines import ConditionalMADE
+
+    made = ConditionalMADE(3, (16, 16))
+    made.build((None, 3), (None, 2))
+    for weight in made.trainable_weights:
+        weight.assign(np.random.default_rng(0).normal(0, 0.5, weight.shape))
+    x = tf.constant(np.random.default_rng(1).normal(size=(4, 3)), tf.float32)
+    for c in np.random.default_rng(2).normal(size=(3, 4, 2)).astype(np.float32):
+        with tf.GradientTape(persistent=True) as tape:
+            tape.watch(x)
+            shift, log_scale = made(x, c)
+        for out in (shift, log_scale):
+            jacobian = tape.batch_jacobian(out, x).numpy()  # [batch, out, in]
+            # Output i depends on x_<i only: zero on and above the diagonal.
+            assert np.all(np.triu(np.abs(jacobian).sum(0)) == 0)
+            assert np.abs(np.tril(jacobian.sum(0), -1)).sum() > 0
+
+
+def test_conditional_tuning_gives_every_model_the_same_rule(conditional, monkeypatch):
+    """compare_flows' rule: the rate whose run ends lowest; a non-finite run never wins."""
+    late = {("a", 1e-3): 2.0, ("a", 1e-2): 1.0, ("b", 1e-3): 1.5, ("b", 1e-2): float("nan")}
+
+    def fake_train(task, name, seed, budget, sizes, *, timer):
+        assert seed == conditional.TUNING_SEED
+        timer.running_losses = [late[(name, budget.learning_rate)]] * 10
+        return {"test_loss": 0.0}
+
+    monkeypatch.setattr(conditional, "train_and_score", fake_train)
+    budget = conditional.Budget(steps=10, batch_size=4)
+    chosen, rows = conditional.tune_learning_rates(
+        "rotated", ["a", "b"], budget, (1e-3, 1e-2), conditional.QUICK_SIZES
+    )
+    assert chosen == {"a": 1e-2, "b": 1e-3}
+    assert {(r["model"], r["learning_rate"]) for r in rows} == set(late)
