@@ -1,6 +1,6 @@
 """The notebooks: committed without outputs, and executed top to bottom with small settings.
 
-`TFP_RESFLOW_QUICK=1` (read by each notebook's parameters cell) shrinks every run, so the three
+`TFP_RESFLOW_QUICK=1` (read by each notebook's parameters cell) shrinks every run, so the four
 together take a few minutes on 2 CPU cores; unset, they train for real.
 """
 
@@ -14,11 +14,12 @@ ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 
 
-def test_the_three_notebooks_exist():
+def test_the_four_notebooks_exist():
     assert [p.name for p in NOTEBOOKS] == [
         "01_quickstart_2d.ipynb",
         "02_images.ipynb",
         "03_estimators.ipynb",
+        "04_conditional.ipynb",
     ]
 
 

@@ -31,6 +31,7 @@ The package is flat; each module is about one idea:
 - `optimizer`: `GroupedAdam`, Keras' Adam updating equal-shaped variables together.
 - `bits`: bits per dimension of dequantised data.
 - `image`, `multiscale`, `presets`: image bijectors, the multi-scale flow, the named configs.
+- `conditional_data`: conditional densities with exact answers (rotated toys, two moons).
 - `data`, `toy_data`, `training`, `evaluation`, `distribute`, `artifacts`: what `train_tf.py`
   is built from.
 """
