@@ -66,14 +66,14 @@ class EvaluationCounter:
         stateless_g = block_functions.BlockFunctions._stateless_g  # noqa: SLF001
         forward = ResidualBlock._forward  # noqa: SLF001
 
-        def counted_g(functions, trainable, non_trainable):  # noqa: ANN001, ANN202
-            g = stateless_g(functions, trainable, non_trainable)
+        def counted_g(functions, trainable, non_trainable, context):  # noqa: ANN001, ANN202
+            g, parameters = stateless_g(functions, trainable, non_trainable, context)
 
             def evaluate(t: tf.Tensor) -> tf.Tensor:
                 with tf.control_dependencies([counter.assign_add(1)]):
                     return g(tf.identity(t))
 
-            return evaluate
+            return evaluate, parameters
 
         def recorded_forward(block, z, **kwargs):  # noqa: ANN001, ANN202
             before = int(counter.numpy())
