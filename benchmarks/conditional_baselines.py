@@ -19,7 +19,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 import tensorflow_probability as tfp
-from compare_flows import MaskedDense, _actnorm, _soft_log_scale
+from compare_flows import CouplingMLP, MaskedDense, _actnorm, _soft_log_scale
 
 tfb = tfp.bijectors
 
@@ -33,32 +33,18 @@ def _broadcast_context(x: tf.Tensor, context: tf.Tensor) -> tf.Tensor:
     return tf.broadcast_to(context, shape)
 
 
-class ConditionalCouplingMLP(keras.Model):
+class ConditionalCouplingMLP(CouplingMLP):
     """`(x_a [B, d_a], c [B, K]) -> (shift, log_scale) [B, d_b]` for a conditional `tfb.RealNVP`.
 
-    The last layer starts at zero, so every coupling starts as the identity.
+    `compare_flows.CouplingMLP` on `[x_a, c]` concatenated (built for `(None, d_a + K)`); its
+    last layer starts at zero, so every coupling starts as the identity.
     """
 
     def __init__(self, output_size: int, hidden_units: tuple, **kwargs):
-        super().__init__(**kwargs)
-        self.output_size = output_size
-        self.hidden = [keras.layers.Dense(h, activation="relu") for h in hidden_units]
-        self.out = keras.layers.Dense(2 * output_size, kernel_initializer="zeros")
-
-    def build(self, input_shape: tuple) -> None:
-        """`input_shape`: that of `[x_a, c]` concatenated, `(None, d_a + K)`."""
-        shape = tuple(input_shape)
-        for layer in self.hidden:
-            layer.build(shape)
-            shape = (*shape[:-1], layer.units)
-        self.out.build(shape)
+        super().__init__(None, output_size, hidden_units, **kwargs)
 
     def call(self, x: tf.Tensor, conditional_input: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-        h = tf.concat([x, _broadcast_context(x, conditional_input)], axis=-1)
-        for layer in self.hidden:
-            h = layer(h)
-        out = self.out(h)
-        return out[..., : self.output_size], _soft_log_scale(out[..., self.output_size :])
+        return super().call(tf.concat([x, _broadcast_context(x, conditional_input)], axis=-1))
 
 
 class ConditionalMADE(keras.Model):
