@@ -632,6 +632,7 @@ def calibrated_clock(
     the steps that fit in it at the speed `calibrate` measured on an idle machine: the
     comparison is the same whatever else runs while it trains.
     """
+
     def seconds() -> float:
         steps = budget.steps
         return 0.0 if steps == 0 else first_step_seconds + (steps - 1) * step_seconds
@@ -814,7 +815,7 @@ def tune_learning_rates(
     Returns:
         `{model: learning rate}` and the tuning rows (one per model and rate tried).
     """
-    chosen, rows = {}, []
+    rows = []
     budget = dataclasses.replace(budget, sample_repeats=0)
 
     def score(name: str, rate: float) -> float:
@@ -825,27 +826,46 @@ def tune_learning_rates(
         row = train_and_evaluate(model, dataset, tuned, TUNING_SEED, timer=timer)
         tail = timer.tail_loss()
         rows.append(
-            {"dataset": dataset, "model": name, "learning_rate": rate, "tail_loss": tail,
-             "test_loss": row["test_loss"], "steps": row["steps"]}
+            {
+                "dataset": dataset,
+                "model": name,
+                "learning_rate": rate,
+                "tail_loss": tail,
+                "test_loss": row["test_loss"],
+                "steps": row["steps"],
+            }
         )
         print(f"  tuning {dataset} {name} lr={rate:g}: late training loss {tail:.4f}")
         return tail if math.isfinite(tail) else math.inf
 
-    for name in names:
-        scores = {rate: score(name, rate) for rate in grid}
-        for _ in range(max_extensions):
-            rates = sorted(scores)
-            best = min(scores, key=scores.get)
-            if len(rates) < 2 or best not in (rates[0], rates[-1]):
-                break
-            if best == rates[0]:
-                scores[best * rates[0] / rates[1]] = None  # placeholder, scored below
-            else:
-                scores[best * rates[-1] / rates[-2]] = None
-            new = next(r for r, v in scores.items() if v is None)
-            scores[new] = score(name, new)
-        chosen[name] = min(scores, key=scores.get)
+    chosen = {
+        name: best_on_growing_grid(grid, lambda rate, name=name: score(name, rate), max_extensions)
+        for name in names
+    }
     return chosen, rows
+
+
+def best_on_growing_grid(
+    grid: Sequence[float], score: Callable[[float], float], max_extensions: int
+) -> float:
+    """The grid value of lowest `score`, the grid grown past a winning end.
+
+    When the best value is at an end of the grid, the grid grows past that end by the ratio
+    of its last two values, up to `max_extensions` times: no optimum is cut off by the grid.
+    (The rule of `tune_learning_rates`, shared with `conditional.py`.)
+    """
+    scores = {rate: score(rate) for rate in grid}
+    for _ in range(max_extensions):
+        rates = sorted(scores)
+        best = min(scores, key=scores.get)
+        if len(rates) < 2 or best not in (rates[0], rates[-1]):
+            break
+        if best == rates[0]:
+            new = best * rates[0] / rates[1]
+        else:
+            new = best * rates[-1] / rates[-2]
+        scores[new] = score(new)
+    return min(scores, key=scores.get)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1196,9 +1216,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--tune-learning-rates",
         action="store_true",
-        help="tune every model's learning rate on the grid " + " ".join(
-            f"{r:g}" for r in LEARNING_RATE_GRID
-        ),
+        help="tune every model's learning rate on the grid "
+        + " ".join(f"{r:g}" for r in LEARNING_RATE_GRID),
     )
     parser.add_argument(
         "--save-digits-model", type=Path, help="save the first seed's residual digits model"
@@ -1321,7 +1340,9 @@ def main(argv: list[str] | None = None) -> None:
             "tuning": "one run per model and grid value at the equal-steps budget (seed "
             f"{TUNING_SEED}); the lowest mean training loss over the last {TUNING_TAIL:g} of "
             f"the steps wins; the grid grows past an end that wins (up to {MAX_GRID_EXTENSIONS} "
-            "times)" if len(grid) > 1 else "none: one rate for every model",
+            "times)"
+            if len(grid) > 1
+            else "none: one rate for every model",
             "calibration": str(args.calibration) if args.calibration else None,
             "learning_rates_from": str(args.learning_rates_from or "") or None,
             "time_budget": f"training time ({args.clock} clock) from the start of fit (tracing "

@@ -26,8 +26,8 @@ Three tasks (`tfp_resflow.conditional_data`, `tfp_resflow.data`):
                 q(x | y), a model of p(x) comparable with the unconditional one (the label's
                 information is worth at most log2(10) / 64 = 0.052 bits/dim).
 
-Models (`MODELS`): on the 2-D tasks the conditional residual flow (`presets.TOY` with LipSwish
-g 2-64-64-2, 8 blocks, `context_size=2`, each block's context network 64 wide), conditional
+Models (`MODELS`): on the 2-D tasks the conditional residual flow (`presets.TOY`: CLipSwish
+g 2-45-45-2, 8 blocks; `context_size=2`, each block's context network 64 wide), conditional
 MAF and conditional RealNVP (`conditional_baselines`: 8 layers of TFP bijectors with Keras 3
 networks of (x, c), hidden widths chosen so the parameter counts are within 10% of the residual
 flow's; checked and printed); on digits the `digits` preset image flow with `context_size=10`
@@ -37,12 +37,18 @@ How: `compare_flows`' recipe and machinery (imported): `training.make_optimizer`
 warm-up, clipping, EMA 0.99; EMA weights scored, norm estimates converged, evaluation mode),
 the same batch size per task, three seeds, `--budget steps|seconds|both` (equal steps, or equal
 training time per model and seed counted by `--clock wall|cpu` from the start of `fit`, tracing
-included). One learning rate for every model (2e-3), or `--learning-rates` with a grid: every
-model is tuned on the same grid by the same rule (`compare_flows.tune_learning_rates`' rule:
-lowest late training loss at the equal-steps budget, seed 100, test data unused).
+included; or `calibrated`: the steps that fit in the budget at each model's speed measured by
+`--calibrate` on an idle machine, so the result does not depend on the load while training).
+One learning rate for every model (2e-3), or `--learning-rates` with a grid: every model is
+tuned on the same grid by the same rule (`compare_flows.tune_learning_rates`' rule: lowest late
+training loss at the equal-steps budget, seed 100, test data unused, the grid grown past a
+winning end).
 
     python benchmarks/conditional.py                      # equal steps, 3 seeds
     python benchmarks/conditional.py --budget both --clock cpu
+    python benchmarks/conditional.py --calibrate              # on an idle machine, then:
+    python benchmarks/conditional.py --budget both --clock calibrated \
+        --calibration benchmarks/results/conditional_calibration.json
     python benchmarks/conditional.py --quick --output /tmp/conditional.json   # seconds
     python benchmarks/conditional.py --tasks two_moons --models resflow maf --seeds 1
 
@@ -53,6 +59,7 @@ observation next to the grid posterior.
 
 import argparse
 import dataclasses
+import json
 import math
 import os
 import statistics
@@ -67,8 +74,10 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 from compare_flows import (  # noqa: E402
+    CALIBRATION_STEPS,
     CLOCKS,
     LEARNING_RATE_GRID,
+    MAX_GRID_EXTENSIONS,
     PARAMETER_TOLERANCE,
     TUNING_SEED,
     TUNING_TAIL,
@@ -76,6 +85,8 @@ from compare_flows import (  # noqa: E402
     NetworkOwningFlowModel,
     StepTimer,
     WallClockBudget,
+    best_on_growing_grid,
+    calibrated_clock,
     format_spread,
     load_average,
     parameter_counts,
@@ -93,12 +104,14 @@ from tfp_resflow.model import FlowModel  # noqa: E402
 tf.get_logger().setLevel("ERROR")
 RESULTS = Path(__file__).resolve().parent / "results" / "conditional.json"
 PICTURE = "conditional_two_moons.png"
+CALIBRATION = "conditional_calibration.json"  # `--calibrate`'s default output
 TASKS = ("rotated", "two_moons", "digits")
 REFERENCE_MODEL = "resflow"
 ROTATED_TOY = "8gaussians"
 # Hidden widths of the baselines' networks: parameter counts within 10% of the residual flow's
-# 105,052 (8 blocks of g 2-64-64-2 with a 64-wide context network and context shifts).
-BASELINE_HIDDEN_UNITS = (112, 112)
+# 85,452 (`presets.TOY`'s 8 blocks with a 64-wide context network and context shifts): MAF
+# 88,036 (85,636 free), RealNVP 85,620.
+BASELINE_HIDDEN_UNITS = (100, 100)
 MAX_STEPS = 10**7  # a time budget's step cap: never reached
 EVALUATION_BATCH = 2000
 
@@ -144,10 +157,9 @@ DIGITS_LOSS = {"loss_unit": "bits_per_dim", "num_levels": data.DIGITS_NUM_LEVELS
 
 
 def vector_resflow(context_size: int) -> FlowModel:
-    """The conditional residual flow for 2-D events (LipSwish g 2-64-64-2, 8 blocks)."""
-    config = with_fields(
-        presets.TOY, activation="lipswish", hidden_units=(64, 64), context_size=context_size
-    )
+    """The conditional residual flow for 2-D events: `presets.TOY` (8 blocks of CLipSwish g
+    2-45-45-2) with a context network per block."""
+    config = with_fields(presets.TOY, context_size=context_size)
     return FlowModel(ResidualFlowBijector(config), event_shape=[2], context_shape=[context_size])
 
 
@@ -373,7 +385,11 @@ def train_and_score(
     callbacks: list[keras.callbacks.Callback] = [timer]
     clock = None
     if budget.seconds is not None:
-        clock = WallClockBudget(budget.seconds, clock=CLOCKS[budget.clock])
+        if budget.clock == "calibrated":
+            clock = WallClockBudget(budget.seconds)
+            clock.clock = calibrated_clock(clock, *budget.calibrated)
+        else:
+            clock = WallClockBudget(budget.seconds, clock=CLOCKS[budget.clock])
         callbacks.append(clock)
     start = time.perf_counter()
     if clock is not None:
@@ -427,31 +443,58 @@ def tune_learning_rates(
 ) -> tuple[dict[str, float], list[dict]]:
     """`compare_flows.tune_learning_rates`' rule on this script's tasks: for every model, the
     grid value with the lowest mean training loss over the last `TUNING_TAIL` of the steps of
-    an equal-steps run (seed `TUNING_SEED`); the held-out data play no part."""
-    chosen, rows = {}, []
-    for name in names:
-        scores = {}
-        for rate in grid:
-            timer = StepTimer()
-            tuned = dataclasses.replace(budget, learning_rate=rate)
-            row = train_and_score(task, name, TUNING_SEED, tuned, sizes, timer=timer)
-            tail = timer.tail_loss(TUNING_TAIL)
-            scores[rate] = tail if math.isfinite(tail) else math.inf
-            rows.append(
-                {
-                    "task": task,
-                    "model": name,
-                    "learning_rate": rate,
-                    "tail_loss": tail,
-                    "test_loss": row["test_loss"],
-                }
-            )
-            print(
-                f"  tuning {task} {name} lr={rate:g}: late training loss {tail:.4f}",
-                file=sys.stderr,
-            )
-        chosen[name] = min(scores, key=scores.get)
+    an equal-steps run (seed `TUNING_SEED`; the held-out data play no part), the grid grown
+    past a winning end (`compare_flows.best_on_growing_grid`)."""
+    rows = []
+
+    def score(name: str, rate: float) -> float:
+        timer = StepTimer()
+        tuned = dataclasses.replace(budget, learning_rate=rate)
+        row = train_and_score(task, name, TUNING_SEED, tuned, sizes, timer=timer)
+        tail = timer.tail_loss(TUNING_TAIL)
+        rows.append(
+            {
+                "task": task,
+                "model": name,
+                "learning_rate": rate,
+                "tail_loss": tail,
+                "test_loss": row["test_loss"],
+            }
+        )
+        print(f"  tuning {task} {name} lr={rate:g}: late training loss {tail:.4f}", file=sys.stderr)
+        return tail if math.isfinite(tail) else math.inf
+
+    chosen = {
+        name: best_on_growing_grid(
+            grid, lambda rate, name=name: score(name, rate), MAX_GRID_EXTENSIONS
+        )
+        for name in names
+    }
     return chosen, rows
+
+
+def calibrate(task: str, names: list[str], budget: Budget, sizes: Sizes) -> dict:
+    """Each model's first-step and median later-step wall time on `task`, `{model: {...}}`.
+
+    Run on an idle machine (`compare_flows.calibrate` for this script's tasks): these are the
+    speeds a `--clock calibrated` comparison charges.
+    """
+    timing = {}
+    budget = dataclasses.replace(budget, steps=CALIBRATION_STEPS)
+    for name in names:
+        timer = StepTimer()
+        train_and_score(task, name, 0, budget, sizes, timer=timer)
+        timing[name] = {
+            "first_step_seconds": round(timer.seconds[0], 4),
+            "step_seconds": statistics.median(timer.seconds[1:]),
+            "steps": len(timer.seconds),
+        }
+        print(
+            f"  calibration {task} {name}: first step {timer.seconds[0]:.2f} s, then "
+            f"{1000 * timing[name]['step_seconds']:.1f} ms per step",
+            file=sys.stderr,
+        )
+    return timing
 
 
 # ------------------------------------------------------------------------------------------------
@@ -606,9 +649,20 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument(
         "--clock",
-        choices=tuple(CLOCKS),
+        choices=(*CLOCKS, "calibrated"),
         default="wall",
-        help="how time budgets count: wall-clock (default) or process CPU time",
+        help="how time budgets count: wall-clock (default), process CPU time, or 'calibrated': "
+        "the steps that fit in the budget at the speeds of --calibration, measured on an idle "
+        "machine (`compare_flows.py --clock`)",
+    )
+    parser.add_argument(
+        "--calibrate",
+        action="store_true",
+        help=f"only measure every model's step time ({CALIBRATION_STEPS} steps, on an idle "
+        "machine) and write them to --output, for --clock calibrated",
+    )
+    parser.add_argument(
+        "--calibration", type=Path, help="the --calibrate output used by --clock calibrated"
     )
     parser.add_argument("--tasks", nargs="+", choices=TASKS, default=list(TASKS))
     parser.add_argument(
@@ -656,6 +710,11 @@ def main(argv: list[str] | None = None) -> None:
         help="the results JSON (the picture goes next to it)",
     )
     args = parser.parse_args(argv)
+    if (args.clock == "calibrated") != (args.calibration is not None):
+        parser.error("--clock calibrated and --calibration go together")
+    calibration = (
+        json.loads(args.calibration.read_text())["calibration"] if args.calibration else {}
+    )
     quick = args.quick
     budgets = args.budget or ("both" if quick else "steps")
     sizes = QUICK_SIZES if quick else Sizes()
@@ -691,6 +750,9 @@ def main(argv: list[str] | None = None) -> None:
             "steps": dataclasses.asdict(step_budget),
             "seconds": dataclasses.asdict(time_budget),
         }
+        if args.calibrate:
+            calibration[task] = calibrate(task, names, step_budget, sizes)
+            continue
         if len(grid) > 1:
             rates, tuned = tune_learning_rates(task, names, step_budget, grid, sizes)
             tuning_rows.extend(tuned)
@@ -706,6 +768,11 @@ def main(argv: list[str] | None = None) -> None:
             for name in names:
                 for seed in seeds:
                     run = dataclasses.replace(budget, learning_rate=rates[name])
+                    if budget_name == "seconds" and args.clock == "calibrated":
+                        speed = calibration[task][name]
+                        run = dataclasses.replace(
+                            run, calibrated=(speed["first_step_seconds"], speed["step_seconds"])
+                        )
                     out.append(
                         train_and_score(
                             task, name, seed, run, sizes, reference_posteriors=posteriors
@@ -715,6 +782,10 @@ def main(argv: list[str] | None = None) -> None:
                     if drawn is not None and seed == seeds[0]:
                         picture.setdefault(budget_name, {})[name] = (drawn, out[-1]["c2st"][0])
                     _report(out[-1])
+    if args.calibrate:
+        output = args.output if args.output != RESULTS else RESULTS.with_name(CALIBRATION)
+        write_results(output, __file__, argv, calibration=calibration)
+        return
     results: dict = {}
     for key, found, title in (("", rows, "equal steps"), ("time_", time_rows, "equal time")):
         if found:

@@ -11,6 +11,10 @@ recipe of `train_tf.py`) on random data of the setting's shape:
                     authors' digits setting of targets.md), batch 64
     digits          the `digits` preset (what `python train_tf.py` trains), batch 64
     mnist-B         the `mnist` preset (16-16-16 blocks, 512 hidden channels), batch B
+    NAME-td-loop    the same model trained the TFP way: a `tf.function` step of
+                    `loss = mean bits/dim of tfd.TransformedDistribution(base, flow).log_prob(x)`
+                    under a `tf.GradientTape`, the same optimizer's `apply`, then the power
+                    iterations (for `digits` and `mnist-16`)
 
 Reported per configuration: the seconds from process start (before TensorFlow is imported) to
 the end of the first training step, the first step alone (tracing included), the median of the
@@ -43,7 +47,17 @@ from measure import (  # noqa: E402
 )
 
 RESULTS = Path(__file__).resolve().parent / "results" / "train_step.json"
-CONFIGURATIONS = ("toy", "digits-authors", "digits", "mnist-16", "mnist-32", "mnist-64")
+CONFIGURATIONS = (
+    "toy",
+    "digits-authors",
+    "digits",
+    "digits-td-loop",
+    "mnist-16",
+    "mnist-16-td-loop",
+    "mnist-32",
+    "mnist-64",
+)
+TD_LOOP = "-td-loop"
 
 
 class _RssSampler:
@@ -106,14 +120,43 @@ def _model_and_data(name: str):  # noqa: ANN202
     return model, images
 
 
-def _timed_steps(model, batch, steps: int) -> tuple[list[float], float, float]:
+def _distribution_loop_step(model):  # noqa: ANN202
+    """A TFP user's training step: `dist.log_prob` under a tape, in a `tf.function`.
+
+    The loss is the model's (mean bits/dim of the same `tfd.TransformedDistribution`), the
+    optimizer is the compiled one, and the power iterations follow the step as in
+    `FlowModel.train_step`; only the path to the log-density differs.
+    """
+    import math
+
+    import tensorflow as tf
+
+    from tfp_resflow import bits
+
+    variables = model.trainable_variables
+    model.optimizer.build(variables)
+    size = math.prod(model.event_shape)
+
+    @tf.function
+    def step(x: tf.Tensor) -> tf.Tensor:
+        with tf.GradientTape() as tape:
+            log_prob = model.distribution.log_prob(x)
+            loss = tf.reduce_mean(bits.bits_per_dim(log_prob, size, model.num_levels))
+        model.optimizer.apply(tape.gradient(loss, variables), variables)
+        model.update_lipschitz(model.power_iterations)
+        return loss
+
+    return step
+
+
+def _timed_steps(step, batch, steps: int) -> tuple[list[float], float, float]:
     """`steps` timed training steps: their seconds, the last loss, and the peak RSS (MB)."""
     times = []
     with _RssSampler() as steps_rss:
         for _ in range(steps):
             x = batch()
             t = time.perf_counter()
-            loss = float(model.train_on_batch(x))
+            loss = float(step(x))
             times.append(time.perf_counter() - t)
     return times, loss, steps_rss.peak_mb
 
@@ -143,7 +186,9 @@ def measure_configuration(options: dict) -> dict:
     import_seconds = time.perf_counter() - start
     keras.utils.set_random_seed(0)
     start = time.perf_counter()
-    model, batch = _model_and_data(options["name"])
+    name = options["name"]
+    td_loop = name.endswith(TD_LOOP)
+    model, batch = _model_and_data(name.removesuffix(TD_LOOP))
     train_config = training.TrainConfig()
     model.compile(optimizer=training.make_optimizer(train_config, total_steps=10**5))
     model.initialize(batch())
@@ -151,11 +196,12 @@ def measure_configuration(options: dict) -> dict:
     rss_before_first_step = current_rss_mb()
 
     start = time.perf_counter()
-    first_loss = float(model.train_on_batch(batch()))  # traces, then runs one step
+    step = _distribution_loop_step(model) if td_loop else model.train_on_batch
+    first_loss = float(step(batch()))  # traces, then runs one step
     end_of_first_step = time.perf_counter()
-    times, loss, steps_peak_mb = _timed_steps(model, batch, options["steps"])
+    times, loss, steps_peak_mb = _timed_steps(step, batch, options["steps"])
     row = {
-        "configuration": options["name"],
+        "configuration": name,
         "batch_size": int(batch().shape[0]),
         "trainable_parameters": int(sum(np.prod(w.shape) for w in model.trainable_weights)),
         "trainable_variables": len(model.trainable_weights),
@@ -170,7 +216,7 @@ def measure_configuration(options: dict) -> dict:
         "rss_before_first_step_gb": round(rss_before_first_step / 1024.0, 2),
         "peak_rss_during_timed_steps_gb": round(steps_peak_mb / 1024.0, 2),
     }
-    if options["name"] != "toy":
+    if name != "toy":
         row.update(_sampling(model, options["num_samples"]))
     return row
 

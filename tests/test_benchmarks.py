@@ -492,3 +492,21 @@ def test_conditional_tuning_gives_every_model_the_same_rule(conditional, monkeyp
     )
     assert chosen == {"a": 1e-2, "b": 1e-3}
     assert {(r["model"], r["learning_rate"]) for r in rows} == set(late)
+
+
+def test_conditional_tuning_grows_the_grid_like_compare_flows(conditional, monkeypatch):
+    tried = []
+
+    def fake_run(task, name, seed, budget, sizes, *, timer, reference_posteriors=None):
+        tried.append(budget.learning_rate)  # the loss is lowest at 1e-4
+        timer.running_losses = [abs(math.log10(budget.learning_rate) + 4.0)]
+        return {"test_loss": 0.0}
+
+    monkeypatch.setattr(conditional, "train_and_score", fake_run)
+    budget = conditional.Budget(steps=10, batch_size=8)
+    chosen, rows = conditional.tune_learning_rates(
+        "rotated", ["m"], budget, (1e-2, 1e-3), conditional.QUICK_SIZES
+    )
+    assert tried == pytest.approx([1e-2, 1e-3, 1e-4, 1e-5])
+    assert chosen["m"] == pytest.approx(1e-4)
+    assert len(rows) == 4

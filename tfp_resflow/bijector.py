@@ -36,6 +36,7 @@ from tfp_resflow.block_functions import BlockFunctions, block_functions
 from tfp_resflow.config import BlockConfig
 from tfp_resflow.config_fields import with_fields
 from tfp_resflow.context import check_context_size, flatten_context
+from tfp_resflow.density_pass import SharedDensityPass
 from tfp_resflow.fresh_bijector import FreshBijector
 
 # Re-exported: the modes are used wherever blocks are.
@@ -44,7 +45,7 @@ from tfp_resflow.modes import data_dependent_init, is_training, training_mode
 __all__ = ["ResidualBlock", "data_dependent_init", "is_training", "training_mode"]
 
 
-class ResidualBlock(FreshBijector):
+class ResidualBlock(SharedDensityPass, FreshBijector):
     """Invertible residual block `x + g(x)` with `Lip(g) < 1`, as a TFP bijector.
 
         inverse(y) = y + g(y)                             (data -> latent)
@@ -189,6 +190,11 @@ class ResidualBlock(FreshBijector):
         return tf.reshape(x, tf.shape(y)), tf.reshape(log_det, batch_shape)
 
     def _inverse(self, y: tf.Tensor, seed: Any = None, conditional_input: Any = None) -> tf.Tensor:
+        # Inside `TransformedDistribution.log_prob`: the joint pass, its log-det kept for the
+        # density correction that follows (`tfp_resflow.density_pass`).
+        x = self._inverse_for_density(y, seed=seed, conditional_input=conditional_input)
+        if x is not None:
+            return x
         y = self._check_input(y, "y")
         flat, batch_shape = self._flatten_batch(y)
         context = self._flat_context(conditional_input, y, batch_shape)
@@ -203,6 +209,9 @@ class ResidualBlock(FreshBijector):
         return self._inverse_and_log_det(y, seed=seed, conditional_input=conditional_input)[1]
 
     def _forward(self, z: tf.Tensor, seed: Any = None, conditional_input: Any = None) -> tf.Tensor:
+        y = self._recorded_forward(z, seed=seed, conditional_input=conditional_input)
+        if y is not None:  # z is the output of a joint pass of this density computation
+            return y
         z = self._check_input(z, "z")
         flat, batch_shape = self._flatten_batch(z)
         context = self._flat_context(conditional_input, z, batch_shape)

@@ -32,6 +32,7 @@ from tfp_resflow import stateless_random
 from tfp_resflow.actnorm import ActNorm
 from tfp_resflow.bijector import ResidualBlock
 from tfp_resflow.context import conditional_kwargs, flatten_context
+from tfp_resflow.density_pass import SharedDensityPass
 from tfp_resflow.fresh_bijector import FreshBijector
 from tfp_resflow.joint_pass import inverse_and_log_det  # re-exported: users find it here
 
@@ -55,7 +56,7 @@ class Features(NamedTuple):
     """Marks an activation that a classification head reads (no effect on the flow)."""
 
 
-class StackedBijector(FreshBijector):
+class StackedBijector(SharedDensityPass, FreshBijector):
     """Base of bijectors that are a data -> latent list of steps (see the module docstring).
 
     Subclasses set `self._steps` (a list of `Step`, `FactorOut` and `Features`) and call
@@ -257,6 +258,11 @@ class StackedBijector(FreshBijector):
         return t[..., :kept]
 
     def _inverse(self, y: tf.Tensor, seed: Any = None, conditional_input: Any = None) -> tf.Tensor:
+        # Inside `TransformedDistribution.log_prob`: the joint walk, its log-det kept for the
+        # density correction that follows (`tfp_resflow.density_pass`).
+        x = self._inverse_for_density(y, seed=seed, conditional_input=conditional_input)
+        if x is not None:
+            return x
         return self._walk(y, log_det=False, seed=None, context=conditional_input)[0]
 
     def _inverse_log_det_jacobian(
@@ -271,6 +277,9 @@ class StackedBijector(FreshBijector):
 
     def _forward(self, z: tf.Tensor, seed: Any = None, conditional_input: Any = None) -> tf.Tensor:
         """Latent -> data: every step's `forward`, last step first, re-attaching the parts."""
+        y = self._recorded_forward(z, seed=seed, conditional_input=conditional_input)
+        if y is not None:  # z is the output of a joint walk of this density computation
+            return y
         del seed  # the solves are deterministic
         z = self._prepare(z, "z")
         latent_shape = self._latent_event_shape

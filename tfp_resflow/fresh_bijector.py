@@ -16,6 +16,8 @@ import tensorflow as tf
 import tensorflow_probability as tfp
 from tensorflow_probability.python.internal import cache_util
 
+from tfp_resflow.graph_writes import variable_writes
+
 tfb = tfp.bijectors
 
 __all__ = ["FreshBijector", "keras_layers_of"]
@@ -25,10 +27,13 @@ class _GraphOnlyCache(cache_util.BijectorCache):
     """Caches forward/inverse values only for inputs of the graph being traced now.
 
     - Eager: no caching (TFP's cache would serve results computed before a variable update).
-      `ResidualBlock` instead warm-starts its fixed-point solve from its latest inverse pair,
-      so TFP's `log_prob` path (which asks for `forward(inverse(y))`) stays cheap.
+      TFP's `log_prob` path (which asks for `forward(inverse(y))` and its log-det) is answered
+      from the joint pass instead (`density_pass`), and `ResidualBlock` warm-starts any other
+      fixed-point solve from its latest inverse pair.
     - Graph: caching is safe (fresh symbolic tensors per trace, variables read at run time) and
-      lets `sample` + `log_prob` in one `tf.function` skip the fixed-point solve.
+      lets `sample` + `log_prob` in one `tf.function` skip the fixed-point solve. Entries are
+      keyed by the graph's variable writes so far (`graph_writes.variable_writes`): after an
+      optimizer step traced into the same function, the same tensor is transformed anew.
     - Inputs from another graph (Keras traces `call` in a scratch graph with the real input
       tensors) are not cached, so no scratch-graph tensor can leak into the real graph.
     - Entries are keyed by replica context too: replicas of a `tf.distribute` strategy traced
@@ -38,16 +43,19 @@ class _GraphOnlyCache(cache_util.BijectorCache):
     """
 
     _REPLICA_KEY = "_tfp_resflow_replica"
+    _WRITES_KEY = "_tfp_resflow_variable_writes"
 
     def _lookup(self, input: Any, forward_name: str, inverse_name: str, **kwargs: Any) -> Any:  # noqa: A002
         graph = getattr(input, "graph", None)
         if tf.executing_eagerly() or graph is not tf.compat.v1.get_default_graph():
             return getattr(self.bijector, forward_name)(input, **kwargs)
         kwargs[self._REPLICA_KEY] = id(tf.distribute.get_replica_context())
+        kwargs[self._WRITES_KEY] = variable_writes(graph)
         return super()._lookup(input, forward_name, inverse_name, **kwargs)
 
     def _invoke(self, input: Any, fn_name: str, kwargs: dict, attributes: dict) -> Any:  # noqa: A002
-        kwargs = {k: v for k, v in kwargs.items() if k != self._REPLICA_KEY}
+        private = (self._REPLICA_KEY, self._WRITES_KEY)
+        kwargs = {k: v for k, v in kwargs.items() if k not in private}
         return getattr(self.bijector, fn_name)(input, **kwargs)
 
     def _attributes(self, input: Any, fn_name: str, **kwargs: Any) -> dict:  # noqa: A002
