@@ -8,7 +8,8 @@ time, so timings do not compete):
                        not part of this)
     ablations.py       toy and digits variants, 3 seeds (`--jobs 2`: the two data sets at once)
     estimators.py      bias and spread of the log-det estimators, and estimators.png
-    train_step.py      --configs toy digits-authors digits        (the mnist presets: ~10 min more)
+    train_step.py      --configs toy digits-authors digits digits-td-loop   (the mnist presets:
+                       ~10 min more)
     logdet_memory.py   --terms 2 20                               (both networks)
     solver.py          --models digits --digits-model <compare_flows' seed-0 residual digits
                        model, saved to a scratch directory>       (no 2.5-minute train_tf.py run)
@@ -30,11 +31,11 @@ into a fresh temporary directory unless `--output-dir` is given (never the commi
 
     compare_flows.py --quick (equal steps, and equal seconds: 3 s per model with 2 checkpoints,
     its curves and pictures), ablations.py --quick, estimators.py --quick,
-    train_step.py --configs toy digits --steps 2, logdet_memory.py --terms 2 5 --networks mlp,
-    solver.py --models digits --tolerances 1e-4 --num-samples 8 --repeats 1 --digits-model <the
-    residual digits model compare_flows.py --quick trained for 4 steps>, lipschitz_budget.py
-    --quick (one toy variant, 3 steps), conditional.py --quick --budget steps (every task and
-    model, 10 steps, 3 on digits; its equal-time path is tested on its own)
+    train_step.py --configs toy digits digits-td-loop --steps 2, logdet_memory.py --terms 2 5
+    --networks mlp, solver.py --models digits --tolerances 1e-4 --num-samples 8 --repeats 1
+    --digits-model <the residual digits model compare_flows.py --quick trained for 4 steps>,
+    lipschitz_budget.py --quick (one toy variant, 3 steps), conditional.py --quick --budget steps
+    (every task and model, 10 steps, 3 on digits; its equal-time path is tested on its own)
 
     python benchmarks/run_all.py
     python benchmarks/run_all.py --quick
@@ -112,7 +113,10 @@ def tasks(*, quick: bool, out: Path, scratch: Path) -> list[Task]:
             Task("ablations", ["--quick", *output("ablations")]),
             Task(
                 "train_step",
-                ["--configs", "toy", "digits", "--steps", "2", *output("train_step")],
+                [
+                    *("--configs", "toy", "digits", "digits-td-loop", "--steps", "2"),
+                    *output("train_step"),
+                ],
             ),
             Task(
                 "logdet_memory",
@@ -134,7 +138,13 @@ def tasks(*, quick: bool, out: Path, scratch: Path) -> list[Task]:
         Task("compare_flows", [*output("compare_flows"), "--save-digits-model", str(model)]),
         Task("ablations", ["--jobs", "2", *output("ablations")]),
         Task("estimators", output("estimators")),
-        Task("train_step", ["--configs", "toy", "digits-authors", "digits", *output("train_step")]),
+        Task(
+            "train_step",
+            [
+                *("--configs", "toy", "digits-authors", "digits", "digits-td-loop"),
+                *output("train_step"),
+            ],
+        ),
         Task("logdet_memory", ["--terms", "2", "20", *output("logdet_memory")]),
         Task(
             "solver",
