@@ -84,6 +84,7 @@ import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
+from typing import TextIO
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
@@ -645,20 +646,37 @@ def calibrate(dataset: str, names: Iterable[str], budget: Budget, steps: int) ->
 
     Run on an idle machine: these are the speeds a `--clock calibrated` comparison charges.
     """
-    timing = {}
     budget = dataclasses.replace(budget, steps=steps, sample_repeats=0)
-    for name in names:
+
+    def run(name: str, timer: StepTimer) -> None:
         keras.utils.set_random_seed(0)
-        timer = StepTimer()
         train_and_evaluate(build_model(dataset, name, 0), dataset, budget, 0, timer=timer)
+
+    return time_steps(dataset, names, run)
+
+
+def time_steps(
+    label: str,
+    names: Iterable[str],
+    run: Callable[[str, StepTimer], object],
+    stream: TextIO | None = None,
+) -> dict:
+    """`{model: {first_step_seconds, step_seconds (median of the later steps), steps}}` of one
+    `run(name, timer)` per model, each reported on `stream` (default stdout). The measurement
+    of `calibrate`, shared with `conditional.py`."""
+    timing = {}
+    for name in names:
+        timer = StepTimer()
+        run(name, timer)
         timing[name] = {
             "first_step_seconds": round(timer.seconds[0], 4),
             "step_seconds": statistics.median(timer.seconds[1:]),
             "steps": len(timer.seconds),
         }
         print(
-            f"  calibration {dataset} {name}: first step {timer.seconds[0]:.2f} s, then "
-            f"{1000 * timing[name]['step_seconds']:.1f} ms per step"
+            f"  calibration {label} {name}: first step {timer.seconds[0]:.2f} s, then "
+            f"{1000 * timing[name]['step_seconds']:.1f} ms per step",
+            file=stream,
         )
     return timing
 

@@ -92,6 +92,7 @@ from compare_flows import (  # noqa: E402
     parameter_counts,
     score,
     spread,
+    time_steps,
 )
 from conditional_baselines import conditional_maf, conditional_realnvp  # noqa: E402
 from measure import save_figure, write_results  # noqa: E402
@@ -479,22 +480,12 @@ def calibrate(task: str, names: list[str], budget: Budget, sizes: Sizes) -> dict
     Run on an idle machine (`compare_flows.calibrate` for this script's tasks): these are the
     speeds a `--clock calibrated` comparison charges.
     """
-    timing = {}
     budget = dataclasses.replace(budget, steps=CALIBRATION_STEPS)
-    for name in names:
-        timer = StepTimer()
+
+    def run(name: str, timer: StepTimer) -> None:
         train_and_score(task, name, 0, budget, sizes, timer=timer)
-        timing[name] = {
-            "first_step_seconds": round(timer.seconds[0], 4),
-            "step_seconds": statistics.median(timer.seconds[1:]),
-            "steps": len(timer.seconds),
-        }
-        print(
-            f"  calibration {task} {name}: first step {timer.seconds[0]:.2f} s, then "
-            f"{1000 * timing[name]['step_seconds']:.1f} ms per step",
-            file=sys.stderr,
-        )
-    return timing
+
+    return time_steps(task, names, run, stream=sys.stderr)
 
 
 # ------------------------------------------------------------------------------------------------
