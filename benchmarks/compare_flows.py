@@ -681,6 +681,29 @@ def time_steps(
     return timing
 
 
+def read_calibration(paths: Sequence[Path]) -> dict:
+    """`{set or task: {model: {first_step_seconds, step_seconds}}}` from one or more
+    `--calibrate` outputs: per entry, the median over the files of each time.
+
+    Why several: two calibrations of the same toy flow on the same idle machine differed by up
+    to 1.7x in median step time (21 and 37 ms, 2026-12-07), so one calibration can hand one
+    model a budget far from its usual speed; the median of three calibrations made at
+    different times is what `--long` uses. An entry missing from any file is left out.
+    """
+    loaded = [json.loads(Path(p).read_text())["calibration"] for p in paths]
+    merged: dict = {}
+    for key in loaded[0]:
+        for model in loaded[0][key]:
+            entries = [c.get(key, {}).get(model) for c in loaded]
+            if any(e is None for e in entries):
+                continue
+            merged.setdefault(key, {})[model] = {
+                field: statistics.median(e[field] for e in entries)
+                for field in ("first_step_seconds", "step_seconds")
+            }
+    return merged
+
+
 def score(model: FlowModel, test: tf.data.Dataset, config: training.TrainConfig) -> float:
     """Test loss of the weights in place, in evaluation mode, with converged norm estimates."""
     model.update_lipschitz(atol=config.lipschitz_tolerance, rtol=config.lipschitz_tolerance)
@@ -1190,7 +1213,11 @@ def main(argv: list[str] | None = None) -> None:
         "idle machine) and write them to --output, for --clock calibrated",
     )
     parser.add_argument(
-        "--calibration", type=Path, help="the --calibrate output used by --clock calibrated"
+        "--calibration",
+        type=Path,
+        nargs="+",
+        help="the --calibrate output(s) used by --clock calibrated; with several, each "
+        "model's median time over them",
     )
     parser.add_argument(
         "--toy-seconds",
@@ -1246,9 +1273,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("--quick and --long exclude each other")
     if (args.clock == "calibrated") != (args.calibration is not None):
         parser.error("--clock calibrated and --calibration go together")
-    calibration = {}
-    if args.calibration:
-        calibration = json.loads(args.calibration.read_text())["calibration"]
+    calibration = read_calibration(args.calibration) if args.calibration else {}
     budgets = args.budget or ("both" if quick else "seconds" if long else "steps")
     output = args.output or (RESULTS_SECONDS if budgets == "seconds" else RESULTS)
     datasets = args.datasets or (["8gaussians", "digits"] if quick else list(DATASETS))
@@ -1314,7 +1339,7 @@ def main(argv: list[str] | None = None) -> None:
                 if args.clock == "calibrated":
                     speed = calibration.get(dataset, {}).get(canonical(model_name))
                     if speed is None:
-                        parser.error(f"{args.calibration} has no {model_name} on {dataset}")
+                        parser.error(f"the calibration has no {model_name} on {dataset}")
                     speeds = (speed["first_step_seconds"], speed["step_seconds"])
                     budget = dataclasses.replace(budget, calibrated=speeds)
                 for seed in seeds:
@@ -1361,7 +1386,7 @@ def main(argv: list[str] | None = None) -> None:
             "times)"
             if len(grid) > 1
             else "none: one rate for every model",
-            "calibration": str(args.calibration) if args.calibration else None,
+            "calibration": [str(p) for p in args.calibration] if args.calibration else None,
             "learning_rates_from": str(args.learning_rates_from or "") or None,
             "time_budget": f"training time ({args.clock} clock) from the start of fit (tracing "
             "and the first step included), checkpoint evaluations excluded; fit stops at the "

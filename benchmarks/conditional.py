@@ -59,7 +59,6 @@ observation next to the grid posterior.
 
 import argparse
 import dataclasses
-import json
 import math
 import os
 import statistics
@@ -90,6 +89,7 @@ from compare_flows import (  # noqa: E402
     format_spread,
     load_average,
     parameter_counts,
+    read_calibration,
     score,
     spread,
     time_steps,
@@ -653,7 +653,11 @@ def main(argv: list[str] | None = None) -> None:
         "machine) and write them to --output, for --clock calibrated",
     )
     parser.add_argument(
-        "--calibration", type=Path, help="the --calibrate output used by --clock calibrated"
+        "--calibration",
+        type=Path,
+        nargs="+",
+        help="the --calibrate output(s) used by --clock calibrated; with several, each "
+        "model's median time over them (`compare_flows.read_calibration`)",
     )
     parser.add_argument("--tasks", nargs="+", choices=TASKS, default=list(TASKS))
     parser.add_argument(
@@ -703,9 +707,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if (args.clock == "calibrated") != (args.calibration is not None):
         parser.error("--clock calibrated and --calibration go together")
-    calibration = (
-        json.loads(args.calibration.read_text())["calibration"] if args.calibration else {}
-    )
+    calibration = read_calibration(args.calibration) if args.calibration else {}
     quick = args.quick
     budgets = args.budget or ("both" if quick else "steps")
     sizes = QUICK_SIZES if quick else Sizes()

@@ -350,6 +350,24 @@ def test_a_calibrated_clock_charges_the_idle_speed_per_step(compare_flows):
     assert clock() == pytest.approx(1.0)
 
 
+def test_several_calibrations_give_each_model_its_median_time(compare_flows, tmp_path):
+    paths = []
+    for k, (flow_step, other_step) in enumerate([(0.037, 0.01), (0.021, 0.02), (0.025, 0.03)]):
+        timing = {
+            "toy": {
+                "flow": {"first_step_seconds": 5.0 + k, "step_seconds": flow_step, "steps": 60},
+                "other": {"first_step_seconds": 1.0, "step_seconds": other_step, "steps": 60},
+            }
+        }
+        if k == 1:
+            del timing["toy"]["other"]  # missing from one file: left out, not guessed
+        paths.append(tmp_path / f"calibration_{k}.json")
+        paths[-1].write_text(json.dumps({"calibration": timing}))
+    merged = compare_flows.read_calibration(paths)
+    assert merged == {"toy": {"flow": {"first_step_seconds": 6.0, "step_seconds": 0.025}}}
+    assert compare_flows.read_calibration(paths[:1])["toy"]["other"]["step_seconds"] == 0.01
+
+
 def test_tuning_grows_the_grid_past_an_end_where_the_best_rate_lies(compare_flows, monkeypatch):
     tried = []
 
