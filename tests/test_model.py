@@ -188,6 +188,27 @@ def test_sample_and_log_prob_shapes():
     assert model.log_prob(samples).shape == (7,)
 
 
+def test_certified_sampling_and_densities_refuse_an_uncertified_model():
+    keras.utils.set_random_seed(4)
+    model = small_model(num_blocks=2, hidden_units=(8,))
+    model.build((None, 2))
+    bounds = model.certify()
+    assert len(bounds) == 2
+    assert max(bounds) < 1.0
+    assert model.sample(3, seed=[1, 2], certified=True).shape == (3, 2)
+    # Break block 1: every power vector along its layer's weakest direction.
+    for layer in lipschitz.spectral_layers(model.bijector.blocks[1].residual_fn):
+        _, _, vt = np.linalg.svd(layer.kernel.numpy().T)
+        layer.v.assign(vt[-1][None, :].astype(np.float32))
+    with pytest.raises(ValueError, match=r"not certified invertible.*block 1: "):
+        model.sample(3, seed=[1, 2], certified=True)
+    with pytest.raises(ValueError, match="not certified invertible"):
+        model.log_prob(np.zeros((2, 2), np.float32), certified=True)
+    assert model.log_prob(np.zeros((2, 2), np.float32)).shape == (2,)  # default: no check
+    with pytest.raises(RuntimeError, match="call it eagerly"):
+        tf.function(model.certify)()
+
+
 def test_wrong_event_shape_raises_a_clear_error():
     model = small_model(num_blocks=1, hidden_units=(8,))
     model.build((None, 2))

@@ -49,6 +49,7 @@ def test_readme_python_examples_run_as_shown(tmp_path, monkeypatch):
     assert namespace["log_p_given_c"].shape == (5,)  # the conditional section
     assert namespace["left_samples"].shape == (3, 2)
     assert namespace["same_density"].shape == (5,)
+    assert namespace["certified_samples"].shape == (4, 2)  # the certification section
     assert (tmp_path / "flow.keras").exists()
 
 

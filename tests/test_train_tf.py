@@ -263,6 +263,9 @@ def test_digits_smoke_run_writes_every_artefact(tmp_path):
         # 17 grey levels: a useless model is far above log2(17) = 4.09 bits, a good one below.
         assert 0.0 < entry["test_bits_per_dim"] < 20.0
         assert entry["estimator"]["train_mode_std"] > 0.0
+        # Every block certified below 1 after the evaluation's converged power iterations.
+        assert 0.0 < entry["certified_lipschitz_max"] < 1.0
+        assert entry["uncertified_blocks"] == []
     config = json.loads((run / "config.json").read_text())
     assert config["dataset"] == "digits"
 

@@ -8,6 +8,8 @@ The package is flat; each module is about one idea:
 - `operator_norm`: induced norms `||A||_{p->q}`: closed forms and the generalized power method.
 - `lipschitz`: Keras layers whose operator norm is at most `c < 1` (`SpectralDense`; the
   convolution in `spectral_conv`, their shared base in `spectral_layer`).
+- `gram_iteration`: guaranteed upper bounds on spectral norms (dense kernels, convolutions).
+- `certification`: `certify`, guaranteed bounds on every block's `Lip(g)` (invertibility).
 - `norm_order`: learnable orders of the mixed norms those layers can bound.
 - `activation`: 1-Lipschitz activations (LipSwish and others).
 - `network`: builders of residual functions `g` with `Lip(g) < 1`.
@@ -40,6 +42,7 @@ from tfp_resflow.activation import CLipSwish, LipSwish, get_activation
 from tfp_resflow.actnorm import ActNorm, ActNormLayer
 from tfp_resflow.bijector import ResidualBlock, data_dependent_init, training_mode
 from tfp_resflow.bits import bits_per_dim
+from tfp_resflow.certification import CertificationWarning, certify
 from tfp_resflow.config import BlockConfig, ImageFlowConfig, ResidualFlowConfig
 from tfp_resflow.context import conditional_kwargs
 from tfp_resflow.dense_network import LipschitzDenseLayer, dense_cnn, dense_mlp
@@ -74,6 +77,7 @@ __all__ = [
     "ActNormLayer",
     "BlockConfig",
     "CLipSwish",
+    "CertificationWarning",
     "ClassificationHead",
     "FlowModel",
     "GroupedAdam",
@@ -92,6 +96,7 @@ __all__ = [
     "SpectralDense",
     "Squeeze",
     "bits_per_dim",
+    "certify",
     "conditional_kwargs",
     "data_dependent_init",
     "dense_cnn",

@@ -22,6 +22,8 @@ from tensorflow_probability.python.bijectors import invert as tfp_invert
 tfb = tfp.bijectors
 
 __all__ = [
+    "CHAIN_TYPES",
+    "INVERT_TYPES",
     "check_context_size",
     "conditional_kwargs",
     "context_sizes",
@@ -33,8 +35,8 @@ __all__ = [
 _TFP_CONDITIONAL = (tfb.MaskedAutoregressiveFlow, tfb.RealNVP)
 # `tfb.Chain(...)` and `tfb.Invert(...)` return instances of their private bases unless every
 # member is a composite tensor, so isinstance checks need those bases.
-_CHAIN_TYPES = (tfp_chain._Chain,)  # noqa: SLF001
-_INVERT_TYPES = (tfp_invert._Invert,)  # noqa: SLF001
+CHAIN_TYPES = (tfp_chain._Chain,)  # noqa: SLF001
+INVERT_TYPES = (tfp_invert._Invert,)  # noqa: SLF001
 
 
 def check_context_size(name: str, value: object) -> int | None:
@@ -135,14 +137,14 @@ def conditional_kwargs(bijector: tfb.Bijector, context: Any) -> dict:
     """
     if is_conditional(bijector):
         return {"conditional_input": context}
-    if isinstance(bijector, _CHAIN_TYPES):
+    if isinstance(bijector, CHAIN_TYPES):
         routed = {}
         for member in bijector.bijectors:
             member_kwargs = conditional_kwargs(member, context)
             if member_kwargs:
                 routed[member.name] = member_kwargs
         return routed
-    if isinstance(bijector, _INVERT_TYPES):
+    if isinstance(bijector, INVERT_TYPES):
         return conditional_kwargs(bijector.bijector, context)
     return {}
 
@@ -153,11 +155,11 @@ def context_sizes(bijector: tfb.Bijector) -> list[int | None]:
     found: list[int | None] = []
 
     def walk(b: tfb.Bijector, routed: dict) -> None:
-        if isinstance(b, _CHAIN_TYPES):
+        if isinstance(b, CHAIN_TYPES):
             for member in b.bijectors:
                 if member.name in routed:
                     walk(member, routed[member.name])
-        elif isinstance(b, _INVERT_TYPES):
+        elif isinstance(b, INVERT_TYPES):
             walk(b.bijector, routed)
         elif "conditional_input" in routed:
             found.append(getattr(b, "context_size", None))

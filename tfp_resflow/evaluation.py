@@ -14,6 +14,7 @@ import contextlib
 import dataclasses
 import json
 import time
+import warnings
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -22,7 +23,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from tfp_resflow import artifacts, lipschitz
+from tfp_resflow import artifacts, certification, lipschitz
 from tfp_resflow.hybrid import HybridFlowModel
 from tfp_resflow.model import FlowModel
 from tfp_resflow.modes import training_mode
@@ -139,7 +140,8 @@ def _likelihood_loss(model: FlowModel, x: tf.Tensor) -> tf.Tensor:
 class EvaluationCallback(keras.callbacks.Callback):
     """After every epoch: EMA weights, converged Lipschitz estimates, test loss, samples.
 
-    Writes `metrics.json` (one entry per epoch: train and test loss, estimator statistics),
+    Writes `metrics.json` (one entry per epoch: train and test loss, estimator statistics, the
+    largest certified bound on a block's `Lip(g)` and the blocks not certified below 1),
     `samples.png` (and `density.png` for 2-D data) and TensorBoard summaries under
     `run_dir/logs/eval`. Entries of earlier processes of the same run (after a crash or with
     `--resume`) are kept.
@@ -179,6 +181,7 @@ class EvaluationCallback(keras.callbacks.Callback):
         self._first_batch = tf.nest.map_structure(lambda t: t[: config.batch_size], first)
         self._traced: dict[str, Any] = {}
         self._ema_power_vectors: dict = {}  # the EMA weights' own (u, v), between evaluations
+        self._warned_uncertified = False
 
     def on_train_begin(self, logs: dict | None = None) -> None:
         if self.metrics_path.exists():
@@ -229,6 +232,7 @@ class EvaluationCallback(keras.callbacks.Callback):
         out: dict[str, Any] = {}
         with ema_weights(model, self._ema_power_vectors):
             self._function("converge_lipschitz")()
+            out.update(self._certificate())
             outputs = list(_evaluation_outputs(model, self.test_data))
             losses = [batch_losses for batch_losses, _ in outputs]
             out[f"test_{self.unit}"] = float(np.mean(np.concatenate(losses)))
@@ -241,6 +245,28 @@ class EvaluationCallback(keras.callbacks.Callback):
             if write_samples:
                 self._write_pictures()
         return out
+
+    def _certificate(self) -> dict:
+        """The largest certified `Lip(g)` bound of the weights evaluated (`FlowModel.certify`).
+
+        Also the blocks not certified below 1; warns once per run when there are any.
+        """
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", certification.CertificationWarning)
+            bounds = self.model.certify()
+        if not bounds:
+            return {}
+        failing = certification.uncertified_blocks(bounds)
+        if failing and not self._warned_uncertified:
+            self._warned_uncertified = True
+            warnings.warn(
+                f"{len(failing)} of {len(bounds)} residual blocks are not certified below 1 "
+                f"(blocks {failing}, largest bound {max(bounds):.4g}): their inverses and "
+                "log-det series may not converge (metrics.json: certified_lipschitz_max)",
+                certification.CertificationWarning,
+                stacklevel=2,
+            )
+        return {"certified_lipschitz_max": max(bounds), "uncertified_blocks": failing}
 
     def _function(self, name: str) -> Any:
         """One of the evaluation's passes, traced once per run.
@@ -341,6 +367,10 @@ class EvaluationCallback(keras.callbacks.Callback):
             tf.summary.scalar(
                 "estimator/train_mode_std", entry["estimator"]["train_mode_std"], step=step
             )
+            if "certified_lipschitz_max" in entry:
+                tf.summary.scalar(
+                    "certified_lipschitz_max", entry["certified_lipschitz_max"], step=step
+                )
             picture = getattr(self, "_last_picture", None)
             if picture is not None:
                 tf.summary.image("samples", picture, step=step)

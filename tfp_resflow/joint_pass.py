@@ -10,22 +10,19 @@ from typing import Any
 
 import tensorflow as tf
 import tensorflow_probability as tfp
-from tensorflow_probability.python.bijectors import chain as tfp_chain
 
 from tfp_resflow import stateless_random
+from tfp_resflow.context import CHAIN_TYPES
 from tfp_resflow.fresh_bijector import FreshBijector
 
 tfb = tfp.bijectors
-# `tfb.Chain(...)` returns an instance of its private base `_Chain` unless every member is a
-# composite tensor, so `isinstance(b, tfb.Chain)` misses most chains.
-_CHAIN_TYPES = (tfp_chain._Chain,)  # noqa: SLF001
 
 __all__ = ["inverse_and_log_det"]
 
 
 def _takes_seed(bijector: tfb.Bijector) -> bool:
     """Whether a chain member gets a seed folded from the chain's: this package's, chains."""
-    return isinstance(bijector, (FreshBijector, *_CHAIN_TYPES))
+    return isinstance(bijector, (FreshBijector, *CHAIN_TYPES))
 
 
 def inverse_and_log_det(
@@ -59,7 +56,7 @@ def inverse_and_log_det(
         event_ndims = bijector.inverse_min_event_ndims
     if isinstance(bijector, FreshBijector):
         return bijector.inverse_and_log_det(y, event_ndims=event_ndims, seed=seed, **kwargs)
-    if isinstance(bijector, _CHAIN_TYPES):
+    if isinstance(bijector, CHAIN_TYPES):
         seed = None if seed is None else stateless_random.sanitize_seed(seed)
         total = None
         # Chain's forward applies its list last to first, so its inverse goes first to last.

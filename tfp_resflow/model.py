@@ -22,6 +22,7 @@ evaluation mode their evaluation estimators.
 """
 
 import math
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -29,7 +30,7 @@ import keras
 import tensorflow as tf
 import tensorflow_probability as tfp
 
-from tfp_resflow import bits, lipschitz, validation
+from tfp_resflow import bits, certification, lipschitz, validation
 from tfp_resflow.base_distribution import is_standard_normal, standard_normal
 from tfp_resflow.context import conditional_kwargs, context_sizes
 from tfp_resflow.fresh_bijector import keras_layers_of
@@ -276,6 +277,7 @@ class FlowModel(keras.Model):
         context: tf.Tensor | None = None,
         training: bool = False,
         seed: Any = None,
+        certified: bool = False,
     ) -> tf.Tensor:
         """`log p(x)` (`log p(x | c)`) in nats, `[batch]`; evaluation log-dets unless `training`.
 
@@ -284,8 +286,11 @@ class FlowModel(keras.Model):
         in one pass through the bijector (`joint_pass.inverse_and_log_det`): the same value as
         `self.distribution.log_prob(x)` for the same seed, with each residual block's `g`
         evaluated once. `seed` seeds the stochastic log-dets (None: fresh randomness). A
-        conditional model needs `context`, `[batch, K]` or `[K]`.
+        conditional model needs `context`, `[batch, K]` or `[K]`. `certified=True` first
+        refuses a model whose blocks are not all certified below 1 (`require_certified`).
         """
+        if certified:
+            self.require_certified()
         x = self._check_events(x)
         kwargs = self._bijector_kwargs(context)
         with training_mode(training):
@@ -306,13 +311,21 @@ class FlowModel(keras.Model):
         return -log_prob
 
     def sample(
-        self, num_samples: int, seed: Any = None, *, context: tf.Tensor | None = None
+        self,
+        num_samples: int,
+        seed: Any = None,
+        *,
+        context: tf.Tensor | None = None,
+        certified: bool = False,
     ) -> tf.Tensor:
         """`num_samples` draws from the model (fixed-point inverses of the residual blocks).
 
         A conditional model draws from p(x | c): `context` `[num_samples, K]` (one per sample)
-        or `[K]` (one for all).
+        or `[K]` (one for all). `certified=True` first refuses a model whose blocks are not all
+        certified below 1 (`require_certified`).
         """
+        if certified:
+            self.require_certified()
         kwargs = self._bijector_kwargs(context)
         if not kwargs:
             return self.distribution.sample(num_samples, seed=seed)
@@ -397,6 +410,38 @@ class FlowModel(keras.Model):
             rtol=rtol,
             max_iterations=max_iterations,
         )
+
+    def certify(self) -> list[float]:
+        """A guaranteed upper bound on `Lip(g)` for every residual block, data -> latent.
+
+        Python floats (`certification.certify`): a block whose bound is below 1 is invertible
+        and its log-det series converges. Call it after `update_lipschitz` to a tolerance (as
+        evaluation does) and with the weights to be used (e.g. the EMA weights); eager only.
+        """
+        if tf.inside_function():
+            raise RuntimeError(
+                "FlowModel.certify reads the weights' values: call it eagerly, outside "
+                "tf.function (e.g. before an evaluation loop)"
+            )
+        return certification.certify(self.bijector)
+
+    def require_certified(self) -> list[float]:
+        """`certify()`, raising `ValueError` if a block is not certified below 1.
+
+        Raises:
+            ValueError: Naming the blocks and their bounds.
+        """
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", certification.CertificationWarning)
+            bounds = self.certify()
+        failing = certification.uncertified_blocks(bounds)
+        if failing:
+            listed = ", ".join(f"block {i}: {bounds[i]:.4g}" for i in failing)
+            raise ValueError(
+                f"the model is not certified invertible: Lip(g) bounds not below 1 ({listed}); "
+                "run update_lipschitz to a tolerance, or lower the Lipschitz constant"
+            )
+        return bounds
 
     # -- saving ------------------------------------------------------------------------------
 
