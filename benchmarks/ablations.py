@@ -20,6 +20,8 @@ Each variant changes one field of the data set's default config with `config.wit
                   already Gaussian)
     lipswish      activation="lipswish" (toy: with g 2-64-64-2, the size of the default)
     elu           toy only: activation="elu", g 2-64-64-2
+    gram          lipschitz_estimate="gram": every layer normalised by its Gram-iteration
+                  bound (certified at every step) instead of the power-iteration estimate
 
 How: the recipe and measurements of `compare_flows.py` (`train_and_evaluate`: Keras `fit` with
 `training.make_optimizer`, EMA weights, converged Lipschitz estimates, evaluation mode). The
@@ -84,6 +86,7 @@ VARIANTS = {
         # The default is CLipSwish 45-45; the other activations at the size they had as default.
         "lipswish": {"activation": "lipswish", "hidden_units": (64, 64)},
         "elu": {"activation": "elu", "hidden_units": (64, 64)},
+        "gram": {"lipschitz_estimate": "gram"},
     },
     "digits": {
         "default": {},
@@ -91,6 +94,7 @@ VARIANTS = {
         "backprop": {"neumann_gradient": False},
         "rademacher probes": {"probe": "rademacher"},
         "lipswish": {"activation": "lipswish"},  # the default is ELU
+        "gram": {"lipschitz_estimate": "gram"},
     },
 }
 

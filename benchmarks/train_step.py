@@ -15,6 +15,9 @@ recipe of `train_tf.py`) on random data of the setting's shape:
                     `loss = mean bits/dim of tfd.TransformedDistribution(base, flow).log_prob(x)`
                     under a `tf.GradientTape`, the same optimizer's `apply`, then the power
                     iterations (for `digits` and `mnist-16`)
+    NAME-gram       the same model with `lipschitz_estimate="gram"`: every Lipschitz layer
+                    normalised by its Gram-iteration bound, recomputed in every call (for
+                    `toy`, `digits` and `mnist-64`)
 
 Reported per configuration: the seconds from process start (before TensorFlow is imported) to
 the end of the first training step, the first step alone (tracing included), the median of the
@@ -56,8 +59,12 @@ CONFIGURATIONS = (
     "mnist-16-td-loop",
     "mnist-32",
     "mnist-64",
+    "toy-gram",
+    "digits-gram",
+    "mnist-64-gram",
 )
 TD_LOOP = "-td-loop"
+GRAM = "-gram"
 
 
 class _RssSampler:
@@ -94,8 +101,15 @@ def _model_and_data(name: str):  # noqa: ANN202
     from tfp_resflow.model import FlowModel
 
     rng = np.random.default_rng(0)
+    estimate = "gram" if name.endswith(GRAM) else "power"
+    name = name.removesuffix(GRAM)
     if name == "toy":
-        flow = ResidualFlowBijector(num_blocks=10, hidden_units=(128,) * 4, lipschitz_constant=0.9)
+        flow = ResidualFlowBijector(
+            num_blocks=10,
+            hidden_units=(128,) * 4,
+            lipschitz_constant=0.9,
+            lipschitz_estimate=estimate,
+        )
         model = FlowModel(flow, event_shape=[2])
         return model, lambda: rng.normal(size=(500, 2)).astype(np.float32)
     if name.startswith("mnist"):
@@ -108,6 +122,7 @@ def _model_and_data(name: str):  # noqa: ANN202
             config = dataclasses.replace(
                 config, hidden_channels=64, fc_end_blocks=4, fc_hidden_units=(64, 64)
             )
+    config = dataclasses.replace(config, lipschitz_estimate=estimate)
     shape = presets.PRESET_INPUT_SHAPES[preset]
     levels = config.num_levels
     flow = multiscale.image_flow(shape, config)
@@ -216,7 +231,7 @@ def measure_configuration(options: dict) -> dict:
         "rss_before_first_step_gb": round(rss_before_first_step / 1024.0, 2),
         "peak_rss_during_timed_steps_gb": round(steps_peak_mb / 1024.0, 2),
     }
-    if name != "toy":
+    if not name.startswith("toy"):
         row.update(_sampling(model, options["num_samples"]))
     return row
 

@@ -199,3 +199,28 @@ def test_image_flow_latent_parts_and_forward_walk_back():
     z, _ = flow.inverse_and_log_det(tf.identity(y))
     assert z.shape == (5, 32)
     np.testing.assert_allclose(flow.forward(tf.identity(z)), y, atol=1e-9)
+
+
+def test_lipschitz_estimate_reaches_every_layer_of_both_flows():
+    from tfp_resflow import lipschitz, multiscale
+    from tfp_resflow.config import ImageFlowConfig, ResidualFlowConfig
+
+    for config in (
+        ResidualFlowConfig(num_blocks=2, hidden_units=(4,), lipschitz_estimate="gram"),
+        ResidualFlowConfig(
+            num_blocks=1, hidden_units=(4,), network="dense", lipschitz_estimate="gram"
+        ),
+    ):
+        flow = ResidualFlowBijector(config, event_size=2)
+        flow.forward(tf.zeros([1, 2]))
+        layers = lipschitz.spectral_layers(flow.keras_layers)
+        assert layers
+        assert {layer.lipschitz_estimate for layer in layers} == {"gram"}
+    image = ImageFlowConfig(
+        blocks_per_scale=(1,), hidden_channels=4, fc_end_blocks=1, lipschitz_estimate="gram"
+    )
+    flow = multiscale.image_flow((4, 4, 1), image)
+    flow.inverse(tf.fill([1, 4, 4, 1], 0.5))
+    layers = lipschitz.spectral_layers(flow.keras_layers)
+    assert len(layers) >= 4
+    assert {layer.lipschitz_estimate for layer in layers} == {"gram"}

@@ -141,3 +141,15 @@ def test_importing_the_package_and_its_presets_leaves_the_runtime_unstarted():
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.split()[-1] == "2"
+
+
+
+def test_lipschitz_estimate_is_checked():
+    with pytest.raises(ValueError, match="lipschitz_estimate"):
+        ResidualFlowConfig(lipschitz_estimate="exact")
+    with pytest.raises(ValueError, match="lipschitz_estimate"):
+        ImageFlowConfig(lipschitz_estimate="exact")
+    with pytest.raises(ValueError, match="learnable_norm_orders"):
+        ResidualFlowConfig(lipschitz_estimate="gram", learnable_norm_orders=True)
+    with pytest.raises(ValueError, match="norm_orders"):
+        ResidualFlowConfig(lipschitz_estimate="gram", hidden_units=(4,), norm_orders=(2, 3, 2))

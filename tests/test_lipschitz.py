@@ -263,3 +263,69 @@ def test_learnable_update_inside_xla_matches_eager():
     got = tf.function(lambda: compiled.update_lipschitz(7), jit_compile=True)()
     assert float(got) == pytest.approx(float(expected), rel=1e-10)
     np.testing.assert_allclose(compiled.v.numpy(), eager.v.numpy(), rtol=1e-8, atol=1e-12)
+
+
+# -- lipschitz_estimate="gram": normalised by a certified bound --------------------------------
+
+GRAM_LAYERS = {
+    "dense": (lambda **kw: dense(6, 4, **kw), [6]),
+    "conv": (lambda **kw: conv((4, 4, 2), 3, 3, **kw), [4, 4, 2]),
+    "conv_valid": (lambda **kw: conv((5, 4, 2), 3, 3, padding="valid", **kw), [5, 4, 2]),
+    "conv_1x1": (lambda **kw: conv((3, 3, 4), 5, 1, **kw), [3, 3, 4]),
+}
+
+
+@pytest.mark.parametrize("name", sorted(GRAM_LAYERS))
+@pytest.mark.parametrize("stddev", [0.01, 100.0])
+def test_gram_normalised_layers_keep_their_bound_without_any_iteration(name, stddev):
+    make, shape = GRAM_LAYERS[name]
+    layer = make(stddev=stddev, lipschitz_estimate="gram", lipschitz_constant=0.9)
+    assert layer.non_trainable_weights == []  # no power vectors to keep
+    exact = np.linalg.norm(operator_matrix(layer, shape), 2)
+    assert exact <= 0.9 * (1 + 1e-9)
+    if stddev == 100.0:  # a kernel far outside: rescaled to within 1.2% of c
+        assert exact >= 0.9 / 1.012
+    # Any new kernel, as after an optimizer step: the bound holds at once.
+    layer.kernel.assign(layer.kernel * 37.0)
+    assert np.linalg.norm(operator_matrix(layer, shape), 2) <= 0.9 * (1 + 1e-9)
+
+
+@pytest.mark.parametrize("name", ["dense", "conv"])
+def test_gram_normalisation_gradients_match_finite_differences(name):
+    """d/dW of <r, layer(x)> along random directions, through the bound's rescaling."""
+    make, shape = GRAM_LAYERS[name]
+    layer = make(stddev=2.0, lipschitz_estimate="gram", lipschitz_constant=0.9)
+    x = tf.random.stateless_normal([3, *shape], seed=[1, 2], dtype=tf.float64)
+    r = tf.random.stateless_normal(layer(x).shape, seed=[3, 4], dtype=tf.float64)
+    kernel = tf.convert_to_tensor(layer.kernel)
+
+    def objective(w):
+        layer.kernel.assign(w)
+        return float(tf.reduce_sum(r * layer(x)))
+
+    with tf.GradientTape() as tape:
+        value = tf.reduce_sum(r * layer(x))
+    gradient = tape.gradient(value, layer.kernel)
+    assert float(tf.norm(gradient)) > 0
+    rng = np.random.default_rng(5)
+    for _ in range(3):
+        d = rng.normal(size=kernel.shape)
+        h = 1e-6
+        numerical = (objective(kernel + h * d) - objective(kernel - h * d)) / (2 * h)
+        np.testing.assert_allclose(float(tf.reduce_sum(gradient * d)), numerical, rtol=1e-6)
+
+
+def test_gram_estimate_needs_two_norms_and_survives_a_config_round_trip():
+    with pytest.raises(ValueError, match=r"lipschitz_estimate='gram' bounds \(2, 2\) norms"):
+        SpectralDense(3, lipschitz_estimate="gram", domain=3, codomain=3)
+    with pytest.raises(ValueError, match="lipschitz_estimate"):
+        SpectralDense(3, lipschitz_estimate="svd")
+    closed = SpectralDense(3, lipschitz_estimate="gram", domain=1, codomain=2)  # exact anyway
+    assert closed.lipschitz_estimate == "gram"
+    layer = dense(4, 3, lipschitz_estimate="gram")
+    clone = SpectralDense.from_config(layer.get_config())
+    assert clone.lipschitz_estimate == "gram"
+    clone.build((None, 4))
+    clone.set_weights(layer.get_weights())
+    x = tf.ones([2, 4], tf.float64)
+    np.testing.assert_allclose(clone(x), layer(x), rtol=1e-12)

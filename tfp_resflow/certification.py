@@ -13,8 +13,9 @@ the product over g's path from its input x to its output (context networks only 
 - dense kernels, (2, 2): the Gram iteration on the kernel (`tfp_resflow.gram_iteration`);
 - convolutions, (2, 2): the Gram iteration on the explicit operator matrix on the image size
   the layer is built for (zero padding and strides included) when it has at most
-  `EXPLICIT_OPERATOR_ENTRIES` entries, else the circular-convolution bound on the image
-  enlarged by the kernel (a few percent above the exact norm on 7x7 images, 0.1% on 28x28);
+  `gram_iteration.EXPLICIT_OPERATOR_ENTRIES` entries, else the circular-convolution bound on
+  the image enlarged by the kernel (a few percent above the exact norm on 7x7 images, 0.1% on
+  28x28);
   1x1 convolutions: their channel matrix (exact);
 - p = 1 or q = inf: the exact closed forms (`operator_norm.closed_form_norm`);
 - other mixed norms, and learnable orders: no guaranteed bound is known to us (the power method
@@ -33,7 +34,6 @@ own arithmetic is outside it.
 """
 
 __all__ = [
-    "EXPLICIT_OPERATOR_ENTRIES",
     "CertificationWarning",
     "certify",
     "layer_bound",
@@ -54,21 +54,13 @@ from tfp_resflow.activation import CLipSwish, LipSwish
 from tfp_resflow.bijector import ResidualBlock
 from tfp_resflow.context import CHAIN_TYPES, INVERT_TYPES
 from tfp_resflow.dense_network import LipschitzDenseLayer
-from tfp_resflow.gram_iteration import (
-    ROUNDING_MARGIN,
-    conv_spectral_bound,
-    gram_spectral_bound,
-)
+from tfp_resflow.gram_iteration import ROUNDING_MARGIN
 from tfp_resflow.norm_order import NormOrder
 from tfp_resflow.operator_norm import closed_form_norm, has_closed_form
-from tfp_resflow.spectral_conv import SpectralConv2D
 from tfp_resflow.spectral_layer import SpectralLayer
 
 tfb = tfp.bijectors
 
-# Up to this many entries (32 MB in float64) a convolution's operator matrix is built and
-# bounded directly: the exact norm up to the Gram iteration's own tolerance.
-EXPLICIT_OPERATOR_ENTRIES = 2**22
 # Gram steps: the bound exceeds the norm by at most rank**(2**-(steps + 1)), 1.0016 for rank
 # 4096 at 12 steps; a step costs one product of the smaller side's square.
 GRAM_ITERATIONS = 12
@@ -113,16 +105,7 @@ def _spectral_bound(layer: SpectralLayer) -> float:
             f"{layer.name}: no guaranteed bound for the mixed ({p:g}, {q:g}) norm (the power "
             "method may stop at a local maximum)"
         )
-    if not isinstance(layer, SpectralConv2D) or layer._use_matrix:  # noqa: SLF001
-        return float(gram_spectral_bound(kernel, GRAM_ITERATIONS))
-    _, h, w, c_in = layer._op.v_shape  # noqa: SLF001
-    out = layer._op.u_shape  # noqa: SLF001
-    inputs = h * w * c_in
-    if inputs * math.prod(out) <= EXPLICIT_OPERATOR_ENTRIES:
-        basis = tf.reshape(tf.eye(inputs, dtype=tf.float64), [inputs, h, w, c_in])
-        columns = tf.nn.conv2d(basis, kernel, list(layer.strides), layer.padding.upper())
-        return float(gram_spectral_bound(tf.reshape(columns, [inputs, -1]), GRAM_ITERATIONS))
-    return float(conv_spectral_bound(kernel, (h, w), GRAM_ITERATIONS))
+    return float(layer.gram_norm_bound(kernel, GRAM_ITERATIONS))
 
 
 def layer_bound(layer: keras.layers.Layer) -> float:

@@ -20,6 +20,7 @@ from tfp_resflow import logdet, solver, validation
 from tfp_resflow.activation import ACTIVATIONS
 from tfp_resflow.context import check_context_size
 from tfp_resflow.dense_network import linear_widths
+from tfp_resflow.spectral_layer import LIPSCHITZ_ESTIMATES
 
 __all__ = ["NETWORKS", "BlockConfig", "ImageFlowConfig", "ResidualFlowConfig"]
 
@@ -31,6 +32,22 @@ NETWORKS = ("resnet", "dense")
 
 def _namer(config: object) -> Callable[[str], str]:
     return lambda field: f"{type(config).__name__}.{field}"
+
+
+def _check_lipschitz_estimate(config: object, norm_orders: object) -> None:
+    """`lipschitz_estimate` is a known name; "gram" needs the (2, 2) norms it bounds."""
+    n = _namer(config)
+    validation.choice(n("lipschitz_estimate"), config.lipschitz_estimate, LIPSCHITZ_ESTIMATES)
+    if config.lipschitz_estimate != "gram":
+        return
+    if config.learnable_norm_orders:
+        validation.fail(
+            n("learnable_norm_orders"), "False with lipschitz_estimate='gram'", value=True
+        )
+    if norm_orders is not None and any(float(p) != 2.0 for p in norm_orders):
+        validation.fail(
+            n("norm_orders"), "None or all 2 with lipschitz_estimate='gram'", norm_orders
+        )
 
 
 def _check_network(config: object, growths: str, widths: tuple[int, ...]) -> None:
@@ -182,6 +199,10 @@ class ResidualFlowConfig:
             (`network.lipschitz_mlp(context_size=K)`; `network="resnet"` only); None: p(x).
         context_hidden_units: hidden widths of each block's context network.
         block: the blocks' estimators and solver.
+        lipschitz_estimate: what each Lipschitz layer divides by: "power" (the authors'
+            power-iteration estimate, a lower bound) or "gram" (the Gram iteration's upper
+            bound, recomputed in every call, so every layer keeps its constant at every step;
+            (2, 2) norms only; `tfp_resflow.spectral_layer`).
     """
 
     num_blocks: int = 8
@@ -196,6 +217,7 @@ class ResidualFlowConfig:
     context_size: int | None = None
     context_hidden_units: tuple[int, ...] = (64,)
     block: BlockConfig = BlockConfig()
+    lipschitz_estimate: str = "power"
 
     def __post_init__(self) -> None:
         _normalise(self)
@@ -208,6 +230,7 @@ class ResidualFlowConfig:
         validation.boolean(n("actnorm"), self.actnorm)
         _check_network(self, "hidden_units", self.hidden_units)
         _check_context(self)
+        _check_lipschitz_estimate(self, self.norm_orders)
         if self.network == "dense" and not self.hidden_units:
             validation.fail(n("hidden_units"), "non-empty with network='dense'", ())
         if not isinstance(self.block, BlockConfig):
@@ -250,6 +273,10 @@ class ImageFlowConfig:
             vectors `[..., K]` (e.g. one-hot labels), broadcast over space in every `g`
             (`network="resnet"` only); None: p(x).
         context_hidden_units: hidden widths of each block's context network.
+        lipschitz_estimate: what each Lipschitz layer divides by: "power" (the authors'
+            power-iteration estimate, a lower bound) or "gram" (the Gram iteration's upper
+            bound, recomputed in every call, so every layer keeps its constant at every step;
+            (2, 2) norms only; `tfp_resflow.spectral_layer`).
         block: every block's estimators and solver (the authors' images: the roulette with
             Poisson(2) extra terms after 2 exact ones and Gaussian probes).
     """
@@ -273,6 +300,7 @@ class ImageFlowConfig:
     context_size: int | None = None
     context_hidden_units: tuple[int, ...] = (64,)
     block: BlockConfig = BlockConfig(term_distribution="poisson", probe="gaussian")
+    lipschitz_estimate: str = "power"
 
     def __post_init__(self) -> None:
         _normalise(self)
@@ -298,6 +326,7 @@ class ImageFlowConfig:
         iterations = self.initial_power_iterations
         validation.optional(validation.integer, n("initial_power_iterations"), iterations, 0)
         _check_network(self, "hidden_channels", (self.hidden_channels,))
+        _check_lipschitz_estimate(self, None)
         _check_context(self)
         if self.network == "dense":
             if len(self.kernel_sizes) < 2:

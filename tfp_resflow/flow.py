@@ -148,6 +148,7 @@ class ResidualFlowBijector(StackedBijector):
                 lipschitz_constant=c.lipschitz_constant,
                 activation=c.activation,
                 learnable_concatenation=c.learnable_concatenation,
+                lipschitz_estimate=c.lipschitz_estimate,
                 dtype=dtype,
             )
         else:
@@ -160,6 +161,7 @@ class ResidualFlowBijector(StackedBijector):
                 learnable_norm_orders=c.learnable_norm_orders,
                 context_size=c.context_size,
                 context_hidden_units=c.context_hidden_units,
+                lipschitz_estimate=c.lipschitz_estimate,
                 dtype=dtype,
             )
         block = ResidualBlock(

@@ -42,8 +42,10 @@ References:
 
 __all__ = [
     "DEFAULT_ITERATIONS",
+    "EXPLICIT_OPERATOR_ENTRIES",
     "ROUNDING_MARGIN",
     "circular_conv_matrices",
+    "conv_operator_bound",
     "conv_spectral_bound",
     "gram_spectral_bound",
 ]
@@ -54,6 +56,9 @@ import tensorflow as tf
 
 DEFAULT_ITERATIONS = 10
 ROUNDING_MARGIN = 1e-9
+# Up to this many entries (32 MB in float64) a convolution's operator matrix is built and
+# bounded directly: the exact norm up to the Gram iteration's own tolerance.
+EXPLICIT_OPERATOR_ENTRIES = 2**22
 
 
 def _frobenius(g: tf.Tensor) -> tf.Tensor:
@@ -142,3 +147,39 @@ def conv_spectral_bound(
     size = (image_size[0] + k_h - 1, image_size[1] + k_w - 1)
     bounds = gram_spectral_bound(circular_conv_matrices(kernel, size), iterations)
     return tf.reduce_max(bounds)
+
+
+def conv_operator_bound(
+    kernel: tf.Tensor,
+    in_shape: tuple[int, int, int],
+    strides: tuple[int, int],
+    padding: str,
+    iterations: int = DEFAULT_ITERATIONS,
+) -> tf.Tensor:
+    """An upper bound on the spectral norm of a convolution, differentiable in `kernel`.
+
+    The convolution is `conv2d(x, kernel, strides, padding)` on images of `in_shape`
+    `(H, W, C_in)`.
+
+    The Gram iteration on the explicit operator matrix (the responses to the H W C_in
+    impulses)
+    when it has at most `EXPLICIT_OPERATOR_ENTRIES` entries, which is tight up to the
+    iteration's own factor; else `conv_spectral_bound` (the circular convolution on the image
+    enlarged by the kernel: a few percent above the exact norm on 7 x 7 images, 0.1% on
+    28 x 28).
+
+    Returns:
+        A scalar real Tensor of the kernel's dtype (not yet widened by `ROUNDING_MARGIN`).
+    """
+    h, w, c_in = in_shape
+    (k_h, k_w), (s_h, s_w) = kernel.shape[:2], strides
+    if padding.upper() == "SAME":
+        out = -(-h // s_h) * -(-w // s_w)
+    else:
+        out = ((h - k_h) // s_h + 1) * ((w - k_w) // s_w + 1)
+    inputs = h * w * c_in
+    if inputs * out * kernel.shape[3] <= EXPLICIT_OPERATOR_ENTRIES:
+        impulses = tf.reshape(tf.eye(inputs, dtype=kernel.dtype), [inputs, h, w, c_in])
+        columns = tf.nn.conv2d(impulses, kernel, list(strides), padding.upper())
+        return gram_spectral_bound(tf.reshape(columns, [inputs, -1]), iterations)
+    return conv_spectral_bound(kernel, (h, w), iterations)

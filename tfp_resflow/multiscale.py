@@ -142,7 +142,7 @@ class MultiscaleResidualFlow(StackedBijector):
         return Step(block, event_ndims)
 
     def _layer_options(self) -> dict:
-        options = {"dtype": self._dtype_name}
+        options = {"dtype": self._dtype_name, "lipschitz_estimate": self._config.lipschitz_estimate}
         if self._config.context_size is not None:  # resnet g only (checked by the config)
             options["context_size"] = self._config.context_size
             options["context_hidden_units"] = self._config.context_hidden_units
