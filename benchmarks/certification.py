@@ -108,9 +108,7 @@ def plot(layers: list[dict], path: Path) -> None:
         ("exact", "o", "exact norm (SVD)"),
         ("certified", "^", "certified bound (Gram iteration)"),
     ):
-        values = [
-            np.nan if e[key] is None else e[key] / e["lipschitz_constant"] for e in layers
-        ]
+        values = [np.nan if e[key] is None else e[key] / e["lipschitz_constant"] for e in layers]
         ax.plot(index, values, marker, label=label, markersize=5, alpha=0.8)
     ax.axhline(1.0, color="grey", lw=0.8)
     ax.set_xlabel("Lipschitz layer (data -> latent)")
