@@ -143,7 +143,6 @@ def test_importing_the_package_and_its_presets_leaves_the_runtime_unstarted():
     assert result.stdout.split()[-1] == "2"
 
 
-
 def test_lipschitz_estimate_is_checked():
     with pytest.raises(ValueError, match="lipschitz_estimate"):
         ResidualFlowConfig(lipschitz_estimate="exact")

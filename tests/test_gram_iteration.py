@@ -8,8 +8,10 @@ import tensorflow as tf
 
 from tfp_resflow.gram_iteration import (
     circular_conv_matrices,
+    conv_operator_matrices,
     conv_spectral_bound,
     gram_spectral_bound,
+    gram_spectral_bound_numpy,
 )
 
 
@@ -101,3 +103,31 @@ def test_iterations_tighten_the_bound_monotonically():
     bounds = [float(gram_spectral_bound(w, t)) for t in range(8)]
     assert all(b1 <= b0 * (1 + 1e-12) for b0, b1 in zip(bounds, bounds[1:], strict=False))
     assert math.isclose(bounds[-1], np.linalg.norm(w.numpy(), 2), rel_tol=1e-2)
+
+
+@pytest.mark.parametrize("iterations", [0, 5, 12])
+def test_the_numpy_iteration_is_the_tensorflow_one(iterations):
+    rng = np.random.default_rng(iterations)
+    real = rng.normal(size=(3, 7, 4))
+    real[1] = 0.0
+    complex_ = rng.normal(size=(5, 3, 6)) + 1j * rng.normal(size=(5, 3, 6))
+    for matrices in (real, complex_, np.diag([1e200, 3e199])[None]):
+        np.testing.assert_allclose(
+            gram_spectral_bound_numpy(matrices, iterations),
+            gram_spectral_bound(tf.constant(matrices), iterations).numpy(),
+            rtol=1e-12,
+        )
+
+
+@pytest.mark.parametrize("explicit", [True, False])
+def test_operator_matrices_bound_the_convolution(explicit, monkeypatch):
+    from tfp_resflow import gram_iteration
+
+    if not explicit:
+        monkeypatch.setattr(gram_iteration, "EXPLICIT_OPERATOR_ENTRIES", 0)
+    kernel = np.random.default_rng(7).normal(size=(3, 3, 2, 3))
+    matrices = conv_operator_matrices(tf.constant(kernel), (5, 5, 2), (1, 1), "SAME")
+    assert matrices.shape[0] == (1 if explicit else 49)
+    exact = np.linalg.norm(conv_operator(kernel, 5, 1, "SAME"), 2)
+    bound = gram_spectral_bound_numpy(matrices.numpy()).max()
+    assert exact * (1 - 1e-12) <= bound <= exact * (1.003 if explicit else 1.6)

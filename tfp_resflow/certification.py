@@ -28,7 +28,9 @@ layer `concat([eta_1 x, eta_2 phi(W x)])` contributes `sqrt(eta_1**2 + (eta_2 Li
 (`tfp_resflow.dense_network`). Reshapes, flattening and the addition of a context shift: 1.
 Any other layer on the path makes the bound `math.inf`, with the reason.
 
-Each layer's bound is widened by `gram_iteration.ROUNDING_MARGIN` for float64 rounding. The
+The bounds are computed in NumPy float64 (`gram_iteration.gram_spectral_bound_numpy`; the
+operator matrices come from TensorFlow), and each layer's bound is widened by
+`gram_iteration.ROUNDING_MARGIN` for float64 rounding. The
 map certified is the real-number map of the effective kernels; float32 rounding of the layers'
 own arithmetic is outside it.
 """
@@ -54,7 +56,7 @@ from tfp_resflow.activation import CLipSwish, LipSwish
 from tfp_resflow.bijector import ResidualBlock
 from tfp_resflow.context import CHAIN_TYPES, INVERT_TYPES
 from tfp_resflow.dense_network import LipschitzDenseLayer
-from tfp_resflow.gram_iteration import ROUNDING_MARGIN
+from tfp_resflow.gram_iteration import ROUNDING_MARGIN, gram_spectral_bound_numpy
 from tfp_resflow.norm_order import NormOrder
 from tfp_resflow.operator_norm import closed_form_norm, has_closed_form
 from tfp_resflow.spectral_layer import SpectralLayer
@@ -96,8 +98,9 @@ def _spectral_bound(layer: SpectralLayer) -> float:
     """A guaranteed bound on the l_p -> l_q norm of the map the layer applies."""
     p = _order(layer.domain, layer.name)
     q = _order(layer.codomain, layer.name)
-    kernel = tf.cast(tf.stop_gradient(layer.effective_kernel()), tf.float64)
-    kernel = layer._operator_kernel(kernel)  # noqa: SLF001 (the kernel of its operator)
+    # The effective kernel in the layer's own dtype, as `call` computes it: the map certified.
+    native = layer._operator_kernel(tf.stop_gradient(layer.effective_kernel()))  # noqa: SLF001
+    kernel = tf.cast(native, tf.float64)  # exact
     if has_closed_form(p, q):
         return float(closed_form_norm(layer._op, kernel, p, q))  # noqa: SLF001
     if (p, q) != (2.0, 2.0):
@@ -105,7 +108,14 @@ def _spectral_bound(layer: SpectralLayer) -> float:
             f"{layer.name}: no guaranteed bound for the mixed ({p:g}, {q:g}) norm (the power "
             "method may stop at a local maximum)"
         )
-    return float(layer.gram_norm_bound(kernel, GRAM_ITERATIONS))
+    # An explicit operator matrix holds copies of the kernel's entries (each impulse response
+    # is one tap times 1), exact in the layer's dtype and much faster there than in float64;
+    # the circular bound's Fourier transform is not exact, so it is taken in float64.
+    matrices = layer._op.gram_matrices(native)  # noqa: SLF001
+    if matrices.dtype.is_complex:
+        matrices = layer._op.gram_matrices(kernel)  # noqa: SLF001
+    matrices = matrices.numpy().astype(np.complex128 if matrices.dtype.is_complex else np.float64)
+    return float(np.max(gram_spectral_bound_numpy(matrices, GRAM_ITERATIONS)))
 
 
 def layer_bound(layer: keras.layers.Layer) -> float:

@@ -70,6 +70,7 @@ import numpy as np
 import tensorflow as tf
 
 from tfp_resflow import validation
+from tfp_resflow.gram_iteration import conv_operator_matrices
 
 _INF = math.inf
 
@@ -171,6 +172,10 @@ class MatrixOperator(Operator):
     def forward(self, v: tf.Tensor, kernel: tf.Tensor) -> tf.Tensor:
         return tf.matmul(v, kernel)
 
+    def gram_matrices(self, kernel: tf.Tensor) -> tf.Tensor:
+        """`[1, n_in, n_out]`: the matrix whose largest singular value is ||A||_{2->2}."""
+        return kernel[None]
+
     def adjoint(self, u: tf.Tensor, kernel: tf.Tensor) -> tf.Tensor:
         return tf.matmul(u, kernel, transpose_b=True)
 
@@ -190,6 +195,14 @@ class ConvOperator(Operator):
 
     def forward(self, v: tf.Tensor, kernel: tf.Tensor) -> tf.Tensor:
         return tf.nn.conv2d(v, kernel, self.strides, self.padding)
+
+    def gram_matrices(self, kernel: tf.Tensor) -> tf.Tensor:
+        """Matrices whose largest singular value bounds ||A||_{2->2} from above.
+
+        The explicit operator or the circular convolution (`gram_iteration.conv_operator_matrices`).
+        """
+        shape = tuple(self.v_shape[1:])
+        return conv_operator_matrices(kernel, shape, tuple(self.strides), self.padding)
 
     def adjoint(self, u: tf.Tensor, kernel: tf.Tensor) -> tf.Tensor:
         return tf.nn.conv2d_transpose(u, kernel, self.v_shape, self.strides, self.padding)

@@ -17,7 +17,6 @@ import numpy as np
 import tensorflow as tf
 
 from tfp_resflow import validation
-from tfp_resflow.gram_iteration import conv_operator_bound
 from tfp_resflow.operator_norm import ConvOperator, MatrixOperator
 from tfp_resflow.spectral_layer import SpectralLayer
 
@@ -128,16 +127,6 @@ class SpectralConv2D(SpectralLayer):
 
     def _operator_kernel(self, kernel: tf.Tensor) -> tf.Tensor:
         return tf.reshape(kernel, tf.shape(kernel)[2:]) if self._use_matrix else kernel
-
-    def gram_norm_bound(self, kernel: tf.Tensor, iterations: int) -> tf.Tensor:
-        """The Gram-iteration bound of the convolution operator on the built image size.
-
-        `gram_iteration.conv_operator_bound`; for 1x1 kernels, that of the channel matrix.
-        """
-        if self._use_matrix:
-            return super().gram_norm_bound(kernel, iterations)
-        shape = tuple(self._op.v_shape[1:])
-        return conv_operator_bound(kernel, shape, self.strides, self.padding, iterations)
 
     def call(self, x: tf.Tensor, *, training: bool | None = None) -> tf.Tensor:
         kernel = tf.cast(self.effective_kernel(), x.dtype)

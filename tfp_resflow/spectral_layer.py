@@ -164,10 +164,10 @@ class SpectralLayer(keras.layers.Layer):
     def gram_norm_bound(self, kernel: tf.Tensor, iterations: int) -> tf.Tensor:
         """An upper bound on the (2, 2) norm of this layer's operator with `kernel`.
 
-        `kernel` is its operator's kernel (`_operator_kernel` applied); by the Gram iteration,
-        differentiable.
+        `kernel` is its operator's kernel (`_operator_kernel` applied); the Gram iteration on
+        `Operator.gram_matrices`, differentiable.
         """
-        return gram_spectral_bound(kernel, iterations)
+        return tf.reduce_max(gram_spectral_bound(self._op.gram_matrices(kernel), iterations))
 
     def sigma_of_orders(self) -> tf.Tensor | None:
         """The norm estimate as a function of the learnable orders alone, or None without any.
