@@ -540,3 +540,28 @@ def test_conditional_tuning_grows_the_grid_like_compare_flows(conditional, monke
     assert tried == pytest.approx([1e-2, 1e-3, 1e-4, 1e-5])
     assert chosen["m"] == pytest.approx(1e-4)
     assert len(rows) == 4
+
+
+def test_certification_measures_every_layer_of_a_model():
+    """benchmarks/certification.py (issue 20) on a small image flow, without training:
+    power estimate <= exact norm <= certified bound for every layer, and every block's
+    certified bound at least the product of its layers' exact norms."""
+    import certification
+    import keras
+
+    from tfp_resflow import multiscale
+    from tfp_resflow.config import ImageFlowConfig
+    from tfp_resflow.model import FlowModel
+
+    keras.utils.set_random_seed(0)
+    config = ImageFlowConfig(blocks_per_scale=(2,), hidden_channels=8, fc_end_blocks=1)
+    model = FlowModel(multiscale.image_flow((4, 4, 1), config), (4, 4, 1))
+    model.build(model.input_shape_for_build())
+    results = certification.measure(model, 1e-6)
+    assert len(results["blocks"]) == 3
+    assert len(results["layers"]) == 9
+    for layer in results["layers"]:
+        assert layer["power"] <= layer["exact"] * (1 + 1e-5)
+        assert layer["exact"] <= layer["certified"] <= layer["exact"] * 1.002
+    for block in results["blocks"]:
+        assert block["exact_layer_product"] <= block["certified_lipschitz"] < 1.0
