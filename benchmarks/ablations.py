@@ -38,6 +38,7 @@ an estimator ablation can matter at all at this budget.
     python benchmarks/ablations.py --jobs 2        # full: 7-10 minutes on 2 CPU cores
     python benchmarks/ablations.py --quick         # tiny settings (digits: the default only)
     python benchmarks/ablations.py --datasets toy --seeds 1 --toy-steps 100
+    python benchmarks/ablations.py --variants default gram --output ablations_gram.json
 
 Prints a markdown table and writes `benchmarks/results/ablations.json` (or `--output`).
 """
@@ -200,6 +201,8 @@ def run_kind(kind: str, args: argparse.Namespace) -> list[dict]:
     for variant, fields in VARIANTS[kind].items():
         if args.quick and kind == "digits" and variant not in QUICK_DIGITS_VARIANTS:
             continue
+        if args.variants is not None and variant not in args.variants:
+            continue
         for seed in range(args.seeds):
             keras.utils.set_random_seed(seed)
             model = build(kind, fields)
@@ -302,6 +305,14 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--digits-batch-size", type=int, default=64)
     parser.add_argument("--jobs", type=int, default=1, help="data sets trained at once (1, 2)")
+    names = sorted({name for variants in VARIANTS.values() for name in variants})
+    parser.add_argument(
+        "--variants",
+        nargs="+",
+        choices=names,
+        default=None,
+        help="only these variants (default: every variant of each data set)",
+    )
     parser.add_argument("--output", type=Path, default=RESULTS)
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -330,6 +341,7 @@ def main(argv: list[str] | None = None) -> None:
             "seeds": args.seeds,
             "jobs": args.jobs,
             "toy_dataset": args.toy_dataset,
+            "variants": args.variants,
             "budgets": {k: dataclasses.asdict(v) for k, v in budgets(args).items()},
             "default_configs": defaults,
         },
@@ -349,6 +361,7 @@ def run_parallel(args: argparse.Namespace) -> list[dict]:
         *("--toy-steps", str(args.toy_steps), "--toy-batch-size", str(args.toy_batch_size)),
         *("--digits-steps", str(args.digits_steps)),
         *("--digits-batch-size", str(args.digits_batch_size)),
+        *(["--variants", *args.variants] if args.variants else []),
     ]
     processes = {
         kind: subprocess.Popen(
