@@ -222,6 +222,7 @@ def test_quick_results_are_complete(quick_run):
         "gaussian probes",
         "lipswish",
         "elu",
+        "gram",
     }
     estimators = json.loads((out / "estimators.json").read_text())
     assert (out / estimators["plot"]).stat().st_size > 10_000
