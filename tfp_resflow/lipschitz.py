@@ -81,6 +81,9 @@ class SpectralDense(SpectralLayer):
         use_bias: Whether to add a bias b; True.
         kernel_initializer: Keras initializer of W; "glorot_uniform".
         bias_initializer: Keras initializer of b; "zeros".
+        lipschitz_estimate: sigma from the power method ("power", the default: a lower bound,
+            see above) or the Gram iteration's upper bound ("gram": recomputed in every call,
+            so the bound holds at every step; (2, 2) norms only; `tfp_resflow.spectral_layer`).
 
     Input: float Tensor [..., n_in]. Output: [..., units].
     """
