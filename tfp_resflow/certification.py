@@ -30,9 +30,9 @@ Any other layer on the path makes the bound `math.inf`, with the reason.
 
 The bounds are computed in NumPy float64 (`gram_iteration.gram_spectral_bound_numpy`; the
 operator matrices come from TensorFlow), and each layer's bound is widened by
-`gram_iteration.ROUNDING_MARGIN` for float64 rounding. The
-map certified is the real-number map of the effective kernels; float32 rounding of the layers'
-own arithmetic is outside it.
+`gram_iteration.ROUNDING_MARGIN` for float64 rounding. The map certified is the real-number map
+of the effective kernels in the layers' own dtype; the rounding of the layers' arithmetic is
+outside it.
 """
 
 __all__ = [
