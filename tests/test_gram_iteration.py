@@ -126,7 +126,7 @@ def test_operator_matrices_bound_the_convolution(explicit, monkeypatch):
     if not explicit:
         monkeypatch.setattr(gram_iteration, "EXPLICIT_OPERATOR_ENTRIES", 0)
     kernel = np.random.default_rng(7).normal(size=(3, 3, 2, 3))
-    matrices = conv_operator_matrices(tf.constant(kernel), (5, 5, 2), (1, 1), "SAME")
+    matrices = conv_operator_matrices(tf.constant(kernel), (5, 5, 2), (5, 5, 3), (1, 1), "SAME")
     assert matrices.shape[0] == (1 if explicit else 49)
     exact = np.linalg.norm(conv_operator(kernel, 5, 1, "SAME"), 2)
     bound = gram_spectral_bound_numpy(matrices.numpy()).max()

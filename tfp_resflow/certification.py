@@ -95,7 +95,14 @@ def _order(order: object, what: str) -> float:
 
 
 def _spectral_bound(layer: SpectralLayer) -> float:
-    """A guaranteed bound on the l_p -> l_q norm of the map the layer applies."""
+    """A guaranteed bound on the l_p -> l_q norm of the map the layer applies.
+
+    Widened by `ROUNDING_MARGIN` for float64 rounding.
+    """
+    return _unwidened_bound(layer) * (1.0 + ROUNDING_MARGIN)
+
+
+def _unwidened_bound(layer: SpectralLayer) -> float:
     p = _order(layer.domain, layer.name)
     q = _order(layer.codomain, layer.name)
     # The effective kernel in the layer's own dtype, as `call` computes it: the map certified.
@@ -128,7 +135,7 @@ def layer_bound(layer: keras.layers.Layer) -> float:
     if not isinstance(layer, SpectralLayer):
         raise TypeError(f"layer_bound takes a SpectralDense or SpectralConv2D; got {layer!r}")
     try:
-        return _spectral_bound(layer) * (1.0 + ROUNDING_MARGIN)
+        return _spectral_bound(layer)
     except _Uncertified as reason:
         warnings.warn(f"not certified: {reason}", CertificationWarning, stacklevel=2)
         return math.inf
@@ -172,7 +179,7 @@ class _Chain:
         if isinstance(layer, SpectralLayer):
             p = _order(layer.domain, layer.name)
             self.enter(p, layer.name)
-            self.bound *= _spectral_bound(layer) * (1.0 + ROUNDING_MARGIN)
+            self.bound *= _spectral_bound(layer)
             self.order = _order(layer.codomain, layer.name)
         elif isinstance(layer, LipschitzDenseLayer):
             self.enter(2.0, layer.name)
@@ -180,7 +187,7 @@ class _Chain:
             orders = (_order(linear.domain, linear.name), _order(linear.codomain, linear.name))
             if orders != (2.0, 2.0):
                 raise _Uncertified(f"{layer.name}: the concatenation's bound needs l2 norms")
-            inner = _spectral_bound(linear) * (1.0 + ROUNDING_MARGIN)
+            inner = _spectral_bound(linear)
             inner *= _activation_constant(layer.activation, 2.0)
             eta = np.asarray(tf.cast(layer.concatenation_weights(), tf.float64))
             self.bound *= math.hypot(eta[0], eta[1] * inner) * (1.0 + ROUNDING_MARGIN)

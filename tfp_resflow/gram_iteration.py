@@ -154,26 +154,24 @@ def conv_spectral_bound(
 def conv_operator_matrices(
     kernel: tf.Tensor,
     in_shape: tuple[int, int, int],
+    out_shape: tuple[int, int, int],
     strides: tuple[int, int],
     padding: str,
 ) -> tf.Tensor:
     """Matrices whose largest singular value bounds a convolution's spectral norm from above.
 
-    The convolution is `conv2d(x, kernel, strides, padding)` on images of `in_shape`
-    `(H, W, C_in)`. Its explicit operator matrix (the responses to the H W C_in impulses),
-    `[1, H W C_in, outputs]`, when that has at most `EXPLICIT_OPERATOR_ENTRIES` entries (the
-    exact norm); else the circular convolution's frequency matrices on the image enlarged by
-    the kernel, `[N_h N_w, C_in, C_out]` (a few percent above the exact norm on 7 x 7 images,
+    The convolution is `conv2d(x, kernel, strides, padding)` from images of `in_shape`
+    `(H, W, C_in)` to `out_shape` `(H', W', C_out)`. Its explicit operator matrix (the
+    responses to the H W C_in impulses), `[1, H W C_in, H' W' C_out]`, when that has at most
+    `EXPLICIT_OPERATOR_ENTRIES` entries (the exact norm); else the circular convolution's
+    frequency matrices on the image enlarged by the kernel, `[N_h N_w, C_in, C_out]` (a few
+    percent above the exact norm on 7 x 7 images,
     0.1% on 28 x 28; module docs). Differentiable in `kernel`.
     """
     h, w, c_in = in_shape
-    (k_h, k_w), (s_h, s_w) = kernel.shape[:2], strides
-    if padding.upper() == "SAME":
-        out = -(-h // s_h) * -(-w // s_w)
-    else:
-        out = ((h - k_h) // s_h + 1) * ((w - k_w) // s_w + 1)
+    k_h, k_w = kernel.shape[:2]
     inputs = h * w * c_in
-    if inputs * out * kernel.shape[3] <= EXPLICIT_OPERATOR_ENTRIES:
+    if inputs * math.prod(out_shape) <= EXPLICIT_OPERATOR_ENTRIES:
         impulses = tf.reshape(tf.eye(inputs, dtype=kernel.dtype), [inputs, h, w, c_in])
         columns = tf.nn.conv2d(impulses, kernel, list(strides), padding.upper())
         return tf.reshape(columns, [1, inputs, -1])

@@ -201,8 +201,10 @@ class ConvOperator(Operator):
 
         The explicit operator or the circular convolution (`gram_iteration.conv_operator_matrices`).
         """
-        shape = tuple(self.v_shape[1:])
-        return conv_operator_matrices(kernel, shape, tuple(self.strides), self.padding)
+        in_shape, out_shape = tuple(self.v_shape[1:]), tuple(self.u_shape[1:])
+        return conv_operator_matrices(
+            kernel, in_shape, out_shape, tuple(self.strides), self.padding
+        )
 
     def adjoint(self, u: tf.Tensor, kernel: tf.Tensor) -> tf.Tensor:
         return tf.nn.conv2d_transpose(u, kernel, self.v_shape, self.strides, self.padding)
