@@ -180,6 +180,49 @@ def test_fixed_point_inverse_has_the_implicit_gradient():
     np.testing.assert_allclose(grad_kernel[0, 1], (plus - minus) / (2 * eps), atol=1e-7)
 
 
+@pytest.mark.parametrize("lipschitz_estimate", ["power", "gram"])
+def test_fixed_point_gradient_reaches_spectral_kernels_through_their_normalisation(
+    lipschitz_estimate,
+):
+    # The solve takes each layer's W_eff = W / max(1, sigma / c), computed once outside its
+    # loop: the gradient must still be that of the whole map W -> x, rescaling included.
+    keras.utils.set_random_seed(2)
+    spectral = functools.partial(
+        lipschitz.SpectralDense,
+        lipschitz_constant=0.7,
+        lipschitz_estimate=lipschitz_estimate,
+        dtype="float64",
+    )
+    tanh = keras.layers.Activation("tanh", dtype="float64")
+    g = keras.Sequential([spectral(6), tanh, spectral(3)])
+    g.build((None, 3))
+    first = g.layers[0]
+    first.kernel.assign(3.0 * first.kernel)  # sigma well above c: the rescaling is active
+    lipschitz.update_lipschitz([g], atol=1e-12, rtol=1e-12)
+    assert float(first.sigma()) > 1.5 * first.lipschitz_constant
+    block = ResidualBlock(g, atol=1e-12, rtol=1e-12)
+    z = data((2, 3))
+    weights = data((2, 3), seed=5)
+    with tf.GradientTape() as tape:
+        loss = tf.reduce_sum(block.forward(z) * weights)
+    gradient = tape.gradient(loss, first.kernel).numpy()
+    kernel, eps = first.kernel.numpy(), 1e-6
+    expected = np.zeros_like(kernel)
+    for index in [(0, 0), (1, 2), (2, 5)]:
+        step = np.zeros_like(kernel)
+        step[index] = eps
+        values = []
+        for sign in (1.0, -1.0):
+            first.kernel.assign(kernel + sign * step)
+            values.append(float(tf.reduce_sum(block.forward(tf.identity(z)) * weights)))
+        first.kernel.assign(kernel)
+        expected[index] = (values[0] - values[1]) / (2 * eps)
+        np.testing.assert_allclose(gradient[index], expected[index], rtol=1e-5, atol=1e-8)
+    # The solve inverts g as g's own call computes it (W_eff recomputed in the call).
+    x = block.forward(tf.identity(z))
+    np.testing.assert_allclose(x + g(x), z, atol=1e-10)
+
+
 def test_non_convergence_raises_with_the_residual():
     def expanding(x):  # Lip = 1.5: the fixed-point iteration diverges
         return -1.5 * x

@@ -188,6 +188,23 @@ def test_sample_and_log_prob_shapes():
     assert model.log_prob(samples).shape == (7,)
 
 
+def test_sampling_is_traced_once_per_size_and_equals_the_eager_walk():
+    keras.utils.set_random_seed(3)
+    model = small_model(num_blocks=2, hidden_units=(8,))
+    first = model.sample(16, seed=[1, 2])
+    for seed in (None, 7, [3, 4], tf.constant([5, 6])):
+        assert model.sample(16, seed=seed).shape == (16, 2)
+    assert model._traced_sample.experimental_get_tracing_count() == 1
+    model.sample(5, seed=[1, 2])  # another size: its own trace
+    assert model._traced_sample.experimental_get_tracing_count() == 2
+    # The same stateless seed gives the same draws, and TFP's eager walk gives them too.
+    np.testing.assert_array_equal(model.sample(16, seed=[1, 2]), first)
+    seed = tfp.random.sanitize_seed([1, 2], salt="FlowModel.sample")
+    eager = model.distribution.sample(16, seed=seed)
+    np.testing.assert_allclose(first, eager, atol=1e-5)
+    assert not np.allclose(model.sample(16), model.sample(16))  # no seed: fresh draws
+
+
 def test_certified_sampling_and_densities_refuse_an_uncertified_model():
     keras.utils.set_random_seed(4)
     model = small_model(num_blocks=2, hidden_units=(8,))

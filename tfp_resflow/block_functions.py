@@ -42,8 +42,9 @@ from tfp_resflow import logdet, solver, stateless_random
 from tfp_resflow.activation import CLipSwish, LipSwish
 from tfp_resflow.config import BlockConfig
 from tfp_resflow.dense_network import LipschitzDenseLayer
-from tfp_resflow.lipschitz import SpectralConv2D, SpectralDense
+from tfp_resflow.lipschitz import SpectralConv2D, SpectralDense, spectral_layers
 from tfp_resflow.norm_order import NormOrder
+from tfp_resflow.spectral_layer import effective_kernels_given
 
 __all__ = ["BlockFunctions", "block_functions", "structure_key", "with_context"]
 
@@ -214,10 +215,19 @@ class BlockFunctions:
         trainable: list[tf.Tensor],
         non_trainable: list[tf.Tensor],
         context: tf.Tensor | None,
+        *,
+        kernels_given: bool = False,
     ) -> tuple[Callable[[tf.Tensor], tf.Tensor], list[tf.Tensor]]:
-        """`g` as a function of `x` alone, and the tensors it reads that need gradients."""
+        """`g` as a function of `x` alone, and the tensors it reads that need gradients.
+
+        `kernels_given`: `trainable` holds the Lipschitz layers' effective kernels in place of
+        their kernels (`_with_effective_kernels`), used as they are.
+        """
 
         def g(t: tf.Tensor) -> tf.Tensor:
+            if kernels_given:
+                with effective_kernels_given():
+                    return self._template.stateless_call(trainable, non_trainable, t)[0]
             return self._template.stateless_call(trainable, non_trainable, t)[0]
 
         if context is None:
@@ -273,7 +283,29 @@ class BlockFunctions:
         trainable: list[tf.Tensor],
         non_trainable: list[tf.Tensor],
     ) -> tuple[tf.Tensor, tf.Tensor]:
-        return self._solve_with(*self._stateless_g(trainable, non_trainable, context), z, start)
+        # W_eff depends on the weights alone: computed once here, not in each of the solver's
+        # evaluations of g (each would recompute sigma, a product with the power vector and
+        # two norms per layer: measured 1.5-2x the time of sampling the trained digits model).
+        # The implicit gradient reaches the kernels through W_eff's own ops.
+        trainable = self._with_effective_kernels(trainable, non_trainable)
+        g, parameters = self._stateless_g(trainable, non_trainable, context, kernels_given=True)
+        return self._solve_with(g, parameters, z, start)
+
+    def _with_effective_kernels(
+        self, trainable: list[tf.Tensor], non_trainable: list[tf.Tensor]
+    ) -> list[tf.Tensor]:
+        """`trainable` with each Lipschitz layer's kernel W replaced by its W_eff."""
+        template = self._template
+        position = {id(w): i for i, w in enumerate(template.trainable_variables)}
+        mapping = [
+            *zip(template.trainable_variables, trainable, strict=True),
+            *zip(template.non_trainable_variables, non_trainable, strict=True),
+        ]
+        values = list(trainable)
+        with keras.StatelessScope(state_mapping=mapping):
+            for layer in spectral_layers(template):
+                values[position[id(layer.kernel)]] = layer.effective_kernel()
+        return values
 
 
 def _inline(g: Callable, context: tf.Tensor | None) -> tuple[Callable, tuple[tf.Tensor, ...]]:

@@ -110,6 +110,7 @@ class FlowModel(keras.Model):
         self.distribution = tfd.TransformedDistribution(base, bijector)
         self.bijector = bijector
         self._nll_loss = _MeanOverExamples(name="negative_log_likelihood")
+        self._traced_sample: Any = None  # `sample`'s tf.function, made at its first call
         self.flow_layers = keras_layers_of(bijector)
 
     @classmethod
@@ -327,6 +328,21 @@ class FlowModel(keras.Model):
         if certified:
             self.require_certified()
         kwargs = self._bijector_kwargs(context)
+        # The seed becomes a stateless `[2]` tensor here, as TFP's `sample` would make it, so
+        # that one trace serves every seed.
+        seed = tfp.random.sanitize_seed(seed, salt="FlowModel.sample")
+        if not tf.executing_eagerly():
+            return self._sample_graph(num_samples, seed, kwargs)
+        # Eagerly, TFP walks the bijectors op by op between the blocks' traced solves: 2/3 of
+        # the time of 64 samples of the `digits` model (cProfile). One traced function per
+        # sample size (and context shape) serves every later call.
+        if not self.built:  # variables made inside the trace would make it trace twice
+            self.build(self.input_shape_for_build())
+        if self._traced_sample is None:
+            self._traced_sample = tf.function(self._sample_graph, autograph=False)
+        return self._traced_sample(num_samples, seed, kwargs)
+
+    def _sample_graph(self, num_samples: Any, seed: tf.Tensor, kwargs: dict) -> tf.Tensor:
         if not kwargs:
             return self.distribution.sample(num_samples, seed=seed)
         return self.distribution.sample(num_samples, seed=seed, bijector_kwargs=kwargs)

@@ -15,7 +15,11 @@ rescales the kernel, as described in `tfp_resflow.lipschitz`:
 Closed forms (p = 1 or q = inf) are exact either way.
 """
 
-__all__ = ["SpectralLayer"]
+__all__ = ["SpectralLayer", "effective_kernels_given"]
+
+import contextlib
+import threading
+from collections.abc import Iterator
 
 import keras
 import tensorflow as tf
@@ -36,6 +40,25 @@ LIPSCHITZ_ESTIMATES = ("power", "gram")
 # Gram steps when the bound normalises a layer: it exceeds the norm by at most
 # rank**(2**-(steps + 1)), 1.012 for rank 512 at 8 steps.
 TRAINING_GRAM_ITERATIONS = 8
+
+
+_KERNELS_GIVEN = threading.local()
+
+
+@contextlib.contextmanager
+def effective_kernels_given() -> Iterator[None]:
+    """Within it, `effective_kernel()` is the kernel as given, with no rescaling.
+
+    For a caller that has put every layer's effective kernel W_eff in place of its kernel
+    (`BlockFunctions`' solve computes them once, outside the fixed-point loop, instead of in
+    every evaluation of g). It acts when a function is traced or run eagerly in it.
+    """
+    previous = getattr(_KERNELS_GIVEN, "active", False)
+    _KERNELS_GIVEN.active = True
+    try:
+        yield
+    finally:
+        _KERNELS_GIVEN.active = previous
 
 
 def _tolerance(name: str, value: object) -> float | None:
@@ -183,7 +206,12 @@ class SpectralLayer(keras.layers.Layer):
         return self._sigma(kernel, differentiable_orders=True)
 
     def effective_kernel(self) -> tf.Tensor:
-        """Returns W_eff = W / max(1, sigma / c), the kernel `call` uses (same shape as W)."""
+        """Returns W_eff = W / max(1, sigma / c), the kernel `call` uses (same shape as W).
+
+        Within `effective_kernels_given()`, the kernel as it is (it holds W_eff already).
+        """
+        if getattr(_KERNELS_GIVEN, "active", False):
+            return self._kernel()
         scale = tf.maximum(self.sigma() / self.lipschitz_constant, 1.0)
         return self._kernel() / scale
 
