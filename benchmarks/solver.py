@@ -6,8 +6,12 @@ draws and reports:
 
     g per block      evaluations of `g` (each on the whole batch) per block and sample call,
                      mean and maximum over the blocks: the first iterate `z - g(z)`, then one
-                     per iteration (counted inside the traced solve functions)
-    sample (s)       seconds to sample, median of `--repeats` calls after a first (tracing) one
+                     per iteration (counted inside the traced solve functions, in TFP's eager
+                     walk of the same draws)
+    sample (s)       seconds of `FlowModel.sample` (one traced function), median of `--repeats`
+                     calls after the first; and the first call, tracing included
+    inverse error    max |inverse(sample) - z|: the latents recovered from the samples through
+                     the explicit direction against the drawn ones (the inverse's accuracy)
     max |x - plain|  largest difference to plain iteration's samples at the same tolerance
 
 Models:
@@ -16,7 +20,8 @@ Models:
             or `--digits-model runs/default/model.keras`), the model the README's default run
             produces
     mnist   the `mnist` preset as built (10 power iterations per layer, untrained: a trained
-            MNIST model is out of reach of 2 CPU cores)
+            MNIST model is out of reach of 2 CPU cores), ActNorm initialised on random images;
+            `authors_sampling.py` measures the authors' code on the same model
 
     python benchmarks/solver.py
     python benchmarks/solver.py --models digits --tolerances 1e-6 --num-samples 16   # quick
@@ -38,12 +43,14 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
+import tensorflow_probability as tfp  # noqa: E402
 from measure import write_results  # noqa: E402
 
 from tfp_resflow import block_functions, multiscale, presets  # noqa: E402
 from tfp_resflow.bijector import ResidualBlock  # noqa: E402
 from tfp_resflow.config_fields import with_fields  # noqa: E402
 from tfp_resflow.model import FlowModel  # noqa: E402
+from tfp_resflow.modes import training_mode  # noqa: E402
 from tfp_resflow.solver import SOLVER_NAMES  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -56,7 +63,8 @@ class EvaluationCounter:
 
     Patches `BlockFunctions._stateless_g` (every traced pass calls `g` through it) to add one to
     a variable before each evaluation, and `ResidualBlock._forward` to record the count of each
-    block's solve (eager, so the variable can be read between blocks).
+    block's solve when it runs eagerly (the variable is read between blocks): `measure` counts
+    in TFP's eager walk (`model.distribution.sample`), and times `FlowModel.sample`'s traced one.
     """
 
     def __init__(self) -> None:
@@ -76,6 +84,8 @@ class EvaluationCounter:
             return evaluate, parameters
 
         def recorded_forward(block, z, **kwargs):  # noqa: ANN001, ANN202
+            if not tf.executing_eagerly():
+                return forward(block, z, **kwargs)
             before = int(counter.numpy())
             x = forward(block, z, **kwargs)
             self.per_block.append(int(counter.numpy()) - before)
@@ -111,17 +121,32 @@ def with_solver(model: FlowModel, solver: str, tolerance: float) -> FlowModel:
     return copy
 
 
-def measure(model: FlowModel, counter: EvaluationCounter, args: argparse.Namespace) -> dict:
+def measure(
+    model: FlowModel, counter: EvaluationCounter, tolerance: float, args: argparse.Namespace
+) -> dict:
     """Samples `args.num_samples` with a fixed seed: evaluations per block, time, samples."""
-    model.sample(args.num_samples, seed=[0, 1])  # traces the solve functions
+    start = time.perf_counter()
+    samples = model.sample(args.num_samples, seed=[0, 1]).numpy()  # traces
+    first = time.perf_counter() - start
     times = []
     for _ in range(args.repeats):
-        counter.per_block.clear()
         start = time.perf_counter()
-        samples = model.sample(args.num_samples, seed=[0, 1]).numpy()
+        model.sample(args.num_samples, seed=[0, 1]).numpy()
         times.append(time.perf_counter() - start)
+    counter.per_block.clear()
+    seed = tfp.random.sanitize_seed([0, 1], salt="FlowModel.sample")  # `sample`'s draws
+    eager = model.distribution.sample(args.num_samples, seed=seed).numpy()
     per_block = list(counter.per_block)
+    if not np.allclose(eager, samples, rtol=1e-3, atol=max(10 * tolerance, 1e-5)):
+        raise RuntimeError("the eager walk drew other samples than FlowModel.sample")
+    # Inverse accuracy: the latents back from the samples through the explicit direction
+    # (tf.identity defeats TFP's cache, which would return z itself).
+    z = model.distribution.distribution.sample(args.num_samples, seed=seed)
+    with training_mode(training=False):
+        back = model.bijector.inverse(tf.identity(samples))
     return {
+        "reconstruction_error": float(tf.reduce_max(tf.abs(back - z))),
+        "first_sample_seconds": round(first, 3),
         "g_per_block_mean": round(float(np.mean(per_block)), 1),
         "g_per_block_max": int(np.max(per_block)),
         "sample_seconds": round(statistics.median(times), 3),
@@ -139,11 +164,16 @@ def run_model(name: str, counter: EvaluationCounter, args: argparse.Namespace) -
             multiscale.image_flow(shape, name), shape, loss_unit="bits_per_dim", num_levels=256
         )
         base.build((None, *shape))
+        # ActNorm's data-dependent start on random dequantised images, as the authors' model
+        # gets it from its first forward pass (`authors_sampling.py`).
+        rng = np.random.default_rng(0)
+        pixels = rng.integers(0, 256, size=(args.num_samples, *shape))
+        base.initialize(((pixels + rng.uniform(size=pixels.shape)) / 256.0).astype(np.float32))
     rows = []
     for tolerance in args.tolerances:
         reference = None
         for solver in args.solvers:
-            result = measure(with_solver(base, solver, tolerance), counter, args)
+            result = measure(with_solver(base, solver, tolerance), counter, tolerance, args)
             samples = result.pop("samples")
             if reference is None:
                 reference = samples
@@ -169,14 +199,15 @@ def main(argv: list[str] | None = None) -> None:
     rows = [row for name in args.models for row in run_model(name, counter, args)]
     print(
         f"| model | solver | tolerance | g per block (mean) | g per block (max) "
-        f"| sample {args.num_samples} (s) | max abs difference to {args.solvers[0]} |"
+        f"| sample {args.num_samples} (s) | first call (s) | max abs inverse error "
+        f"| max abs difference to {args.solvers[0]} |"
     )
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
         print(
             f"| {r['model']} | {r['solver']} | {r['tolerance']:g} | {r['g_per_block_mean']} "
-            f"| {r['g_per_block_max']} | {r['sample_seconds']} "
-            f"| {r['max_difference_to_first_solver']:.2e} |"
+            f"| {r['g_per_block_max']} | {r['sample_seconds']} | {r['first_sample_seconds']} "
+            f"| {r['reconstruction_error']:.1e} | {r['max_difference_to_first_solver']:.2e} |"
         )
     write_results(args.output, __file__, argv, rows=rows)
 

@@ -21,7 +21,9 @@ recipe of `train_tf.py`) on random data of the setting's shape:
 
 Reported per configuration: the seconds from process start (before TensorFlow is imported) to
 the end of the first training step, the first step alone (tracing included), the median of the
-timed steps after it, sampling time (images), peak RSS, and RSS before the first step.
+timed steps after it, sampling time (images: the median of two calls of the traced sampler
+after its first call, and that first call, tracing included), peak RSS, and RSS before the
+first step.
 
     python benchmarks/train_step.py                               # every configuration
     python benchmarks/train_step.py --configs toy digits --steps 5
@@ -176,14 +178,19 @@ def _timed_steps(step, batch, steps: int) -> tuple[list[float], float, float]:
     return times, loss, steps_rss.peak_mb
 
 
-def _sampling(model, num_samples: int) -> dict:
-    """Seconds to draw `num_samples` samples, and whether they are finite."""
+def _sampling(model, num_samples: int, repeats: int = 2) -> dict:
+    """Seconds to draw `num_samples` samples (`FlowModel.sample`, one traced function): the
+    first call, tracing included, and the median of `repeats` later calls; finite or not."""
     import numpy as np
 
-    start = time.perf_counter()
-    samples = model.sample(num_samples).numpy()
+    times = []
+    for _ in range(1 + repeats):
+        start = time.perf_counter()
+        samples = model.sample(num_samples).numpy()
+        times.append(time.perf_counter() - start)
     return {
-        "sample_seconds": round(time.perf_counter() - start, 2),
+        "sample_seconds": round(statistics.median(times[1:]), 2),
+        "first_sample_seconds": round(times[0], 2),
         "num_samples": num_samples,
         "samples_finite": bool(np.isfinite(samples).all()),
     }
@@ -245,6 +252,7 @@ def _print_table(rows: list[dict]) -> None:
         "first step incl. tracing (s)",
         "process start to end of first step (s)",
         "sample 64 (s)",
+        "first sample 64 incl. tracing (s)",
         "peak RSS (GB)",
     ]
     cells = [
@@ -256,6 +264,7 @@ def _print_table(rows: list[dict]) -> None:
             r["first_step_seconds_with_tracing"],
             r["seconds_to_first_step_end"],
             r.get("sample_seconds", "-"),
+            r.get("first_sample_seconds", "-"),
             r["peak_rss_gb"],
         ]
         for r in rows
