@@ -68,6 +68,9 @@ subclass that owns them (`NetworkOwningFlowModel`); without it `fit` would train
     python benchmarks/compare_flows.py --budget seconds --datasets checkerboard --seeds 1 \
         --models resflow-lipswish realnvp --toy-seconds 20
     python benchmarks/compare_flows.py --datasets checkerboard --seeds 1 --toy-steps 100
+    python benchmarks/compare_flows.py --merge A.json B.json --output AB.json
+                                                  # one file, tables and pictures from the
+                                                  # time-budget runs of several processes
 
 Prints markdown tables and writes `benchmarks/results/compare_flows.json` (or `--output`; a run
 with `--budget seconds`, as `--long`, writes `compare_flows_seconds.json`, so the equal-steps
@@ -1159,6 +1162,43 @@ def _calibrate_only(
     )
 
 
+def merge_time_runs(paths: list[Path], output: Path, argv: list[str] | None) -> None:
+    """One results file from the time-budget runs of several (`--merge`).
+
+    Every run keeps its own settings, recorded per source; the runs must not repeat a
+    (data set, model, seed).
+    """
+    sources = [json.loads(path.read_text()) for path in paths]
+    time_rows = [row for source in sources for row in source.get("time_rows", [])]
+    keys = [(r["dataset"], r["model"], r["seed"]) for r in time_rows]
+    if not time_rows or len(set(keys)) != len(keys):
+        raise SystemExit(f"--merge needs time-budget runs without repeats; got {keys}")
+    time_summary = summarise_time(time_rows)
+    print_time_tables(time_summary)
+    plots = {}
+    for dataset in dict.fromkeys(r["dataset"] for r in time_rows):
+        path = output.parent / f"compare_flows_{dataset}.png"
+        plot_curves(time_summary, dataset, path)
+        plots[dataset] = path.name
+    learning_rates: dict = {}
+    for source in sources:
+        for dataset, rates in source.get("learning_rates", {}).items():
+            learning_rates.setdefault(dataset, {}).update(rates)
+    write_results(
+        output,
+        __file__,
+        argv,
+        merged_from=[
+            {"path": str(path), "command": source["command"], "settings": source["settings"]}
+            for path, source in zip(paths, sources, strict=True)
+        ],
+        time_rows=time_rows,
+        time_summary=time_summary,
+        plots=plots,
+        learning_rates=learning_rates,
+    )
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny settings (seconds per model)")
@@ -1267,7 +1307,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--save-digits-model", type=Path, help="save the first seed's residual digits model"
     )
+    parser.add_argument(
+        "--merge",
+        nargs="+",
+        type=Path,
+        help="only combine the time-budget runs of earlier results JSONs (e.g. one process "
+        "per model, on separate cores) into one --output, with its tables and pictures",
+    )
     args = parser.parse_args(argv)
+    if args.merge:
+        merge_time_runs(args.merge, args.output or RESULTS_SECONDS, argv)
+        return
     quick, long = args.quick, args.long
     if quick and long:
         parser.error("--quick and --long exclude each other")

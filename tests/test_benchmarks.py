@@ -566,3 +566,37 @@ def test_certification_measures_every_layer_of_a_model():
         assert layer["exact"] <= layer["certified"] <= layer["exact"] * 1.002
     for block in results["blocks"]:
         assert block["exact_layer_product"] <= block["certified_lipschitz"] < 1.0
+
+
+def test_compare_flows_merge_combines_time_runs_unchanged(tmp_path):
+    """`compare_flows.py --merge` (one process per model, on separate cores) summarises the
+    union of the runs as one process would: each model's summary equals its source's."""
+    results = ROOT / "benchmarks" / "results"
+    sources = [
+        results / f"compare_flows_long_{name}.json" for name in ("checkerboard", "8gaussians")
+    ]
+    output = tmp_path / "merged.json"
+    script = str(ROOT / "benchmarks" / "compare_flows.py")
+    merge = [sys.executable, script, "--merge", *map(str, sources), "--output", str(output)]
+    done = subprocess.run(merge, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    merged = json.loads(output.read_text())
+    expected = {
+        (s["dataset"], s["model"]): s
+        for path in sources
+        for s in json.loads(path.read_text())["time_summary"]
+    }
+    got = {(s["dataset"], s["model"]): s for s in merged["time_summary"]}
+    assert got.keys() == expected.keys()
+    for key, summary in got.items():
+        for field in ("test_loss", "steps"):
+            for statistic in ("mean", "std", "min", "max"):
+                assert summary[field][statistic] == pytest.approx(
+                    expected[key][field][statistic], rel=1e-9
+                ), (key, field, statistic)
+    assert sorted(merged["plots"]) == ["8gaussians", "checkerboard"]
+    assert all((tmp_path / name).exists() for name in merged["plots"].values())
+    repeated = [*merge[:3], str(sources[0]), str(sources[0]), "--output", str(output)]
+    done = subprocess.run(repeated, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert done.returncode != 0
+    assert "without repeats" in done.stderr
