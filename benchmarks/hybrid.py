@@ -11,6 +11,9 @@ authors' head (per scale: 3x3 conv, ActNorm, ReLU, average pooling; then a dense
                `StackedBijector` with a features mark after each level
     idensenet  i-DenseNet's g (`network="dense"`, CLipSwish), sized like `resflow`
                (`compare_flows.IDENSENET_DIGITS`)
+    resflow-squeeze-first
+               `resflow` squeezed once before its first scale: its head reads features of
+               the coupling flow's shapes (4x4x4 and 2x2x16 instead of 8x8x1 and 4x4x4)
 
 The flows are a registry (`FLOWS`: name -> builder of the flow from a seed); a variant is one
 line, and every registered flow runs at every lambda unless `--flows` picks some.
@@ -125,6 +128,9 @@ FLOWS: dict[str, FlowBuilder] = {
     "resflow": digits_resflow(),
     "idensenet": digits_resflow(**IDENSENET_DIGITS),  # sized like resflow (compare_flows)
     "coupling": lambda seed: CouplingStack(seed=seed),
+    # The coupling flow's head reads 4x4x4 and 2x2x16 features: the residual flow on the
+    # same scales (squeezed once before its first scale).
+    "resflow-squeeze-first": digits_resflow(squeeze_first=True),
 }
 
 
