@@ -74,8 +74,8 @@ class EvaluationCounter:
         stateless_g = block_functions.BlockFunctions._stateless_g  # noqa: SLF001
         forward = ResidualBlock._forward  # noqa: SLF001
 
-        def counted_g(functions, trainable, non_trainable, context):  # noqa: ANN001, ANN202
-            g, parameters = stateless_g(functions, trainable, non_trainable, context)
+        def counted_g(functions, trainable, non_trainable, context, **options):  # noqa: ANN001, ANN003, ANN202
+            g, parameters = stateless_g(functions, trainable, non_trainable, context, **options)
 
             def evaluate(t: tf.Tensor) -> tf.Tensor:
                 with tf.control_dependencies([counter.assign_add(1)]):
