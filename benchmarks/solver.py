@@ -26,7 +26,8 @@ Models:
     python benchmarks/solver.py
     python benchmarks/solver.py --models digits --tolerances 1e-6 --num-samples 16   # quick
 
-Prints a markdown table and writes `benchmarks/results/solver.json` (or `--output`).
+Prints a markdown table and writes `benchmarks/results/solver.json` (or `--output`; the
+README's runs write `solver_digits.json` and `solver_mnist.json`).
 """
 
 import argparse
