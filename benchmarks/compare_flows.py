@@ -1162,6 +1162,20 @@ def _calibrate_only(
     )
 
 
+def report_time_runs(time_rows: list[dict], directory: Path) -> tuple[list[dict], dict]:
+    """Summarises time-budget runs, prints their tables and draws one picture per data set
+    (`compare_flows_<data set>.png` in `directory`). Returns the summary and the pictures'
+    names by data set."""
+    time_summary = summarise_time(time_rows)
+    print_time_tables(time_summary)
+    plots = {}
+    for dataset in dict.fromkeys(r["dataset"] for r in time_rows):
+        path = directory / f"compare_flows_{dataset}.png"
+        plot_curves(time_summary, dataset, path)
+        plots[dataset] = path.name
+    return time_summary, plots
+
+
 def merge_time_runs(paths: list[Path], output: Path, argv: list[str] | None) -> None:
     """One results file from the time-budget runs of several (`--merge`).
 
@@ -1173,13 +1187,7 @@ def merge_time_runs(paths: list[Path], output: Path, argv: list[str] | None) -> 
     keys = [(r["dataset"], r["model"], r["seed"]) for r in time_rows]
     if not time_rows or len(set(keys)) != len(keys):
         raise SystemExit(f"--merge needs time-budget runs without repeats; got {keys}")
-    time_summary = summarise_time(time_rows)
-    print_time_tables(time_summary)
-    plots = {}
-    for dataset in dict.fromkeys(r["dataset"] for r in time_rows):
-        path = output.parent / f"compare_flows_{dataset}.png"
-        plot_curves(time_summary, dataset, path)
-        plots[dataset] = path.name
+    time_summary, plots = report_time_runs(time_rows, output.parent)
     learning_rates: dict = {}
     for source in sources:
         for dataset, rates in source.get("learning_rates", {}).items():
@@ -1404,13 +1412,7 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"WARNING: {s['dataset']} {s['model']}: parameters differ by more than 10%")
         results.update(rows=rows, summary=summary)
     if time_rows:
-        time_summary = summarise_time(time_rows)
-        print_time_tables(time_summary)
-        plots = {}
-        for dataset in dict.fromkeys(r["dataset"] for r in time_rows):
-            path = output.parent / f"compare_flows_{dataset}.png"
-            plot_curves(time_summary, dataset, path)
-            plots[dataset] = path.name
+        time_summary, plots = report_time_runs(time_rows, output.parent)
         results.update(time_rows=time_rows, time_summary=time_summary, plots=plots)
     results.update(learning_rates=learning_rates, tuning_rows=tuning_rows)
     write_results(

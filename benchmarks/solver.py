@@ -50,7 +50,7 @@ from measure import write_results  # noqa: E402
 from tfp_resflow import block_functions, multiscale, presets  # noqa: E402
 from tfp_resflow.bijector import ResidualBlock  # noqa: E402
 from tfp_resflow.config_fields import with_fields  # noqa: E402
-from tfp_resflow.model import FlowModel  # noqa: E402
+from tfp_resflow.model import SAMPLE_SEED_SALT, FlowModel  # noqa: E402
 from tfp_resflow.modes import training_mode  # noqa: E402
 from tfp_resflow.solver import SOLVER_NAMES  # noqa: E402
 
@@ -135,7 +135,7 @@ def measure(
         model.sample(args.num_samples, seed=[0, 1]).numpy()
         times.append(time.perf_counter() - start)
     counter.per_block.clear()
-    seed = tfp.random.sanitize_seed([0, 1], salt="FlowModel.sample")  # `sample`'s draws
+    seed = tfp.random.sanitize_seed([0, 1], salt=SAMPLE_SEED_SALT)  # `sample`'s draws
     eager = model.distribution.sample(args.num_samples, seed=seed).numpy()
     per_block = list(counter.per_block)
     if not np.allclose(eager, samples, rtol=1e-3, atol=max(10 * tolerance, 1e-5)):
