@@ -14,6 +14,8 @@ authors' head (per scale: 3x3 conv, ActNorm, ReLU, average pooling; then a dense
     resflow-squeeze-first
                `resflow` squeezed once before its first scale: its head reads features of
                the coupling flow's shapes (4x4x4 and 2x2x16 instead of 8x8x1 and 4x4x4)
+    resflow-squeeze-first-small
+               `resflow-squeeze-first` narrowed to the coupling flow's parameter count
 
 The flows are a registry (`FLOWS`: name -> builder of the flow from a seed); a variant is one
 line, and every registered flow runs at every lambda unless `--flows` picks some.
@@ -131,6 +133,11 @@ FLOWS: dict[str, FlowBuilder] = {
     # The coupling flow's head reads 4x4x4 and 2x2x16 features: the residual flow on the
     # same scales (squeezed once before its first scale).
     "resflow-squeeze-first": digits_resflow(squeeze_first=True),
+    # The same, narrowed to the coupling flow's size (56,514 against 57,786 parameters with the
+    # head): 20 hidden channels instead of 32, fully connected blocks of 32-32 instead of 64-64.
+    "resflow-squeeze-first-small": digits_resflow(
+        squeeze_first=True, hidden_channels=20, fc_hidden_units=(32, 32)
+    ),
 }
 
 
