@@ -1,8 +1,9 @@
 """Evaluations of `g` and time to sample, for each fixed-point solver and tolerance.
 
 Sampling inverts every residual block with its solver (`BlockConfig.solver`). For each model,
-solver ("plain", "anderson") and tolerance (atol = rtol), this script samples the same latent
-draws and reports:
+solver ("plain", "anderson"), tolerance (atol = rtol) and compilation of the iteration (`--xla`:
+"off", TensorFlow's graph; "on", `BlockConfig.solver_jit_compile`, XLA), this script samples the
+same latent draws and reports:
 
     g per block      evaluations of `g` (each on the whole batch) per block and sample call,
                      mean and maximum over the blocks: the first iterate `z - g(z)`, then one
@@ -12,7 +13,7 @@ draws and reports:
                      calls after the first; and the first call, tracing included
     inverse error    max |inverse(sample) - z|: the latents recovered from the samples through
                      the explicit direction against the drawn ones (the inverse's accuracy)
-    max |x - plain|  largest difference to plain iteration's samples at the same tolerance
+    max |x - first|  largest difference to the first setting's samples at the same tolerance
 
 Models:
 
@@ -107,10 +108,12 @@ def trained_digits(path: Path | None) -> FlowModel:
     return keras.models.load_model(path)
 
 
-def with_solver(model: FlowModel, solver: str, tolerance: float) -> FlowModel:
-    """A copy of an image-flow model whose blocks use `solver` at `tolerance`."""
+def with_solver(model: FlowModel, solver: str, tolerance: float, xla: bool) -> FlowModel:  # noqa: FBT001
+    """A copy of an image-flow model whose blocks use `solver` at `tolerance` (XLA or not)."""
     flow = model.bijector
-    config = with_fields(flow.config, solver=solver, atol=tolerance, rtol=tolerance)
+    config = with_fields(
+        flow.config, solver=solver, atol=tolerance, rtol=tolerance, solver_jit_compile=xla
+    )
     copy = FlowModel(
         multiscale.image_flow(flow.image_shape, config),
         flow.image_shape,
@@ -174,14 +177,16 @@ def run_model(name: str, counter: EvaluationCounter, args: argparse.Namespace) -
     for tolerance in args.tolerances:
         reference = None
         for solver in args.solvers:
-            result = measure(with_solver(base, solver, tolerance), counter, tolerance, args)
-            samples = result.pop("samples")
-            if reference is None:
-                reference = samples
-            difference = float(np.max(np.abs(samples - reference)))
-            row = {"model": name, "solver": solver, "tolerance": tolerance, **result}
-            rows.append({**row, "max_difference_to_first_solver": difference})
-            print(f"  {rows[-1]}", file=sys.stderr)
+            for xla in args.xla:
+                copy = with_solver(base, solver, tolerance, xla == "on")
+                result = measure(copy, counter, tolerance, args)
+                samples = result.pop("samples")
+                if reference is None:
+                    reference = samples
+                difference = float(np.max(np.abs(samples - reference)))
+                row = {"model": name, "solver": solver, "xla": xla, "tolerance": tolerance}
+                rows.append({**row, **result, "max_difference_to_first_setting": difference})
+                print(f"  {rows[-1]}", file=sys.stderr)
     return rows
 
 
@@ -190,6 +195,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--models", nargs="+", choices=MODELS, default=MODELS)
     parser.add_argument("--solvers", nargs="+", choices=SOLVER_NAMES, default=SOLVER_NAMES)
     parser.add_argument("--tolerances", nargs="+", type=float, default=[1e-6, 1e-4])
+    parser.add_argument("--xla", nargs="+", choices=("off", "on"), default=["off", "on"])
     parser.add_argument("--num-samples", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=2, help="timed sample calls per setting")
     parser.add_argument("--digits-model", type=Path, help="a trained digits model.keras")
@@ -199,16 +205,17 @@ def main(argv: list[str] | None = None) -> None:
     counter = EvaluationCounter()
     rows = [row for name in args.models for row in run_model(name, counter, args)]
     print(
-        f"| model | solver | tolerance | g per block (mean) | g per block (max) "
+        f"| model | solver | XLA | tolerance | g per block (mean) | g per block (max) "
         f"| sample {args.num_samples} (s) | first call (s) | max abs inverse error "
-        f"| max abs difference to {args.solvers[0]} |"
+        f"| max abs difference to the first setting |"
     )
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
         print(
-            f"| {r['model']} | {r['solver']} | {r['tolerance']:g} | {r['g_per_block_mean']} "
-            f"| {r['g_per_block_max']} | {r['sample_seconds']} | {r['first_sample_seconds']} "
-            f"| {r['reconstruction_error']:.1e} | {r['max_difference_to_first_solver']:.2e} |"
+            f"| {r['model']} | {r['solver']} | {r['xla']} | {r['tolerance']:g} "
+            f"| {r['g_per_block_mean']} | {r['g_per_block_max']} | {r['sample_seconds']} "
+            f"| {r['first_sample_seconds']} | {r['reconstruction_error']:.1e} "
+            f"| {r['max_difference_to_first_setting']:.2e} |"
         )
     write_results(args.output, __file__, argv, rows=rows)
 

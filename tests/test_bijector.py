@@ -10,12 +10,16 @@ import pytest
 import tensorflow as tf
 import tensorflow_probability as tfp
 from checks import assert_finite, assert_round_trip, brute_force_inverse_log_det
+from sklearn.datasets import load_digits
 
 from tfp_resflow import bijector as bijector_lib
-from tfp_resflow import lipschitz
+from tfp_resflow import fixed_point, lipschitz
 from tfp_resflow.actnorm import ActNorm, ActNormLayer
 from tfp_resflow.bijector import ResidualBlock, training_mode
+from tfp_resflow.config import ImageFlowConfig
 from tfp_resflow.flow import ResidualFlowBijector
+from tfp_resflow.model import FlowModel
+from tfp_resflow.multiscale import MultiscaleResidualFlow
 from tfp_resflow.norm_order import NormOrder
 
 tfb, tfd = tfp.bijectors, tfp.distributions
@@ -223,15 +227,35 @@ def test_fixed_point_gradient_reaches_spectral_kernels_through_their_normalisati
     np.testing.assert_allclose(x + g(x), z, atol=1e-10)
 
 
-def test_non_convergence_raises_with_the_residual():
+@pytest.mark.parametrize("solver_jit_compile", [False, True], ids=["graph", "xla"])
+def test_non_convergence_raises_with_the_residual(solver_jit_compile):
     def expanding(x):  # Lip = 1.5: the fixed-point iteration diverges
         return -1.5 * x
 
-    block = ResidualBlock(expanding, max_iterations=20)
+    options = dict(max_iterations=20, solver_jit_compile=solver_jit_compile)
+    block = ResidualBlock(expanding, **options)
     with pytest.raises(tf.errors.InvalidArgumentError, match="did not converge within 20"):
         block.forward(data((2, 3)))
-    quiet = ResidualBlock(expanding, max_iterations=20, on_nonconvergence="nan")
+    quiet = ResidualBlock(expanding, on_nonconvergence="nan", **options)
     assert np.all(np.isnan(quiet.forward(data((2, 3)))))
+
+
+@pytest.mark.parametrize("solver_name", ["plain", "anderson"])
+def test_an_xla_compiled_iteration_gives_the_same_inverse_and_gradient(solver_name):
+    layer = contraction(4, lipschitz=0.9)
+    z = data((5, 4))
+    weights = data((5, 4), seed=7)
+    results = []
+    for solver_jit_compile in (False, True):
+        block = ResidualBlock(layer, solver=solver_name, solver_jit_compile=solver_jit_compile)
+        with tf.GradientTape() as tape:
+            tape.watch(z)
+            x = block.forward(tf.identity(z))
+            loss = tf.reduce_sum(x * weights)
+        results.append([x, *tape.gradient(loss, [z, *layer.trainable_variables])])
+    for graph, xla in zip(*results, strict=True):
+        np.testing.assert_allclose(xla, graph, rtol=1e-9, atol=1e-11)
+    np.testing.assert_allclose(results[1][0] + layer(results[1][0]), z, atol=1e-10)
 
 
 def test_nan_input_raises_with_validate_args():
@@ -535,3 +559,89 @@ def test_flow_norm_orders_reach_every_g_and_the_config_round_trips():
         for block in learned.blocks
         for layer in lipschitz.spectral_layers(block.keras_layers)
     )
+
+
+# ------------------------------------------------------------------------------------------------
+# The inverse's stated accuracy: every block's fixed point x of `x + g(x) = z` reconstructs z to
+# within the solver's tolerance, `|x + g(x) - z| <= atol + rtol |z|` in every element
+# (`BlockConfig.atol`, `rtol`; by dtype when None), on untrained and trained flows.
+
+ACCURACY_FLOWS = {
+    "vector": (
+        (2,),
+        lambda dtype: ResidualFlowBijector(
+            num_blocks=3, hidden_units=(32, 32), event_size=2, dtype=dtype
+        ),
+    ),
+    "image": (
+        (8, 8, 1),
+        lambda dtype: MultiscaleResidualFlow(
+            (8, 8, 1),
+            ImageFlowConfig(
+                blocks_per_scale=(2, 2),
+                hidden_channels=8,
+                fc_end_blocks=1,
+                fc_hidden_units=(16,),
+                logit_alpha=0.05,
+            ),
+            dtype=dtype,
+        ),
+    ),
+}
+
+
+def _accuracy_data(kind):
+    rng = np.random.default_rng(0)
+    if kind == "vector":  # two clusters: the flow has to bend space to fit them
+        centres = rng.choice([-2.0, 2.0], size=(512, 1)) * np.ones((1, 2))
+        return (centres + 0.3 * rng.normal(size=(512, 2))).astype(np.float32)
+    images = load_digits().images[:512, :, :, None]  # counts 0..16, dequantised into (0, 1)
+    return ((images + rng.uniform(size=images.shape)) / 17.0).astype(np.float32)
+
+
+@functools.cache
+def _trained_weights(kind):
+    """Per Keras layer of the flow, its weights after a short fit (Adam 1e-2, float32)."""
+    keras.utils.set_random_seed(0)
+    shape, make = ACCURACY_FLOWS[kind]
+    model = FlowModel(make("float32"), shape)
+    x = _accuracy_data(kind)
+    model.build((None, *shape))
+    model.initialize(x[:256])
+    model.compile(optimizer=keras.optimizers.Adam(1e-2))
+    model.fit(x, batch_size=64, epochs=3, verbose=0)
+    model.update_lipschitz(atol=1e-6, rtol=1e-6)  # the trained kernels' norms, converged
+    return [layer.get_weights() for layer in model.bijector.keras_layers]
+
+
+@pytest.mark.parametrize("trained", [False, True], ids=["untrained", "trained"])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("kind", ACCURACY_FLOWS)
+def test_every_fixed_point_meets_the_stated_reconstruction_accuracy(kind, dtype, trained):
+    keras.utils.set_random_seed(0)
+    shape, make = ACCURACY_FLOWS[kind]
+    flow = make(dtype)
+    x = tf.constant(_accuracy_data(kind)[:64], dtype)
+    latent = flow.inverse(x)  # builds, and initialises ActNorm from the data
+    if trained:
+        for layer, weights in zip(flow.keras_layers, _trained_weights(kind), strict=True):
+            layer.set_weights(weights)
+    solves = []
+    forward = ResidualBlock._forward  # noqa: SLF001
+
+    def recorded(block, z, **kwargs):
+        x = forward(block, z, **kwargs)
+        solves.append((block, z, x))
+        return x
+
+    z = tf.constant(np.random.default_rng(1).normal(size=latent.shape), dtype)
+    with training_mode(False), pytest.MonkeyPatch.context() as patch:
+        patch.setattr(ResidualBlock, "_forward", recorded)
+        assert_finite(flow.forward(z))
+    assert len(solves) == len(flow.blocks)
+    for block, z_block, x_block in solves:
+        atol, rtol = fixed_point.tolerances(dtype, block.config.atol, block.config.rtol)
+        with training_mode(False):
+            error = np.abs(block.inverse(tf.identity(x_block)) - z_block)  # x + g(x) - z
+        bound = atol + rtol * np.abs(z_block)
+        assert np.all(error <= bound), f"{block.name}: {np.max(error / bound):.3g} x the bound"

@@ -197,6 +197,25 @@ def test_g_is_evaluated_once_per_block_forward_and_once_more_backward(counted_de
     assert counted_dense.count == per_pass
 
 
+def test_sampling_evaluates_g_twice_per_block_when_the_first_step_meets_the_tolerance(
+    counted_dense,
+):
+    # What the sampling profile fixed (README "Fixed-point solvers and sampling speed"): each
+    # block's inverse costs the first iterate z - g(z) and one evaluation per iteration; the
+    # convergence test reuses the iteration's step, so it costs none. An untrained g is nearly
+    # constant (|g| ~ 0.1-0.3, |J_g| ~ 0.05), so the first iteration's step is far inside a 0.5
+    # tolerance: two evaluations per block.
+    num_blocks, layers_per_g = 3, 2
+    flow = ResidualFlowBijector(num_blocks=num_blocks, hidden_units=(8,), atol=0.5, rtol=0.5)
+    model = FlowModel(flow, event_shape=[2])
+    model.build((None, 2))
+    model.sample(16, seed=[0, 1])  # traces
+    for seed in ([0, 1], [2, 3]):
+        counted_dense.count = 0
+        model.sample(16, seed=seed)
+        assert counted_dense.count == 2 * num_blocks * layers_per_g
+
+
 # ------------------------------------------------------------------------------------------------
 # Conditional blocks: one trace per kind, and gradients that reach the context and its network
 

@@ -249,6 +249,7 @@ class BlockFunctions:
             max_iterations=s.max_iterations,
             gradient_check=s.on_nonconvergence == "raise",
             solver=s.solver,
+            jit_compile=s.solver_jit_compile,
         )
 
     # -- traced bodies -----------------------------------------------------------------------

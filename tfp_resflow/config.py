@@ -110,8 +110,14 @@ class BlockConfig:
         solver: fixed-point solver of the inverse and of its implicit gradient, a name of
             `solver.SOLVERS` ("plain" iteration or "anderson" acceleration).
         atol: absolute tolerance of the solver; None: by dtype (`solver.DEFAULT_TOLERANCE`).
+            It is the inverse's accuracy: the solve of `x + g(x) = z` stops when a step moves
+            every element by at most `atol + rtol |z|`, and that step is the reconstruction
+            error `x_k + g(x_k) - z` of the iterate before the returned one (whose own error is
+            at most `Lip(g)` times that, in g's norm).
         rtol: relative tolerance of the solver; None: by dtype.
         max_iterations: cap on the solver's iterations.
+        solver_jit_compile: compile the solver's iteration with XLA (`jit_compile`); the
+            implicit gradient and the convergence checks stay uncompiled.
         on_nonconvergence: "raise" an error naming the largest residual, or return "nan" for
             the examples that did not converge (they are NaN in either case).
     """
@@ -131,6 +137,7 @@ class BlockConfig:
     atol: float | None = None
     rtol: float | None = None
     max_iterations: int = 1000
+    solver_jit_compile: bool = False
     on_nonconvergence: str = "raise"
 
     def __post_init__(self) -> None:
@@ -151,6 +158,7 @@ class BlockConfig:
         validation.optional(validation.number, n("atol"), self.atol, at_least=0)
         validation.optional(validation.number, n("rtol"), self.rtol, at_least=0)
         validation.integer(n("max_iterations"), self.max_iterations, 1)
+        validation.boolean(n("solver_jit_compile"), self.solver_jit_compile)
         validation.choice(n("on_nonconvergence"), self.on_nonconvergence, ON_NONCONVERGENCE)
 
     @property

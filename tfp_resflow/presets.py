@@ -59,6 +59,10 @@ _PAPER = ImageFlowConfig(
         term_distribution="poisson",
         poisson_rate=2.0,
         probe="gaussian",
+        # Not the paper's: the fixed-point iteration compiled with XLA, which samples the
+        # `mnist` preset in 14.5 s against 20.2 s uncompiled (64 images; the authors' code
+        # 37.6 s; README "Fixed-point solvers and sampling speed").
+        solver_jit_compile=True,
     ),
 )
 

@@ -73,6 +73,7 @@ def solve_residual(
     max_iterations: int,
     gradient_check: bool = True,
     solver: str = "plain",
+    jit_compile: bool = False,
 ) -> tuple[tf.Tensor, tf.Tensor]:
     """Solves `x + g(x) = z` by fixed-point iteration, with the implicit gradient.
 
@@ -91,6 +92,9 @@ def solve_residual(
         solver: the name in `SOLVERS` of the fixed-point solver, used for both the solve and
             the gradient's (its map `a -> dL/dx - a J_g(x)` is linear, where Anderson
             acceleration does best).
+        jit_compile: compile the iteration (the first iterate and the solver's loop) with XLA.
+            Only the iteration: the implicit gradient and the callers' convergence checks stay
+            in TensorFlow, where `tf.debugging.Assert` raises (XLA drops it).
 
     Returns:
         `(x, converged)`: the last iterate `[batch, *event]` and a float per-example flag
@@ -102,8 +106,15 @@ def solve_residual(
     @tf.custom_gradient
     def solve(z_in: tf.Tensor, *parameters_in: tf.Tensor) -> tuple[Any, Callable[..., Any]]:
         del parameters_in  # The same tensors that `residual_fn` reads.
-        x0 = z_in - residual_fn(z_in) if start is None else tf.stop_gradient(start)
-        x, converged = find_fixed_point(lambda x: z_in - residual_fn(x), x0, z_in, **options)
+
+        def iterate(z_in: tf.Tensor, *start_in: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+            x0 = z_in - residual_fn(z_in) if not start_in else start_in[0]
+            return find_fixed_point(lambda x: z_in - residual_fn(x), x0, z_in, **options)
+
+        if jit_compile:  # the tensors `residual_fn` reads become the compiled function's inputs
+            iterate = tf.function(iterate, autograph=False, jit_compile=True)
+        starts = () if start is None else (tf.stop_gradient(start),)
+        x, converged = iterate(z_in, *starts)
 
         def grad_fn(dx: tf.Tensor, d_converged: Any, variables: list | None = None) -> Any:
             del d_converged
