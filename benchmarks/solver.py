@@ -108,7 +108,7 @@ def trained_digits(path: Path | None) -> FlowModel:
     return keras.models.load_model(path)
 
 
-def with_solver(model: FlowModel, solver: str, tolerance: float, xla: bool) -> FlowModel:  # noqa: FBT001
+def with_solver(model: FlowModel, solver: str, tolerance: float, *, xla: bool) -> FlowModel:
     """A copy of an image-flow model whose blocks use `solver` at `tolerance` (XLA or not)."""
     flow = model.bijector
     config = with_fields(
@@ -178,7 +178,7 @@ def run_model(name: str, counter: EvaluationCounter, args: argparse.Namespace) -
         reference = None
         for solver in args.solvers:
             for xla in args.xla:
-                copy = with_solver(base, solver, tolerance, xla == "on")
+                copy = with_solver(base, solver, tolerance, xla=xla == "on")
                 result = measure(copy, counter, tolerance, args)
                 samples = result.pop("samples")
                 if reference is None:
