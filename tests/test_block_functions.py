@@ -120,6 +120,34 @@ def test_traced_passes_equal_inline_passes_in_value_and_gradient(log_det):
             np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.parametrize("batch", [5, 8])
+def test_backward_in_slices_gives_the_gradients_of_the_whole_batch(batch):
+    # Traced, shared passes with an unknown batch size (the slices' loop runs in the graph):
+    # 5 examples in slices of 2, 2, 2 (one padded row), 8 in 2, 2, 2, 2.
+    g = lipschitz_cnn((4, 4, 2), 4, initial_power_iterations=5)
+    y = tf.random.stateless_normal([batch, 4, 4, 2], [0, 1])
+    weights = tf.random.stateless_normal([batch, 4, 4, 2], [0, 2])
+
+    def gradients(slice_size):
+        block = ResidualBlock(g, event_ndims=3, backward_slice_size=slice_size)
+
+        @tf.function(input_signature=[tf.TensorSpec([None, 4, 4, 2])])
+        def step(y_in):
+            with tf.GradientTape() as tape:
+                tape.watch(y_in)
+                x, log_det = block.inverse_and_log_det(y_in, seed=[3, 4])
+                loss = tf.reduce_sum(weights * x) - tf.reduce_sum(log_det)
+            return loss, tape.gradient(loss, [y_in, *g.trainable_variables])
+
+        return step(y)
+
+    expected_loss, expected = gradients(None)
+    loss, sliced = gradients(2)
+    np.testing.assert_allclose(loss, expected_loss, rtol=1e-6)
+    for a, b in zip(sliced, expected, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
 def test_convolutional_blocks_share_one_trace_across_calls_and_blocks():
     blocks = [
         ResidualBlock(lipschitz_cnn((4, 4, 2), 4, initial_power_iterations=5), event_ndims=3)

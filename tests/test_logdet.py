@@ -399,6 +399,40 @@ def test_truncated_neumann_gradient_matches_gradient_of_truncated_series():
     assert np.all(np.abs(plain.mean(0) - neumann.mean(0)) < 4 * standard_error)
 
 
+@pytest.mark.parametrize("num_probes", [1, 2])
+@pytest.mark.parametrize("backward_slice_size", [1, 2, 3, 4])
+def test_backward_in_slices_of_the_batch_gives_the_same_gradients(backward_slice_size, num_probes):
+    # 5 examples (times the probes) in slices of at most 1-4 rows (padded slices included); the
+    # loss reads g(x) and the log-det, so both parts of the surrogate are sliced. The
+    # variables' gradients come from the tape inside the slices' loop, the parameters' from
+    # `stateless_call`'s tensors.
+    g = keras_contraction()
+    x = sample_inputs(batch=5)
+    weights = tf.constant([1.0, -2.0, 3.0, 0.5, 1.5], tf.float64)
+    upstream = tf.constant(np.random.default_rng(1).normal(size=(5, 4)))
+    params = [tf.identity(w) for w in g.trainable_weights]
+
+    def gradients(slice_size, by_parameters):
+        fn, sources = (g, g.trainable_weights)
+        options = {}
+        if by_parameters:
+            fn, sources = (lambda t: g.stateless_call(params, [], t)[0]), params
+            options["parameters"] = params
+        with tf.GradientTape() as tape:
+            tape.watch([x, *params])
+            gx, log_det = logdet.russian_roulette_log_det(
+                fn, x, seed=4, num_probes=num_probes, backward_slice_size=slice_size, **options
+            )
+            loss = tf.reduce_sum(weights * log_det) + tf.reduce_sum(gx * upstream)
+        return [loss, *tape.gradient(loss, [x, *sources])]
+
+    for by_parameters in (False, True):
+        whole = flat(gradients(None, by_parameters))
+        for wrap in MODES.values():
+            sliced = flat(wrap(lambda: gradients(backward_slice_size, by_parameters))())  # noqa: B023
+            np.testing.assert_allclose(sliced, whole, rtol=1e-12, atol=1e-12)
+
+
 # ------------------------------------------------------------------------------------------------
 # Randomness: seeds, modes and freshness.
 
@@ -514,6 +548,8 @@ BAD_ARGUMENTS = [
     ),
     (logdet.russian_roulette_log_det, dict(probe="sphere"), "probe .* got 'sphere'"),
     (logdet.russian_roulette_log_det, dict(num_probes=0), "num_probes .* got 0"),
+    (logdet.russian_roulette_log_det, dict(backward_slice_size=0), "backward_slice_size .* got 0"),
+    (logdet.power_series_log_det, dict(backward_slice_size=1.5), "backward_slice_size .* got 1.5"),
     (logdet.power_series_log_det, dict(num_terms=0), "num_terms must .* got 0"),
     (logdet.power_series_log_det, dict(num_terms=-3), "num_terms must .* got -3"),
     (logdet.power_series_log_det, dict(probe="normal"), "probe .* got 'normal'"),

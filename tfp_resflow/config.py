@@ -103,6 +103,10 @@ class BlockConfig:
         probe: Hutchinson probes, "rademacher" (lower variance) or "gaussian" (the authors').
         num_probes: probes per example, averaged.
         neumann_gradient: the memory-flat Neumann gradient (else autodiff through the series).
+        backward_slice_size: at most this many examples (times probes) at once in the Neumann
+            backward, which recomputes and differentiates `g` in equal slices of the batch, one
+            after another: the same gradients, the activations of one slice alive at a time
+            (the `mnist` preset's peak memory; `series`). None: the whole batch at once.
         eval_log_det: evaluation estimator: "auto" (exact for events of at most
             `logdet.EVAL_EXACT_MAX_EVENT_SIZE` dimensions, else the roulette with
             `eval_num_exact_terms` exact terms, as the authors evaluate) or a name as `log_det`.
@@ -131,6 +135,7 @@ class BlockConfig:
     probe: str = "rademacher"
     num_probes: int = 1
     neumann_gradient: bool = True
+    backward_slice_size: int | None = None
     eval_log_det: str = "auto"
     eval_num_exact_terms: int = logdet.EVAL_NUM_EXACT_TERMS
     solver: str = "plain"
@@ -152,6 +157,9 @@ class BlockConfig:
         validation.choice(n("probe"), self.probe, logdet.PROBES)
         validation.integer(n("num_probes"), self.num_probes, 1)
         validation.boolean(n("neumann_gradient"), self.neumann_gradient)
+        validation.optional(
+            validation.integer, n("backward_slice_size"), self.backward_slice_size, 1
+        )
         validation.choice(n("eval_log_det"), self.eval_log_det, logdet.EVAL_LOG_DET_NAMES)
         validation.integer(n("eval_num_exact_terms"), self.eval_num_exact_terms, 0)
         validation.choice(n("solver"), self.solver, solver.SOLVER_NAMES)

@@ -135,6 +135,7 @@ def power_series_log_det(
     probe: str = "rademacher",
     num_probes: int = 1,
     neumann_gradient: bool = False,
+    backward_slice_size: int | None = None,
 ) -> tuple[tf.Tensor, tf.Tensor]:
     """Truncated power series (biased; the i-ResNet estimator), kept for ablations.
 
@@ -157,15 +158,20 @@ def power_series_log_det(
             (`w = sum{ (-1)**k v^T J**k : k < num_terms }`), an unbiased estimate of the exact
             gradient of the truncated series with memory flat in `num_terms`; if False (the
             default, as in i-ResNet), autodiff through the series.
+        backward_slice_size: with the Neumann gradient, the backward pass recomputes `g` and
+            differentiates it in equal slices of at most this many rows (examples times
+            probes), one after another: the same gradients, with the activations of one slice
+            alive instead of the whole batch's (for large images; `g` must treat examples
+            independently, as every `g` here does). None: the whole batch at once.
 
     Returns:
         `(g(x), log_det)` with `log_det` of shape `[batch]`.
 
     Raises:
-        ValueError: for a bad `num_terms`, `probe` or `num_probes`.
+        ValueError: for a bad `num_terms`, `probe`, `num_probes` or `backward_slice_size`.
     """
     validation.integer("num_terms", num_terms, 1)
-    check_series_options(probe, num_probes)
+    check_series_options(probe, num_probes, backward_slice_size)
     x = validation.batch_of_events("x", x)
     seed = stateless_random.sanitize_seed(seed)
 
@@ -184,6 +190,7 @@ def power_series_log_det(
         probe=probe,
         num_probes=num_probes,
         neumann_gradient=neumann_gradient,
+        backward_slice_size=backward_slice_size,
         maximum_iterations=num_terms,
     )
 
@@ -200,7 +207,7 @@ class Estimator:
     options: tuple[str, ...]
 
 
-_SERIES_OPTIONS = ("probe", "num_probes", "neumann_gradient")
+_SERIES_OPTIONS = ("probe", "num_probes", "neumann_gradient", "backward_slice_size")
 ESTIMATORS: dict[str, Estimator] = {
     "unbiased": Estimator(
         russian_roulette_log_det,

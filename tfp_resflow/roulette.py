@@ -92,6 +92,7 @@ def russian_roulette_log_det(
     probe: str = "rademacher",
     num_probes: int = 1,
     neumann_gradient: bool = True,
+    backward_slice_size: int | None = None,
 ) -> tuple[tf.Tensor, tf.Tensor]:
     """Unbiased Russian-roulette estimate of `log|det(I + J_g(x))|` (Chen et al., 2019, eq. 6).
 
@@ -137,21 +138,26 @@ def russian_roulette_log_det(
         neumann_gradient: if True (default), the gradient is the memory-flat Neumann estimate;
             if False, autodiff through the series (memory grows with the number of terms, and
             under XLA it cannot be differentiated, because the loop has no static bound).
+        backward_slice_size: with the Neumann gradient, the backward pass recomputes `g` and
+            differentiates it in equal slices of at most this many rows (examples times
+            probes), one after another: the same gradients, with the activations of one slice
+            alive instead of the whole batch's (for large images; `g` must treat examples
+            independently, as every `g` here does). None: the whole batch at once.
 
     Returns:
         `(g(x), log_det)` with `log_det` of shape `[batch]`.
 
     Raises:
         ValueError: for a bad `term_distribution`, `geometric_p`, `poisson_rate`,
-            `num_exact_terms`, `probe` or
-            `num_probes`, naming the argument and the value.
+            `num_exact_terms`, `probe`, `num_probes` or `backward_slice_size`, naming the argument
+            and the value.
     """
     validation.choice("term_distribution", term_distribution, DISTRIBUTIONS)
     # Both parameters are checked whichever distribution is used: a bad value is a bug either way.
     validation.number("geometric_p", geometric_p, above=0, below=1)
     validation.number("poisson_rate", poisson_rate, above=0)
     validation.integer("num_exact_terms", num_exact_terms, 0)
-    check_series_options(probe, num_probes)
+    check_series_options(probe, num_probes, backward_slice_size)
     x = validation.batch_of_events("x", x)
     seed = stateless_random.sanitize_seed(seed)
 
@@ -172,5 +178,6 @@ def russian_roulette_log_det(
         probe=probe,
         num_probes=num_probes,
         neumann_gradient=neumann_gradient,
+        backward_slice_size=backward_slice_size,
         maximum_iterations=None,
     )

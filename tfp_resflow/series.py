@@ -59,10 +59,11 @@ ResidualFn = Callable[[tf.Tensor], tf.Tensor]
 Weight = Callable[[tf.Tensor], tf.Tensor]
 
 
-def check_series_options(probe: str, num_probes: int) -> None:
-    """The options every series estimator takes: its probes."""
+def check_series_options(probe: str, num_probes: int, backward_slice_size: int | None) -> None:
+    """The options every series estimator takes: its probes and the backward's slices."""
     validation.choice("probe", probe, PROBES)
     validation.integer("num_probes", num_probes, 1)
+    validation.optional(validation.integer, "backward_slice_size", backward_slice_size, 1)
 
 
 def _event_dot(a: tf.Tensor, b: tf.Tensor) -> tf.Tensor:
@@ -98,6 +99,7 @@ class _Series:
     term_weight: Weight
     neumann_weight: Weight
     maximum_iterations: int | None
+    backward_slice_size: int | None = None
 
     def tile(self, t: tf.Tensor) -> tf.Tensor:
         return _tile(t, self.num_probes)
@@ -154,6 +156,7 @@ def series_log_det(
     num_probes: int,
     neumann_gradient: bool,
     maximum_iterations: int | None,
+    backward_slice_size: int | None = None,
 ) -> tuple[tf.Tensor, tf.Tensor]:
     """The weighted Hutchinson power series shared by the truncated and roulette estimators.
 
@@ -175,6 +178,8 @@ def series_log_det(
         neumann_gradient: whether the gradient is the Neumann estimate (memory-flat).
         maximum_iterations: static bound on `n`, or None (then the plain estimator cannot be
             differentiated under XLA, which needs static loop bounds for backprop).
+        backward_slice_size: at most this many rows at once in the Neumann backward pass, which
+            recomputes and differentiates `g` slice by slice (`_neumann_backward`); None: all.
 
     Returns:
         `(g(x), log_det)`.
@@ -189,6 +194,7 @@ def series_log_det(
         term_weight,
         neumann_weight,
         maximum_iterations,
+        backward_slice_size,
     )
     if not neumann_gradient:
         # Plain estimator: autodiff through the series; memory grows with the number of terms.
@@ -229,36 +235,116 @@ def _neumann_backward(
     parameters: tuple[tf.Tensor, ...],
     variables: list | None,
 ) -> object:
-    """Gradients for `x`, `parameters` (and `variables`) from one recomputation of `g`."""
+    """Gradients for `x`, `parameters` (and `variables`) from one recomputation of `g`.
+
+    The inner tape gives `w^T J`, the outer one differentiates the surrogate
+
+        sum_rows r[row] * <w_row^T J_row, v_row> + sum_rows <g(x)_row, c_row>
+
+    with `w` and `v` held constant (`r`: each row's upstream log-det weight, `c`: its upstream
+    value gradient, zero on the probe copies): the value path and the Neumann estimate in one
+    recomputation. Each example keeps its own upstream weight (the authors' memory-efficient
+    backward uses the first example's weight for all). The surrogate is a sum over rows, so
+    with `series.backward_slice_size` set the rows are taken in equal slices of at most that
+    many, one after another (`_sum_over_slices`): the same gradients, with the activations of
+    one slice of the batch alive instead of the whole batch's.
+    """
     d_gx, d_log_det = upstream
     # Recompute g once the upstream gradients exist: without this ordering the runtime may run
     # every block's recomputation early and hold all of their activations.
     with tf.control_dependencies([t for t in upstream if t is not None]):
         x_again = tf.identity(x_tiled)
-    # The inner tape gives w^T J, the outer one differentiates
-    #   <g(x), d_gx> + sum_b d_log_det[b] * <w_b^T J_b, v_b>
-    # with w and v held constant: the value path and the Neumann estimate in one recomputation.
-    # Each example keeps its own upstream weight (the authors' memory-efficient backward uses
-    # the first example's weight for all).
-    watched = [x_again, *parameters, *(variables or [])]
-    with tf.GradientTape() as outer:
-        outer.watch(watched)
-        with tf.GradientTape() as inner:
-            inner.watch(x_again)
-            gx_tiled = series.residual_fn(x_again)
-        w_jacobian = inner.gradient(gx_tiled, x_again, output_gradients=w)
-        surrogate = tf.zeros([], x_tiled.dtype)
-        if d_log_det is not None:
-            per_probe = series.tile(d_log_det / series.num_probes)
-            surrogate += tf.reduce_sum(per_probe * _event_dot(w_jacobian, series.v))
-        if d_gx is not None:
-            surrogate += tf.reduce_sum(series.first_tile(gx_tiled) * d_gx)
-    grads = outer.gradient(surrogate, watched, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+    row_weight = None if d_log_det is None else series.tile(d_log_det / series.num_probes)
+    row_value = None
+    if d_gx is not None:  # the value path reads the first tile only
+        row_value = tf.concat([d_gx] + [tf.zeros_like(d_gx)] * (series.num_probes - 1), axis=0)
+    watched_rest = [*parameters, *(variables or [])]
+
+    def row_gradients(
+        x_rows: tf.Tensor,
+        w_rows: tf.Tensor,
+        v_rows: tf.Tensor,
+        weight_rows: tf.Tensor | None,
+        value_rows: tf.Tensor | None,
+    ) -> list[tf.Tensor]:
+        """`[d x_rows, *d parameters, *d variables]` of the surrogate's terms of some rows."""
+        with tf.GradientTape() as outer:
+            outer.watch([x_rows, *watched_rest])
+            with tf.GradientTape() as inner:
+                inner.watch(x_rows)
+                gx_rows = series.residual_fn(x_rows)
+            w_jacobian = inner.gradient(gx_rows, x_rows, output_gradients=w_rows)
+            surrogate = tf.zeros([], x_tiled.dtype)
+            if weight_rows is not None:
+                surrogate += tf.reduce_sum(weight_rows * _event_dot(w_jacobian, v_rows))
+            if value_rows is not None:
+                surrogate += tf.reduce_sum(gx_rows * value_rows)
+        return outer.gradient(
+            surrogate, [x_rows, *watched_rest], unconnected_gradients=tf.UnconnectedGradients.ZERO
+        )
+
+    per_row = [x_again, w, series.v, row_weight, row_value]
+    slice_size = series.backward_slice_size
+    rows = x_again.shape[0]
+    if slice_size is None or (rows is not None and rows <= slice_size):
+        grads = row_gradients(*per_row)
+    else:
+        grads = _sum_over_slices(row_gradients, per_row, slice_size, watched_rest)
     num_parameters = len(parameters)
     input_grads = [series.sum_over_probes(grads[0]), *grads[1 : 1 + num_parameters]]
     if variables is None:
         return input_grads
     return input_grads, grads[1 + num_parameters :]
+
+
+def _sum_over_slices(
+    row_gradients: Callable[..., list[tf.Tensor]],
+    per_row: list[tf.Tensor | None],
+    slice_size: int,
+    shared: Sequence[tf.Tensor],
+) -> list[tf.Tensor]:
+    """`row_gradients` over equal slices of at most `slice_size` rows, one slice at a time.
+
+    `n` rows make `k = ceil(n / slice_size)` slices of `ceil(n / k)` rows, the last padded with
+    zero rows (zero weights: they add nothing to the surrogate), so that every slice has one
+    shape, as XLA needs. The first result (the gradient of the rows of `per_row[0]`) is stacked
+    over the slices, the others (the gradients of the `shared` tensors and variables, in order)
+    summed. `parallel_iterations=1`: a slice starts once the previous one is done, so the
+    runtime cannot hold two slices' activations at once.
+    """
+    num_rows = tf.shape(per_row[0])[0]
+    chunks = (num_rows + slice_size - 1) // slice_size
+    size = (num_rows + chunks - 1) // chunks
+    static_rows = per_row[0].shape[0]
+    static_size = None
+    if static_rows is not None:
+        static_chunks = -(-static_rows // slice_size)
+        static_size = -(-static_rows // static_chunks)
+
+    def split(t: tf.Tensor | None) -> tf.Tensor | None:
+        """`[rows, *rest] -> [chunks, size, *rest]`, zero-padded."""
+        if t is None:
+            return None
+        padding = [[0, size * chunks - num_rows]] + [[0, 0]] * (t.shape.rank - 1)
+        t = tf.pad(t, padding)
+        split_t = tf.reshape(t, tf.concat([[chunks, size], tf.shape(t)[1:]], axis=0))
+        return tf.ensure_shape(split_t, [None, static_size, *t.shape[1:]])
+
+    slices = [split(t) for t in per_row]
+
+    def body(i: tf.Tensor, rows: tf.TensorArray, *sums: tf.Tensor) -> tuple:
+        grads = row_gradients(*(None if t is None else t[i] for t in slices))
+        sums = [s + tf.convert_to_tensor(g) for s, g in zip(sums, grads[1:], strict=True)]
+        return (i + 1, rows.write(i, grads[0]), *sums)
+
+    rows = tf.TensorArray(per_row[0].dtype, size=chunks)
+    zeros = [tf.zeros_like(t) for t in shared]
+    _, rows, *sums = tf.while_loop(
+        lambda i, *_: i < chunks, body, (tf.constant(0), rows, *zeros), parallel_iterations=1
+    )
+    row_grads = rows.stack()  # [chunks, size, *rest]
+    row_grads = tf.reshape(row_grads, tf.concat([[-1], tf.shape(row_grads)[2:]], axis=0))
+    return [tf.ensure_shape(row_grads[:num_rows], per_row[0].shape), *sums]
 
 
 # END
