@@ -228,7 +228,7 @@ def test_g_is_evaluated_once_per_block_forward_and_once_more_backward(counted_de
 def test_sampling_evaluates_g_twice_per_block_when_the_first_step_meets_the_tolerance(
     counted_dense,
 ):
-    # What the sampling profile fixed (README "Fixed-point solvers and sampling speed"): each
+    # What the sampling profile fixed (docs/guides/solvers.md): each
     # block's inverse costs the first iterate z - g(z) and one evaluation per iteration; the
     # convergence test reuses the iteration's step, so it costs none. An untrained g is nearly
     # constant (|g| ~ 0.1-0.3, |J_g| ~ 0.05), so the first iteration's step is far inside a 0.5

@@ -1,11 +1,7 @@
-"""The README's code runs as shown; its quick-start lines and API lists match the code and CI."""
+"""The README's two commands match CI and the design card (its code runs in `test_docs`)."""
 
 import re
 from pathlib import Path
-
-import pytest
-
-import tfp_resflow
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()
@@ -38,26 +34,6 @@ def test_first_code_example_is_the_design_card_line():
     assert "tfd.TransformedDistribution(base, ResidualFlowBijector())" in first
 
 
-@pytest.mark.slow
-def test_readme_python_examples_run_as_shown(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)  # the fit example writes flow.keras
-    namespace = {}
-    for block in code_blocks("python"):
-        exec(compile(block, "README.md", "exec"), namespace)  # noqa: S102
-    assert namespace["log_p"].shape == (5,)
-    assert namespace["samples"].shape == (3, 2)
-    assert namespace["log_p_given_c"].shape == (5,)  # the conditional section
-    assert namespace["left_samples"].shape == (3, 2)
-    assert namespace["same_density"].shape == (5,)
-    assert namespace["certified_samples"].shape == (4, 2)  # the certification section
-    assert (tmp_path / "flow.keras").exists()
-
-
-def test_readme_names_every_public_name():
-    for name in tfp_resflow.__all__:
-        assert name in README or name == "LogDetFn", name
-
-
-def test_readme_has_the_measured_benchmark_table():
-    assert "BENCHMARK_TABLE" not in README
-    assert "| conv | neumann | 20 |" in README
+def test_readme_is_short():
+    # Guides, results and the API live in docs/; the README is the entry point.
+    assert len(README.splitlines()) <= 150

@@ -61,11 +61,11 @@ _PAPER = ImageFlowConfig(
         probe="gaussian",
         # Not the paper's: the fixed-point iteration compiled with XLA, which samples the
         # `mnist` preset in 14.5 s against 20.2 s uncompiled (64 images; the authors' code
-        # 37.6 s; README "Fixed-point solvers and sampling speed").
+        # 37.6 s; docs/guides/solvers.md).
         solver_jit_compile=True,
         # Not the paper's either: the Neumann backward in slices of at most 16 examples. Same
         # gradients; the `mnist` preset's peak at batch 64 fell from 4.62 to 2.91 GB at the same
-        # step time (one TF thread; README "Training speed and memory").
+        # step time (one TF thread; docs/results/speed-and-memory.md).
         backward_slice_size=16,
     ),
 )
@@ -93,7 +93,7 @@ PRESETS: dict[str, ImageFlowConfig] = {
     # connected blocks of width 64 over the 64 dimensions; alpha 0.05 keeps the logit of the
     # many blank pixels near -3 instead of -14. Converged Lipschitz estimates at build (cheap).
     # ELU, not LipSwish: ahead beyond the spread at equal steps and faster per step on these
-    # budgets (README "Defaults follow the evidence").
+    # budgets (docs/results/quality-per-step.md, "Defaults follow the evidence").
     "digits": _paper(
         activation="elu",
         blocks_per_scale=(4, 4),
@@ -134,8 +134,8 @@ PRESETS["idensenet_cifar10"] = _IDENSENET
 
 # 2-D toy sets: 8 blocks (the authors' toy model is 100 blocks of 128, for hours) of CLipSwish g
 # 2-45-45-2, the size (36,076 parameters) of LipSwish 2-64-64-2 (35,916): at equal size and
-# steps CLipSwish was ahead of LipSwish beyond the spread on all three toy sets of the README's
-# comparison (README "Defaults follow the evidence").
+# steps CLipSwish was ahead of LipSwish beyond the spread on all three toy sets of the
+# comparison (docs/results/quality-per-step.md, "Defaults follow the evidence").
 TOY = ResidualFlowConfig(num_blocks=8, hidden_units=(45, 45), activation="clipswish")
 
 PRESET_INPUT_SHAPES: dict[str, tuple[int, int, int]] = {

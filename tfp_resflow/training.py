@@ -77,8 +77,9 @@ class TrainConfig:
     epochs: int = 15
     steps_per_epoch: int = 0  # 0: one pass over the training data
     batch_size: int = 64
-    # Residual flows want larger rates than the authors' 1e-3 on short runs (README "Defaults
-    # follow the evidence"); pass --learning-rate 1e-3 --warmup-steps 1000 for paper runs.
+    # Residual flows want larger rates than the authors' 1e-3 on short runs
+    # (docs/results/quality-per-step.md, "Defaults follow the evidence"); pass
+    # --learning-rate 1e-3 --warmup-steps 1000 for paper runs.
     learning_rate: float = 5e-3
     warmup_steps: int = 20  # the authors warm up over 1000 iterations of longer runs
     schedule: str = "constant"  # "constant" or "cosine" after the warm-up
