@@ -38,6 +38,7 @@ from tfp_resflow import (  # noqa: E402
     data,
     distribute,
     evaluation,
+    evaluation_callback,
     toy_data,
     training,
     validation,
@@ -160,7 +161,7 @@ class _Run:
     train: Any
     steps_per_epoch: int
     model: FlowModel
-    evaluation: evaluation.EvaluationCallback
+    evaluation: evaluation_callback.EvaluationCallback
     initial_epoch: int = 0
 
 
@@ -185,7 +186,7 @@ def _prepare(config: TrainConfig, download: bool) -> _Run | str:  # noqa: FBT001
     toy_points = None
     if config.dataset in toy_data.TOY_DATASETS:
         toy_points = np.concatenate([x.numpy() for x, _ in zip(test, range(32), strict=False)])
-    callback = evaluation.EvaluationCallback(
+    callback = evaluation_callback.EvaluationCallback(
         config, test, run_dir, unit=model.loss_unit, toy_points=toy_points, write_files=write_files
     )
     callback.set_model(model)

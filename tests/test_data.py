@@ -6,14 +6,14 @@ import tensorflow as tf
 from data_checks import as_keys, assert_dequantized, epoch, levels, mirrored_count, stream
 from sklearn.datasets import load_digits
 
-from tfp_resflow import data
+from tfp_resflow import data, dequantization
 
 
 @pytest.mark.parametrize(("level", "num_levels"), [(255, 256), (0, 256), (1, 17), (16, 17)])
 def test_dequantized_values_stay_in_their_bin(level, num_levels):
     # (255 + u) / 256 rounds to 1.0 in float32 when u > 1 - 2**-17: ~8 of these 2**20 draws.
     n = tf.fill([2**20], level)
-    x = data._dequantize(n, num_levels, tf.constant([7, 0], tf.int64)).numpy()
+    x = dequantization.dequantize(n, num_levels, tf.constant([7, 0], tf.int64)).numpy()
     assert x.dtype == np.float32
     np.testing.assert_array_equal(levels(x, num_levels), level)
     assert x.max() < 1.0

@@ -8,7 +8,8 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from tfp_resflow import data, validation
+from tfp_resflow import validation
+from tfp_resflow.dequantization import check_num_levels, image_pipeline
 
 __all__ = ["image_dataset", "num_classes"]
 
@@ -71,7 +72,7 @@ def image_dataset(
         FileNotFoundError: if the data is not prepared and `download` is False.
     """
     batch_size = validation.positive_integer("batch_size", batch_size)
-    num_levels = data.check_num_levels(num_levels, 256)
+    num_levels = check_num_levels(num_levels, 256)
     builder = tfds.builder(name, data_dir=data_dir)
     key = _image_key(name, builder.info.features)
     if labels:
@@ -79,7 +80,7 @@ def image_dataset(
     examples = _examples(builder, name, split, download=download)
     images = examples.map(lambda example: example[key], num_parallel_calls=tf.data.AUTOTUNE)
     targets = examples.map(lambda example: example["label"]) if labels else None
-    ds = data.image_pipeline(
+    ds = image_pipeline(
         images,
         labels=targets,
         source_levels=256,

@@ -10,8 +10,9 @@
     checkpoints, crash recovery, logs                               ModelCheckpoint,
                                                                      BackupAndRestore, TensorBoard
 
-Only the per-epoch evaluation is ours (`tfp_resflow.evaluation`): Keras validates with the raw
-weights, while the paper's numbers are for the EMA weights with converged Lipschitz estimates.
+Only the per-epoch evaluation is ours (`tfp_resflow.evaluation_callback`): Keras validates with
+the raw weights, while the paper's numbers are for the EMA weights with converged Lipschitz
+estimates.
 `model_config`, `build_model` and `compiled_model` make the model a `TrainConfig` names (its
 preset and changes), ready to train.
 
