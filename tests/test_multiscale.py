@@ -199,6 +199,7 @@ def test_blocks_get_the_configured_estimator():
             "probe": "gaussian",
             "num_probes": 1,
             "neumann_gradient": True,
+            "backward_slice_size": None,
         }
 
 
