@@ -433,6 +433,23 @@ def test_backward_in_slices_of_the_batch_gives_the_same_gradients(backward_slice
             np.testing.assert_allclose(sliced, whole, rtol=1e-12, atol=1e-12)
 
 
+def test_backward_in_slices_takes_an_empty_batch():
+    # An unknown batch size that turns out to be 0: one empty slice, empty gradients for x.
+    g = keras_contraction()
+
+    @tf.function(input_signature=[tf.TensorSpec([None, 4], tf.float64)])
+    def gradients(x):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            gx, log_det = logdet.russian_roulette_log_det(g, x, seed=1, backward_slice_size=2)
+            loss = tf.reduce_sum(log_det) + tf.reduce_sum(gx)
+        return tape.gradient(loss, [x, *g.trainable_weights])
+
+    grads = gradients(tf.zeros([0, 4], tf.float64))
+    assert grads[0].shape == (0, 4)
+    assert all(np.all(t.numpy() == 0) for t in grads[1:])
+
+
 # ------------------------------------------------------------------------------------------------
 # Randomness: seeds, modes and freshness.
 

@@ -313,7 +313,7 @@ def _sum_over_slices(
     runtime cannot hold two slices' activations at once.
     """
     num_rows = tf.shape(per_row[0])[0]
-    chunks = (num_rows + slice_size - 1) // slice_size
+    chunks = tf.maximum((num_rows + slice_size - 1) // slice_size, 1)  # 1 for an empty batch
     size = (num_rows + chunks - 1) // chunks
     static_rows = per_row[0].shape[0]
     static_size = None
