@@ -12,16 +12,16 @@ from pathlib import Path
 import tfp_resflow
 
 PACKAGE = Path(tfp_resflow.__file__).resolve().parent
+MODULES = {p.stem for p in PACKAGE.glob("*.py")}
 
 
 def imported_modules(path: Path) -> set[str]:
     """The `tfp_resflow` modules a module imports (`from tfp_resflow import x` counts x)."""
     names = set()
-    modules = {p.stem for p in PACKAGE.glob("*.py")}
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.ImportFrom) and node.module:
             if node.module == "tfp_resflow":
-                names |= {a.name for a in node.names if a.name in modules}
+                names |= {a.name for a in node.names if a.name in MODULES}
             elif node.module.startswith("tfp_resflow."):
                 names.add(node.module.split(".")[1])
         elif isinstance(node, ast.Import):

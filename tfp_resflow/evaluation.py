@@ -6,7 +6,8 @@ converged Lipschitz estimates; these functions compute them, and
 run.
 
 - `ema_weights`: a context that swaps the EMA weights (and their power-iteration vectors) in.
-- `evaluation_losses`, `evaluate_loss`: per-example losses in evaluation mode, and their mean.
+- `evaluation_losses`, `evaluate_loss`: per-example losses in evaluation mode, and their mean;
+  `evaluation_outputs` gives them per batch with a classifier's hits.
 - `weights_checksum`: a cheap fingerprint to compare two weight sets (resumed runs, workers).
 """
 
@@ -24,6 +25,7 @@ __all__ = [
     "ema_weights",
     "evaluate_loss",
     "evaluation_losses",
+    "evaluation_outputs",
     "weights_checksum",
 ]
 
@@ -69,19 +71,23 @@ def evaluation_losses(
 
     Batches may be `(x, labels)`; a `HybridFlowModel`'s loss here is its likelihood's (`nll`).
     """
-    return [losses for losses, _ in _evaluation_outputs(model, dataset)]
+    return [losses for losses, _ in evaluation_outputs(model, dataset)]
 
 
 def evaluation_accuracy(model: FlowModel, dataset: tf.data.Dataset) -> float:
     """Fraction of `(x, labels)` examples a `HybridFlowModel` classifies right (evaluation mode)."""
-    correct = [hits for _, hits in _evaluation_outputs(model, dataset, labelled=True)]
+    correct = [hits for _, hits in evaluation_outputs(model, dataset, labelled=True)]
     return float(np.mean(np.concatenate(correct)))
 
 
-def _evaluation_outputs(
+def evaluation_outputs(
     model: FlowModel, dataset: Iterable, *, labelled: bool = False
 ) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
-    """Per batch: the per-example loss and, for labelled batches of a classifier, the hits."""
+    """Per batch: the per-example loss (evaluation mode) and, for labelled batches, the hits.
+
+    Batches are `x`, `(x, labels)` or, for a conditional model, `(x, c)`; the hits (whether a
+    `HybridFlowModel` classifies each example right) are None without labels.
+    """
     step = getattr(model, "_evaluation_step", None)
     if step is None:
 
@@ -117,9 +123,3 @@ def evaluate_loss(model: FlowModel, dataset: tf.data.Dataset | Iterable[tf.Tenso
     """Mean per-example loss (`model.loss_unit`) in evaluation mode over finitely many batches."""
     losses = evaluation_losses(model, dataset)
     return float(np.mean(np.concatenate(losses))) if losses else 0.0
-
-
-def _likelihood_loss(model: FlowModel, x: tf.Tensor) -> tf.Tensor:
-    """Per-example training-mode loss of the likelihood (a HybridFlowModel's `nll`)."""
-    out = model(x, training=True)
-    return out["nll"] if isinstance(out, dict) else out

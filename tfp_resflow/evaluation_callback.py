@@ -19,17 +19,23 @@ import tensorflow as tf
 
 from tfp_resflow import artifacts, certification
 from tfp_resflow.evaluation import (
-    _evaluation_outputs,
-    _likelihood_loss,
     class_contexts,
     ema_weights,
+    evaluation_outputs,
     weights_checksum,
 )
 from tfp_resflow.hybrid import HybridFlowModel
+from tfp_resflow.model import FlowModel
 from tfp_resflow.modes import training_mode
 from tfp_resflow.training import TrainConfig
 
 __all__ = ["EvaluationCallback"]
+
+
+def _likelihood_loss(model: FlowModel, x: tf.Tensor) -> tf.Tensor:
+    """Per-example training-mode loss of the likelihood (a HybridFlowModel's `nll`)."""
+    out = model(x, training=True)
+    return out["nll"] if isinstance(out, dict) else out
 
 
 class EvaluationCallback(keras.callbacks.Callback):
@@ -128,7 +134,7 @@ class EvaluationCallback(keras.callbacks.Callback):
         with ema_weights(model, self._ema_power_vectors):
             self._function("converge_lipschitz")()
             out.update(self._certificate())
-            outputs = list(_evaluation_outputs(model, self.test_data))
+            outputs = list(evaluation_outputs(model, self.test_data))
             losses = [batch_losses for batch_losses, _ in outputs]
             out[f"test_{self.unit}"] = float(np.mean(np.concatenate(losses)))
             if outputs and outputs[0][1] is not None and isinstance(model, HybridFlowModel):

@@ -312,14 +312,15 @@ def _sum_over_slices(
     summed. `parallel_iterations=1`: a slice starts once the previous one is done, so the
     runtime cannot hold two slices' activations at once.
     """
-    num_rows = tf.shape(per_row[0])[0]
-    chunks = tf.maximum((num_rows + slice_size - 1) // slice_size, 1)  # 1 for an empty batch
+    # Python ints when the batch size is static (so the slices' shape is), tensors otherwise.
+    num_rows = per_row[0].shape[0]
+    if num_rows is None:
+        num_rows = tf.shape(per_row[0])[0]
+        chunks = tf.maximum((num_rows + slice_size - 1) // slice_size, 1)  # 1 for an empty batch
+    else:
+        chunks = max((num_rows + slice_size - 1) // slice_size, 1)
     size = (num_rows + chunks - 1) // chunks
-    static_rows = per_row[0].shape[0]
-    static_size = None
-    if static_rows is not None:
-        static_chunks = -(-static_rows // slice_size)
-        static_size = -(-static_rows // static_chunks)
+    static_size = size if isinstance(size, int) else None
 
     def split(t: tf.Tensor | None) -> tf.Tensor | None:
         """`[rows, *rest] -> [chunks, size, *rest]`, zero-padded."""
