@@ -33,20 +33,19 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
-from tfp_resflow import (  # noqa: E402
+from tfp_resflow.configs.config_fields import to_dict  # noqa: E402
+from tfp_resflow.core import validation  # noqa: E402
+from tfp_resflow.data import datasets, toy_data  # noqa: E402
+from tfp_resflow.models.model import FlowModel  # noqa: E402
+from tfp_resflow.training import (  # noqa: E402
     artifacts,
-    data,
     distribute,
     evaluation,
     evaluation_callback,
-    toy_data,
-    training,
-    validation,
+    train_config,
 )
-from tfp_resflow.config_fields import to_dict  # noqa: E402
-from tfp_resflow.model import FlowModel  # noqa: E402
 
-TrainConfig = training.TrainConfig
+TrainConfig = train_config.TrainConfig
 
 
 class _OneLineErrors(argparse.ArgumentParser):
@@ -61,7 +60,7 @@ def _make_parser() -> argparse.ArgumentParser:
     parser = _OneLineErrors(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     for field in dataclasses.fields(TrainConfig):
         flag = "--" + field.name.replace("_", "-")
-        help_text = f"{training.FLAG_HELP[field.name]} (default: {field.default})"
+        help_text = f"{train_config.FLAG_HELP[field.name]} (default: {field.default})"
         if isinstance(field.default, bool):  # --flag / --no-flag, not type=bool ("False" is true)
             action = argparse.BooleanOptionalAction
             parser.add_argument(flag, action=action, default=field.default, help=help_text)
@@ -105,7 +104,7 @@ def parse_args(argv: list[str] | None) -> tuple[TrainConfig, argparse.Namespace]
     try:
         config = TrainConfig(**values)
         validation.integer("--sample", args.sample, 0)
-        training.model_config(config)
+        train_config.model_config(config)
     except ValueError as error:
         parser.error(str(error))
     return config, args
@@ -118,13 +117,13 @@ def load_data(config: TrainConfig, download: bool) -> tuple:  # noqa: FBT001
     the training dataset itself would advance its reshuffling, and the order `fit` sees would
     then depend on how a strategy wraps the dataset.
     """
-    with_context = training.with_context  # (the argument below shadows the module's name)
+    with_context = train_config.with_context  # (the argument below shadows the module's name)
 
     def load(split: str, *, training: bool = True) -> tuple:
         batch_size = config.batch_size if training else config.eval_batch_size
         options = {"seed": config.seed, "download": download, "training": training}
         options["labels"] = config.task != "density" or config.context != "none"
-        dataset, shape, levels = data.load_dataset(
+        dataset, shape, levels = datasets.load_dataset(
             config.dataset, split, batch_size=batch_size, **options
         )
         return with_context(dataset, config), shape, levels
@@ -144,7 +143,7 @@ def _steps_per_epoch(config: TrainConfig) -> int:
     """One pass over the training data (the stream is endless), unless the flag says otherwise."""
     if config.steps_per_epoch:
         return config.steps_per_epoch
-    count = data.num_examples(config.dataset, "train")
+    count = datasets.num_examples(config.dataset, "train")
     if not count:
         raise ValueError("the dataset's size is unknown: pass --steps-per-epoch.")
     return max(1, count // config.batch_size)
@@ -180,7 +179,7 @@ def _prepare(config: TrainConfig, download: bool) -> _Run | str:  # noqa: FBT001
     except (ValueError, OSError) as error:
         return str(error).strip().splitlines()[0]
     with strategy.scope():
-        model = training.compiled_model(
+        model = train_config.compiled_model(
             config, event_shape, num_levels, init_batch, steps_per_epoch
         )
     toy_points = None
@@ -270,7 +269,7 @@ def _train(run: _Run) -> int:
     """Trains, then saves the EMA model and reports the last evaluation."""
     config, model, run_dir, unit = run.config, run.model, run.run_dir, run.model.loss_unit
     if run.write_files:
-        flow_config = to_dict(training.model_config(config))
+        flow_config = to_dict(train_config.model_config(config))
         written = {**dataclasses.asdict(config), "model_config": flow_config}
         (run_dir / "config.json").write_text(json.dumps(written, indent=1) + "\n")
     _fit(run)

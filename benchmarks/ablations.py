@@ -67,12 +67,14 @@ from compare_flows import (  # noqa: E402
 )
 from measure import write_results  # noqa: E402
 
-from tfp_resflow import data, multiscale, presets  # noqa: E402
-from tfp_resflow.bijector import ResidualBlock  # noqa: E402
-from tfp_resflow.composite import FactorOut, Step  # noqa: E402
-from tfp_resflow.config_fields import to_dict, with_fields  # noqa: E402
-from tfp_resflow.flow import ResidualFlowBijector  # noqa: E402
-from tfp_resflow.model import FlowModel  # noqa: E402
+from tfp_resflow.bijectors import multiscale  # noqa: E402
+from tfp_resflow.bijectors.composite import FactorOut, Step  # noqa: E402
+from tfp_resflow.bijectors.flow import ResidualFlowBijector  # noqa: E402
+from tfp_resflow.bijectors.residual_block import ResidualBlock  # noqa: E402
+from tfp_resflow.configs import presets
+from tfp_resflow.configs.config_fields import to_dict, with_fields  # noqa: E402
+from tfp_resflow.data import datasets
+from tfp_resflow.models.model import FlowModel  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "ablations.json"
 JACOBIAN_EXAMPLES = 128  # test examples at which every block's Jacobian is taken
@@ -113,12 +115,12 @@ def build(kind: str, fields: dict) -> FlowModel:
     config = with_fields(base_config(kind), **fields)
     if kind == "toy":
         return FlowModel(ResidualFlowBijector(config), event_shape=[2])
-    shape = data.DIGITS_SHAPE
+    shape = datasets.DIGITS_SHAPE
     return FlowModel(
         multiscale.image_flow(shape, config),
         shape,
         loss_unit="bits_per_dim",
-        num_levels=data.DIGITS_NUM_LEVELS,
+        num_levels=datasets.DIGITS_NUM_LEVELS,
     )
 
 
@@ -296,7 +298,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny settings")
     parser.add_argument("--datasets", nargs="+", choices=KINDS, default=list(KINDS))
-    parser.add_argument("--toy-dataset", choices=data.TOY_DATASETS, default="checkerboard")
+    parser.add_argument("--toy-dataset", choices=datasets.TOY_DATASETS, default="checkerboard")
     parser.add_argument("--seeds", type=int, default=None, help="seeds per variant (default 3)")
     parser.add_argument("--toy-steps", type=int, default=None, help="default 300")
     parser.add_argument("--toy-batch-size", type=int, default=256)

@@ -35,9 +35,9 @@ import tensorflow as tf  # noqa: E402
 from measure import print_table, save_figure, write_results  # noqa: E402
 
 import tfp_resflow  # noqa: E402, F401  (registers the serialisable classes)
-from tfp_resflow import lipschitz  # noqa: E402
-from tfp_resflow.certification import layer_bound  # noqa: E402
-from tfp_resflow.spectral_conv import SpectralConv2D  # noqa: E402
+from tfp_resflow.bijectors.certification import layer_bound  # noqa: E402
+from tfp_resflow.layers import lipschitz  # noqa: E402
+from tfp_resflow.layers.spectral_conv import SpectralConv2D  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))

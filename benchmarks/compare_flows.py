@@ -26,8 +26,8 @@ The models are registries (`TOY_FLOWS`, `DIGITS_FLOWS`: name -> builder of an un
 `FlowModel` from a seed), so a variant is one line.
 
 How: every model is a bijector in `FlowModel` (the base is `Sample(Normal(0, 1))`), trained with
-`fit` by the authors' Adam recipe (`training.make_optimizer`: warm-up, constant rate, clipping at
-norm 1, EMA 0.99) at the same batch size, for one of two budgets (`--budget steps|seconds|both`):
+`fit` by the authors' Adam recipe (`train_config.make_optimizer`: warm-up, constant rate, clipping
+at norm 1, EMA 0.99) at the same batch size, for one of two budgets (`--budget steps|seconds|both`):
 
     steps     the same number of steps (warm-up min(100, steps / 5)); parameter counts agree
               within 10% (checked and printed). After training (EMA weights, Lipschitz
@@ -43,7 +43,7 @@ norm 1, EMA 0.99) at the same batch size, for one of two budgets (`--budget step
               callback (`WallClockBudget` sets `model.stop_training` at the end of the step
               that uses the budget up). On the way it scores the test set at `--checkpoints`
               training times spaced geometrically from 1/32 of the budget, with the clock
-              paused: EMA weights swapped in (`training.ema_weights`), converged Lipschitz
+              paused: EMA weights swapped in (`train_config.ema_weights`), converged Lipschitz
               estimates, evaluation mode - the code that scores the final model (`score`). The
               table gives the test NLL at the budget, the steps reached and the step time; one
               picture per data set (`compare_flows_<data set>.png` next to the JSON) the mean
@@ -97,12 +97,15 @@ import tensorflow as tf  # noqa: E402
 import tensorflow_probability as tfp  # noqa: E402
 from measure import save_figure, write_results  # noqa: E402
 
-from tfp_resflow import data, multiscale, presets, training  # noqa: E402
-from tfp_resflow.actnorm import ActNorm, ActNormLayer  # noqa: E402
-from tfp_resflow.config_fields import with_fields  # noqa: E402
-from tfp_resflow.flow import ResidualFlowBijector  # noqa: E402
-from tfp_resflow.image import LogitTransform, Squeeze  # noqa: E402
-from tfp_resflow.model import FlowModel  # noqa: E402
+from tfp_resflow.bijectors import multiscale  # noqa: E402
+from tfp_resflow.bijectors.actnorm import ActNorm, ActNormLayer  # noqa: E402
+from tfp_resflow.bijectors.flow import ResidualFlowBijector  # noqa: E402
+from tfp_resflow.bijectors.image import LogitTransform, Squeeze  # noqa: E402
+from tfp_resflow.configs import presets
+from tfp_resflow.configs.config_fields import with_fields  # noqa: E402
+from tfp_resflow.data import datasets
+from tfp_resflow.models.model import FlowModel  # noqa: E402
+from tfp_resflow.training import train_config
 
 tfb = tfp.bijectors
 
@@ -344,7 +347,7 @@ def glow_digits(steps_per_level: tuple = (4, 4), hidden_channels: int = 32, seed
     """
     alpha = presets.get_preset("digits").logit_alpha
     bijectors, networks = [LogitTransform(alpha)], []
-    h, w, c = data.DIGITS_SHAPE
+    h, w, c = datasets.DIGITS_SHAPE
     for level, steps in enumerate(steps_per_level):
         bijectors.append(Squeeze(name=f"squeeze_{level}"))
         h, w, c = h // 2, w // 2, 4 * c
@@ -371,7 +374,7 @@ def glow_digits(steps_per_level: tuple = (4, 4), hidden_channels: int = 32, seed
 # The model registries: name -> builder (seed -> an unbuilt FlowModel). A variant is one line.
 
 FlowBuilder = Callable[[int], FlowModel]
-DIGITS_LOSS = {"loss_unit": "bits_per_dim", "num_levels": data.DIGITS_NUM_LEVELS}
+DIGITS_LOSS = {"loss_unit": "bits_per_dim", "num_levels": datasets.DIGITS_NUM_LEVELS}
 
 
 # The i-DenseNet variants (`network="dense"`, CLipSwish), sized like the reference model: toy
@@ -397,7 +400,7 @@ def digits_resflow(**fields: object) -> FlowBuilder:
     """The `digits` preset image flow with `fields` changed (`config_fields.with_fields`)."""
     config = with_fields(presets.get_preset("digits"), **fields)
     return lambda seed: FlowModel(
-        multiscale.image_flow(data.DIGITS_SHAPE, config), data.DIGITS_SHAPE, **DIGITS_LOSS
+        multiscale.image_flow(datasets.DIGITS_SHAPE, config), datasets.DIGITS_SHAPE, **DIGITS_LOSS
     )
 
 
@@ -429,7 +432,9 @@ DIGITS_FLOWS: dict[str, FlowBuilder] = {
     ),
     "resflow-elu": digits_resflow(activation="elu"),
     "idensenet": digits_resflow(**IDENSENET_DIGITS),
-    "glow": network_owning(lambda seed: glow_digits(seed=seed), data.DIGITS_SHAPE, **DIGITS_LOSS),
+    "glow": network_owning(
+        lambda seed: glow_digits(seed=seed), datasets.DIGITS_SHAPE, **DIGITS_LOSS
+    ),
 }
 
 
@@ -499,8 +504,8 @@ class Budget:
     # (`calibrate`); the budget is then the steps that fit in `seconds` at that speed.
     calibrated: tuple[float, float] | None = None
 
-    def train_config(self, seed: int) -> training.TrainConfig:
-        return training.TrainConfig(
+    def train_config(self, seed: int) -> train_config.TrainConfig:
+        return train_config.TrainConfig(
             batch_size=self.batch_size,
             learning_rate=self.learning_rate,
             warmup_steps=min(self.warmup_steps, max(1, self.steps // 5)),
@@ -707,22 +712,22 @@ def read_calibration(paths: Sequence[Path]) -> dict:
     return merged
 
 
-def score(model: FlowModel, test: tf.data.Dataset, config: training.TrainConfig) -> float:
+def score(model: FlowModel, test: tf.data.Dataset, config: train_config.TrainConfig) -> float:
     """Test loss of the weights in place, in evaluation mode, with converged norm estimates."""
     model.update_lipschitz(atol=config.lipschitz_tolerance, rtol=config.lipschitz_tolerance)
-    return training.evaluate_loss(model, test)
+    return train_config.evaluate_loss(model, test)
 
 
 def datasets_for(dataset: str, budget: Budget, seed: int):
     """(training stream, finite test set, the first training batch for ActNorm's init)."""
     if dataset == "digits":
-        train = data.digits_dataset("train", batch_size=budget.batch_size, seed=seed)
-        test = data.digits_dataset("test", batch_size=300, training=False)
+        train = datasets.digits_dataset("train", batch_size=budget.batch_size, seed=seed)
+        test = datasets.digits_dataset("test", batch_size=300, training=False)
     else:
-        train = data.toy_dataset(
-            dataset, batch_size=budget.batch_size, num_samples=data.TOY_NUM_SAMPLES, seed=seed
+        train = datasets.toy_dataset(
+            dataset, batch_size=budget.batch_size, num_samples=datasets.TOY_NUM_SAMPLES, seed=seed
         )
-        test = data.toy_dataset(
+        test = datasets.toy_dataset(
             dataset,
             batch_size=2000,
             num_samples=TOY_TEST_POINTS,
@@ -752,7 +757,7 @@ def train_and_evaluate(
     model.build((None, *model.event_shape))
     model.initialize(init_batch)
     config = budget.train_config(seed)
-    model.compile(optimizer=training.make_optimizer(config, budget.steps))
+    model.compile(optimizer=train_config.make_optimizer(config, budget.steps))
     timer = timer or StepTimer()
     callbacks: list[keras.callbacks.Callback] = [timer]  # the timer first: steps end before a pause
     clock = None
@@ -760,7 +765,7 @@ def train_and_evaluate(
         power_vectors: dict = {}  # the EMA weights' power-iteration vectors between checkpoints
 
         def evaluate_ema() -> float:
-            with training.ema_weights(model, power_vectors):
+            with train_config.ema_weights(model, power_vectors):
                 return score(model, test, config)
 
         times = checkpoint_seconds(budget.seconds, budget.checkpoints)

@@ -1,6 +1,6 @@
 """Conditional Residual Flows p(x | c) against conditional MAF and RealNVP, at equal steps or time.
 
-Three tasks (`tfp_resflow.conditional_data`, `tfp_resflow.data`):
+Three tasks (`tfp_resflow.data.conditional_data`, `tfp_resflow.data.datasets`):
 
     rotated     8gaussians rotated by a ~ U[0, 2 pi) per example, context c = (cos a, sin a):
                 held-out conditional NLL in nats (exact for every model: 2-D events). The same
@@ -21,7 +21,7 @@ Three tasks (`tfp_resflow.conditional_data`, `tfp_resflow.data`):
                   benchmark's main metric; it sees the crescents' shape, which the averaged
                   log density hides.
     digits      class-conditional 8x8 digits (17 levels, dequantised): test bits/dim given the
-                one-hot label (`training.with_context`) against the same flow unconditional;
+                one-hot label (`train_config.with_context`) against the same flow unconditional;
                 and the bits/dim of the conditional model's label marginal (1/10) sum_y
                 q(x | y), a model of p(x) comparable with the unconditional one (the label's
                 information is worth at most log2(10) / 64 = 0.052 bits/dim).
@@ -33,7 +33,7 @@ networks of (x, c), hidden widths chosen so the parameter counts are within 10% 
 flow's; checked and printed); on digits the `digits` preset image flow with `context_size=10`
 ("resflow") and without ("resflow-unconditional").
 
-How: `compare_flows`' recipe and machinery (imported): `training.make_optimizer` (Adam,
+How: `compare_flows`' recipe and machinery (imported): `train_config.make_optimizer` (Adam,
 warm-up, clipping, EMA 0.99; EMA weights scored, norm estimates converged, evaluation mode),
 the same batch size per task, three seeds, `--budget steps|seconds|both` (equal steps, or equal
 training time per model and seed counted by `--clock wall|cpu` from the start of `fit`, tracing
@@ -97,10 +97,14 @@ from compare_flows import (  # noqa: E402
 from conditional_baselines import conditional_maf, conditional_realnvp  # noqa: E402
 from measure import save_figure, write_results  # noqa: E402
 
-from tfp_resflow import bits, conditional_data, data, multiscale, presets, training  # noqa: E402
-from tfp_resflow.config_fields import with_fields  # noqa: E402
-from tfp_resflow.flow import ResidualFlowBijector  # noqa: E402
-from tfp_resflow.model import FlowModel  # noqa: E402
+from tfp_resflow.bijectors import multiscale  # noqa: E402
+from tfp_resflow.bijectors.flow import ResidualFlowBijector  # noqa: E402
+from tfp_resflow.configs import presets
+from tfp_resflow.configs.config_fields import with_fields  # noqa: E402
+from tfp_resflow.data import conditional_data, datasets
+from tfp_resflow.models import bits
+from tfp_resflow.models.model import FlowModel  # noqa: E402
+from tfp_resflow.training import train_config
 
 tf.get_logger().setLevel("ERROR")
 RESULTS = Path(__file__).resolve().parent / "results" / "conditional.json"
@@ -154,7 +158,7 @@ QUICK_SECONDS = 3.0
 # Models.
 
 ModelBuilder = Callable[[], FlowModel]
-DIGITS_LOSS = {"loss_unit": "bits_per_dim", "num_levels": data.DIGITS_NUM_LEVELS}
+DIGITS_LOSS = {"loss_unit": "bits_per_dim", "num_levels": datasets.DIGITS_NUM_LEVELS}
 
 
 def vector_resflow(context_size: int) -> FlowModel:
@@ -172,13 +176,13 @@ def vector_baseline(flow: Callable, context_size: int) -> FlowModel:
 
 def digits_resflow(*, conditional: bool) -> FlowModel:
     """The `digits` preset image flow, class-conditional (one-hot, 10) or not."""
-    classes = data.DIGITS_NUM_CLASSES
+    classes = datasets.DIGITS_NUM_CLASSES
     config = presets.get_preset("digits")
     if conditional:
         config = with_fields(config, context_size=classes)
-    flow = multiscale.image_flow(data.DIGITS_SHAPE, config)
+    flow = multiscale.image_flow(datasets.DIGITS_SHAPE, config)
     context_shape = [classes] if conditional else None
-    return FlowModel(flow, data.DIGITS_SHAPE, context_shape=context_shape, **DIGITS_LOSS)
+    return FlowModel(flow, datasets.DIGITS_SHAPE, context_shape=context_shape, **DIGITS_LOSS)
 
 
 VECTOR_MODELS: dict[str, ModelBuilder] = {
@@ -256,11 +260,14 @@ def two_moons_data(sizes: Sizes, batch_size: int, seed: int) -> TaskData:
 
 
 def digits_data(batch_size: int, seed: int, *, conditional: bool) -> TaskData:
-    config = training.TrainConfig(dataset="digits", context="label" if conditional else "none")
-    train = data.digits_dataset("train", batch_size=batch_size, seed=seed, labels=True)
-    test = data.digits_dataset("test", batch_size=300, training=False, labels=True)
+    config = train_config.TrainConfig(dataset="digits", context="label" if conditional else "none")
+    train = datasets.digits_dataset("train", batch_size=batch_size, seed=seed, labels=True)
+    test = datasets.digits_dataset("test", batch_size=300, training=False, labels=True)
     if conditional:
-        train, test = training.with_context(train, config), training.with_context(test, config)
+        train, test = (
+            train_config.with_context(train, config),
+            train_config.with_context(test, config),
+        )
     else:
         train, test = (ds.map(lambda x, label: x) for ds in (train, test))
     first = next(iter(train))
@@ -381,7 +388,7 @@ def train_and_score(
     x0, c0 = task_set.first_batch
     model.initialize(x0, context=c0)
     config = budget.train_config(seed)
-    model.compile(optimizer=training.make_optimizer(config, budget.steps))
+    model.compile(optimizer=train_config.make_optimizer(config, budget.steps))
     timer = timer or StepTimer()
     callbacks: list[keras.callbacks.Callback] = [timer]
     clock = None

@@ -11,7 +11,7 @@ given on to their `shift_and_log_scale_fn`; these networks take it:
 `conditional_realnvp(event_size, context_size)` and `conditional_maf(...)` build the flows as
 `compare_flows.realnvp_2d` and `maf_2d` do (ActNorm, then couplings or MAF layers with
 permutations between them), returning `(bijector, networks)` for `NetworkOwningFlowModel`;
-the context reaches every coupling through `tfp_resflow.context.conditional_kwargs` (member
+the context reaches every coupling through `tfp_resflow.core.context.conditional_kwargs` (member
 names are unique). A context `[K]` (one for all) is broadcast to the batch of x.
 """
 

@@ -41,7 +41,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 from measure import save_figure, write_results  # noqa: E402
 
-from tfp_resflow import logdet  # noqa: E402
+from tfp_resflow.estimators import logdet  # noqa: E402
 
 tf.get_logger().setLevel("ERROR")  # a new tf.function per setting is intended
 RESULTS = Path(__file__).resolve().parent / "results" / "estimators.json"

@@ -1,6 +1,6 @@
 """Joint generative and discriminative models on the 8x8 digits: accuracy and bits/dim by lambda.
 
-One invertible network models p(x) and classifies (`tfp_resflow.hybrid.HybridFlowModel`): the
+One invertible network models p(x) and classifies (`tfp_resflow.models.hybrid.HybridFlowModel`): the
 loss is `lambda * (-log p(x)) + cross-entropy`, with lambda in {0, 1/D, 1} as in the paper
 (0: a classifier on invertible features; D = 64). Flows of similar size, each with the
 authors' head (per scale: 3x3 conv, ActNorm, ReLU, average pooling; then a dense layer):
@@ -20,7 +20,7 @@ authors' head (per scale: 3x3 conv, ActNorm, ReLU, average pooling; then a dense
 The flows are a registry (`FLOWS`: name -> builder of the flow from a seed); a variant is one
 line, and every registered flow runs at every lambda unless `--flows` picks some.
 
-Same optimizer recipe (`training.make_optimizer`), batch 64, `--epochs` passes over the 1500
+Same optimizer recipe (`train_config.make_optimizer`), batch 64, `--epochs` passes over the 1500
 training digits, three seeds; reported on the 297 test digits in evaluation mode: accuracy and
 bits/dim, mean and spread (min-max).
 
@@ -50,12 +50,15 @@ import tensorflow_probability as tfp  # noqa: E402
 from compare_flows import IDENSENET_DIGITS, CouplingCNN, LUWeights  # noqa: E402
 from measure import write_results  # noqa: E402
 
-from tfp_resflow import data, evaluation, multiscale, presets, training  # noqa: E402
-from tfp_resflow.actnorm import ActNorm, ActNormLayer  # noqa: E402
-from tfp_resflow.composite import Features, StackedBijector, Step  # noqa: E402
-from tfp_resflow.config_fields import with_fields  # noqa: E402
-from tfp_resflow.hybrid import HybridFlowModel  # noqa: E402
-from tfp_resflow.image import LogitTransform, Squeeze  # noqa: E402
+from tfp_resflow.bijectors import multiscale  # noqa: E402
+from tfp_resflow.bijectors.actnorm import ActNorm, ActNormLayer  # noqa: E402
+from tfp_resflow.bijectors.composite import Features, StackedBijector, Step  # noqa: E402
+from tfp_resflow.bijectors.image import LogitTransform, Squeeze  # noqa: E402
+from tfp_resflow.configs import presets
+from tfp_resflow.configs.config_fields import with_fields  # noqa: E402
+from tfp_resflow.data import datasets
+from tfp_resflow.models.hybrid import HybridFlowModel  # noqa: E402
+from tfp_resflow.training import evaluation, train_config
 
 tfb = tfp.bijectors
 RESULTS = Path(__file__).resolve().parent / "results" / "hybrid.json"
@@ -77,7 +80,7 @@ class CouplingStack(StackedBijector):
         alpha = presets.get_preset("digits").logit_alpha
         steps = [Step(LogitTransform(alpha), 3)]
         self._networks = []
-        h, w, c = data.DIGITS_SHAPE
+        h, w, c = datasets.DIGITS_SHAPE
         for level, count in enumerate(steps_per_level):
             steps.append(Step(Squeeze(name=f"squeeze_{level}"), 3))
             h, w, c = h // 2, w // 2, 4 * c
@@ -91,7 +94,7 @@ class CouplingStack(StackedBijector):
             parameters=parameters,
             name=name,
         )
-        self._set_shapes(data.DIGITS_SHAPE)
+        self._set_shapes(datasets.DIGITS_SHAPE)
         self._track_keras_variables()
 
     def _step(self, shape, hidden_channels, seed, name) -> list[Step]:
@@ -124,7 +127,7 @@ FlowBuilder = Callable[[int], StackedBijector]
 def digits_resflow(**fields: object) -> FlowBuilder:
     """The `digits` preset image flow with `fields` changed (`config_fields.with_fields`)."""
     config = with_fields(presets.get_preset("digits"), **fields)
-    return lambda seed: multiscale.image_flow(data.DIGITS_SHAPE, config)
+    return lambda seed: multiscale.image_flow(datasets.DIGITS_SHAPE, config)
 
 
 FLOWS: dict[str, FlowBuilder] = {
@@ -144,30 +147,30 @@ FLOWS: dict[str, FlowBuilder] = {
 
 def build(flow_name: str, nll_weight: str, seed: int) -> HybridFlowModel:
     keras.utils.set_random_seed(seed)
-    shape = data.DIGITS_SHAPE
+    shape = datasets.DIGITS_SHAPE
     flow = FLOWS[flow_name](seed)
     weight = "1/D" if nll_weight == "1/D" else float(nll_weight)
     return HybridFlowModel(
         flow,
         shape,
-        num_classes=data.DIGITS_NUM_CLASSES,
+        num_classes=datasets.DIGITS_NUM_CLASSES,
         nll_weight=weight,
         head_channels=HEAD_CHANNELS,
         loss_unit="bits_per_dim",
-        num_levels=data.DIGITS_NUM_LEVELS,
+        num_levels=datasets.DIGITS_NUM_LEVELS,
     )
 
 
 def run_one(flow_name: str, nll_weight: str, seed: int, args: argparse.Namespace) -> dict:
     model = build(flow_name, nll_weight, seed)
     common = {"seed": seed, "labels": True}
-    train, shape, _ = data.load_dataset("digits", "train", batch_size=64, **common)
-    test, _, _ = data.load_dataset("digits", "test", batch_size=200, training=False, **common)
-    steps = args.steps or data.num_examples("digits", "train") // 64
-    config = training.TrainConfig(epochs=args.epochs, seed=seed)
+    train, shape, _ = datasets.load_dataset("digits", "train", batch_size=64, **common)
+    test, _, _ = datasets.load_dataset("digits", "test", batch_size=200, training=False, **common)
+    steps = args.steps or datasets.num_examples("digits", "train") // 64
+    config = train_config.TrainConfig(epochs=args.epochs, seed=seed)
     model.build((None, *shape))
-    model.initialize(next(iter(data.load_dataset("digits", batch_size=64, seed=seed)[0])))
-    model.compile(optimizer=training.make_optimizer(config, args.epochs * steps))
+    model.initialize(next(iter(datasets.load_dataset("digits", batch_size=64, seed=seed)[0])))
+    model.compile(optimizer=train_config.make_optimizer(config, args.epochs * steps))
     start = time.perf_counter()
     model.fit(train, epochs=args.epochs, steps_per_epoch=steps, verbose=0)
     seconds = time.perf_counter() - start

@@ -89,13 +89,15 @@ from compare_flows import (  # noqa: E402
 )
 from measure import write_results  # noqa: E402
 
-from tfp_resflow import data, multiscale, presets  # noqa: E402
-from tfp_resflow.activation import LipSwish  # noqa: E402
-from tfp_resflow.config_fields import to_dict, with_fields  # noqa: E402
-from tfp_resflow.flow import ResidualFlowBijector  # noqa: E402
-from tfp_resflow.lipschitz import SpectralConv2D, SpectralDense, update_lipschitz  # noqa: E402
-from tfp_resflow.model import FlowModel  # noqa: E402
-from tfp_resflow.spectral_layer import SpectralLayer  # noqa: E402
+from tfp_resflow.bijectors import multiscale  # noqa: E402
+from tfp_resflow.bijectors.flow import ResidualFlowBijector  # noqa: E402
+from tfp_resflow.configs import presets
+from tfp_resflow.configs.config_fields import to_dict, with_fields  # noqa: E402
+from tfp_resflow.data import datasets
+from tfp_resflow.layers.activation import LipSwish  # noqa: E402
+from tfp_resflow.layers.lipschitz import SpectralConv2D, SpectralDense, update_lipschitz  # noqa: E402
+from tfp_resflow.layers.spectral_layer import SpectralLayer  # noqa: E402
+from tfp_resflow.models.model import FlowModel  # noqa: E402
 
 tf.get_logger().setLevel("ERROR")
 RESULTS = Path(__file__).resolve().parent / "results" / "lipschitz_budget.json"
@@ -135,10 +137,10 @@ def build(kind: str, activation: str) -> FlowModel:
         model = FlowModel(ResidualFlowBijector(config), event_shape=[2])
     else:
         model = FlowModel(
-            multiscale.image_flow(data.DIGITS_SHAPE, config),
-            data.DIGITS_SHAPE,
+            multiscale.image_flow(datasets.DIGITS_SHAPE, config),
+            datasets.DIGITS_SHAPE,
             loss_unit="bits_per_dim",
-            num_levels=data.DIGITS_NUM_LEVELS,
+            num_levels=datasets.DIGITS_NUM_LEVELS,
         )
     model.build((None, *model.event_shape))
     return model
@@ -655,7 +657,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny settings (< 60 s)")
     parser.add_argument("--datasets", nargs="+", choices=KINDS, help="default: both (quick: toy)")
-    parser.add_argument("--toy-dataset", choices=data.TOY_DATASETS, default="checkerboard")
+    parser.add_argument("--toy-dataset", choices=datasets.TOY_DATASETS, default="checkerboard")
     parser.add_argument(
         "--seeds",
         type=int,

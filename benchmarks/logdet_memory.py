@@ -65,7 +65,7 @@ def measure_configuration(network: str, method: str, num_terms: int) -> dict:
     import keras
     import tensorflow as tf
 
-    from tfp_resflow import logdet
+    from tfp_resflow.estimators import logdet
 
     keras.utils.set_random_seed(0)
     g, x = _network(network)

@@ -48,12 +48,13 @@ import tensorflow as tf  # noqa: E402
 import tensorflow_probability as tfp  # noqa: E402
 from measure import write_results  # noqa: E402
 
-from tfp_resflow import block_functions, multiscale, presets  # noqa: E402
-from tfp_resflow.bijector import ResidualBlock  # noqa: E402
-from tfp_resflow.config_fields import with_fields  # noqa: E402
-from tfp_resflow.model import SAMPLE_SEED_SALT, FlowModel  # noqa: E402
-from tfp_resflow.modes import training_mode  # noqa: E402
-from tfp_resflow.solver import SOLVER_NAMES  # noqa: E402
+from tfp_resflow.bijectors import block_functions, multiscale  # noqa: E402
+from tfp_resflow.bijectors.residual_block import ResidualBlock  # noqa: E402
+from tfp_resflow.configs import presets
+from tfp_resflow.configs.config_fields import with_fields  # noqa: E402
+from tfp_resflow.core.modes import training_mode  # noqa: E402
+from tfp_resflow.models.model import SAMPLE_SEED_SALT, FlowModel  # noqa: E402
+from tfp_resflow.solvers.solver import SOLVER_NAMES  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results" / "solver.json"

@@ -98,9 +98,10 @@ def _model_and_data(name: str):  # noqa: ANN202
 
     import numpy as np
 
-    from tfp_resflow import multiscale, presets
-    from tfp_resflow.flow import ResidualFlowBijector
-    from tfp_resflow.model import FlowModel
+    from tfp_resflow.bijectors import multiscale
+    from tfp_resflow.bijectors.flow import ResidualFlowBijector
+    from tfp_resflow.configs import presets
+    from tfp_resflow.models.model import FlowModel
 
     rng = np.random.default_rng(0)
     estimate = "gram" if name.endswith(GRAM) else "power"
@@ -148,7 +149,7 @@ def _distribution_loop_step(model):  # noqa: ANN202
 
     import tensorflow as tf
 
-    from tfp_resflow import bits
+    from tfp_resflow.models import bits
 
     variables = model.trainable_variables
     model.optimizer.build(variables)
@@ -203,7 +204,7 @@ def measure_configuration(options: dict) -> dict:
     import keras
     import numpy as np
 
-    from tfp_resflow import training
+    from tfp_resflow.training import train_config
 
     import_seconds = time.perf_counter() - start
     keras.utils.set_random_seed(0)
@@ -211,8 +212,8 @@ def measure_configuration(options: dict) -> dict:
     name = options["name"]
     td_loop = name.endswith(TD_LOOP)
     model, batch = _model_and_data(name.removesuffix(TD_LOOP))
-    train_config = training.TrainConfig()
-    model.compile(optimizer=training.make_optimizer(train_config, total_steps=10**5))
+    train_config = train_config.TrainConfig()
+    model.compile(optimizer=train_config.make_optimizer(train_config, total_steps=10**5))
     model.initialize(batch())
     build_seconds = time.perf_counter() - start
     rss_before_first_step = current_rss_mb()

@@ -1,4 +1,4 @@
-"""Helpers shared by the data-pipeline tests (`test_data.py`, `test_tfds_images.py`)."""
+"""Helpers shared by the data-pipeline tests (`tests/data/`)."""
 
 import numpy as np
 

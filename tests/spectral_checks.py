@@ -4,8 +4,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from tfp_resflow.lipschitz import SpectralConv2D, SpectralDense
-from tfp_resflow.norm_order import NormOrder
+from tfp_resflow.layers.lipschitz import SpectralConv2D, SpectralDense
+from tfp_resflow.layers.norm_order import NormOrder
 
 # Tight tolerance for "after convergence": far below the 1% the issue asks for.
 CONVERGE = dict(atol=1e-7, rtol=1e-7, max_iterations=3000)

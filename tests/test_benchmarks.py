@@ -441,7 +441,7 @@ def test_conditional_quick_time_budget(tmp_path):
 
 
 def test_c2st_tells_apart_only_different_samples(conditional):
-    from tfp_resflow import conditional_data
+    from tfp_resflow.data import conditional_data
 
     _, x_o = conditional.observations(1)
     posterior = conditional_data.grid_posterior(x_o[0], resolution=400)
@@ -551,9 +551,9 @@ def test_certification_measures_every_layer_of_a_model():
     import certification
     import keras
 
-    from tfp_resflow import multiscale
-    from tfp_resflow.config import ImageFlowConfig
-    from tfp_resflow.model import FlowModel
+    from tfp_resflow.bijectors import multiscale
+    from tfp_resflow.configs.flow_configs import ImageFlowConfig
+    from tfp_resflow.models.model import FlowModel
 
     keras.utils.set_random_seed(0)
     config = ImageFlowConfig(blocks_per_scale=(2,), hidden_channels=8, fc_end_blocks=1)

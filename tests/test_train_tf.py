@@ -19,9 +19,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import train_tf  # noqa: E402
-from tfp_resflow import evaluation, lipschitz, training  # noqa: E402
-from tfp_resflow.hybrid import HybridFlowModel  # noqa: E402
-from tfp_resflow.norm_order import NormOrder  # noqa: E402
+from tfp_resflow.layers import lipschitz  # noqa: E402
+from tfp_resflow.layers.norm_order import NormOrder  # noqa: E402
+from tfp_resflow.models.hybrid import HybridFlowModel  # noqa: E402
+from tfp_resflow.training import evaluation, train_config  # noqa: E402
 
 # A toy run small enough to trace and train in seconds.
 TINY_TOY = [
@@ -121,11 +122,11 @@ def _learnable_layers(model):
 )
 def test_learnable_norm_orders_flag_reaches_every_layer(args, event_shape, num_levels):
     config, _ = train_tf.parse_args(args)
-    assert training.model_config(config).learnable_norm_orders is False
-    assert not any(_learnable_layers(training.build_model(config, event_shape, num_levels)))
+    assert train_config.model_config(config).learnable_norm_orders is False
+    assert not any(_learnable_layers(train_config.build_model(config, event_shape, num_levels)))
     config, _ = train_tf.parse_args([*args, "--model", "learnable_norm_orders=true"])
-    assert training.model_config(config).learnable_norm_orders is True
-    learnable = _learnable_layers(training.build_model(config, event_shape, num_levels))
+    assert train_config.model_config(config).learnable_norm_orders is True
+    learnable = _learnable_layers(train_config.build_model(config, event_shape, num_levels))
     assert learnable
     assert all(learnable)
 
@@ -171,7 +172,7 @@ def test_bad_flags_exit_nonzero_with_one_line(args, message, capsys):
 )
 def test_task_flag_builds_the_model(task, nll_weight, expected):
     config, _ = train_tf.parse_args(["--task", task, "--nll-weight", nll_weight])
-    model = training.build_model(config, (8, 8, 1), 17)
+    model = train_config.build_model(config, (8, 8, 1), 17)
     assert isinstance(model, HybridFlowModel) == (expected is not None)
     if expected is not None:
         assert model.num_classes == 10
@@ -217,7 +218,7 @@ def test_a_hybrid_run_reports_test_accuracy(tmp_path):
 )
 def test_model_flag_sets_any_model_config_field(args, expected):
     config, _ = train_tf.parse_args(args)
-    model = training.model_config(config)
+    model = train_config.model_config(config)
     for name, value in expected.items():
         holder = model if hasattr(model, name) else model.block
         assert getattr(holder, name) == value
@@ -329,14 +330,14 @@ def weights_checksum_of_backup(run_dir, config_args):
     As Keras' `BackupAndRestore(double_checkpoint=True)`: if the kill interrupted the writing
     of `latest.weights.h5`, the previous backup (`*.bkp`, weights and metadata) is used.
     """
-    from tfp_resflow import data
+    from tfp_resflow.data import datasets
 
     config, _ = train_tf.parse_args([*config_args])
-    train, event_shape, num_levels = data.load_dataset(
+    train, event_shape, num_levels = datasets.load_dataset(
         config.dataset, "train", batch_size=config.batch_size, seed=config.seed
     )
     init_batch = next(iter(train))
-    model = training.compiled_model(config, tuple(event_shape), num_levels, init_batch, 100)
+    model = train_config.compiled_model(config, tuple(event_shape), num_levels, init_batch, 100)
     backup = Path(run_dir) / "backup"
     suffix = ""
     try:

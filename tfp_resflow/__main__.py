@@ -13,7 +13,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from tfp_resflow import logdet  # noqa: E402
+from tfp_resflow.estimators import logdet  # noqa: E402
 
 NUM_DRAWS = 1000
 
