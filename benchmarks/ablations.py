@@ -36,7 +36,8 @@ terms (the only part where the roulette and the truncated series differ), which 
 an estimator ablation can matter at all at this budget.
 
     python benchmarks/ablations.py --jobs 2        # full: 7-10 minutes on 2 CPU cores
-    python benchmarks/ablations.py --quick         # tiny settings (digits: the default only)
+    python benchmarks/ablations.py --quick         # tiny settings, small models (digits: the
+                                                   # default only)
     python benchmarks/ablations.py --datasets toy --seeds 1 --toy-steps 100
     python benchmarks/ablations.py --variants default gram --output ablations_gram.json
 
@@ -103,16 +104,22 @@ VARIANTS = {
 
 
 # Quick mode trains one digits variant (a digits model's first step traces for 10-20 s); the
-# toy runs every variant.
+# toy runs every variant. Its models are small (it checks that every variant trains and is
+# measured, not what the ablation says): 1 toy block instead of 8, and one digits block per
+# scale and no fully connected one instead of 4, 4 and 2; each variant's field on top.
 QUICK_DIGITS_VARIANTS = ("default",)
+QUICK_FIELDS = {
+    "toy": {"num_blocks": 1},
+    "digits": {"blocks_per_scale": (1, 1), "fc_end_blocks": 0},
+}
 
 
 def base_config(kind: str):
     return presets.TOY if kind == "toy" else presets.get_preset("digits")
 
 
-def build(kind: str, fields: dict) -> FlowModel:
-    config = with_fields(base_config(kind), **fields)
+def build(kind: str, fields: dict, *, small: bool = False) -> FlowModel:
+    config = with_fields(base_config(kind), **{**(QUICK_FIELDS[kind] if small else {}), **fields})
     if kind == "toy":
         return FlowModel(ResidualFlowBijector(config), event_shape=[2])
     shape = datasets.DIGITS_SHAPE
@@ -207,7 +214,7 @@ def run_kind(kind: str, args: argparse.Namespace) -> list[dict]:
             continue
         for seed in range(args.seeds):
             keras.utils.set_random_seed(seed)
-            model = build(kind, fields)
+            model = build(kind, fields, small=args.quick)
             row = {"kind": kind, "dataset": dataset, "variant": variant, "fields": fields}
             row["seed"] = seed
             row.update(train_and_evaluate(model, dataset, budget, seed))
@@ -346,6 +353,7 @@ def main(argv: list[str] | None = None) -> None:
             "variants": args.variants,
             "budgets": {k: dataclasses.asdict(v) for k, v in budgets(args).items()},
             "default_configs": defaults,
+            **({"quick_fields": QUICK_FIELDS} if args.quick else {}),
         },
         load_average_before=load_before,
         load_average_after=load_average(),

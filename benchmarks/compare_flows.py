@@ -61,7 +61,8 @@ parameters are raw `tf.Variable`s created inside TFP, which Keras 3 neither trac
 subclass that owns them (`NetworkOwningFlowModel`); without it `fit` would train nothing.
 
     python benchmarks/compare_flows.py            # equal steps: about 7 minutes on 2 CPU cores
-    python benchmarks/compare_flows.py --quick    # both budgets, tiny settings (3 s budgets)
+    python benchmarks/compare_flows.py --quick    # both budgets, tiny settings (3 s budgets,
+                                                  # small models: QUICK_TOY_LAYERS, ...)
     python benchmarks/compare_flows.py --long     # equal seconds for the README: 180 s per toy
                                                   # model and seed, 360 s per digits model
                                                   # (every registered model: about 4 hours)
@@ -373,8 +374,18 @@ def glow_digits(steps_per_level: tuple = (4, 4), hidden_channels: int = 32, seed
 # ------------------------------------------------------------------------------------------------
 # The model registries: name -> builder (seed -> an unbuilt FlowModel). A variant is one line.
 
-FlowBuilder = Callable[[int], FlowModel]
+FlowBuilder = Callable[..., FlowModel]  # (seed, small=False) -> an unbuilt FlowModel
 DIGITS_LOSS = {"loss_unit": "bits_per_dim", "num_levels": datasets.DIGITS_NUM_LEVELS}
+
+# --quick builds every model small (`small=True`): it checks that each one trains, is scored and
+# samples, not how well. Each model shrinks alike, so the baselines stay within
+# PARAMETER_TOLERANCE of the reference (checked by the quick run; the full sizes by
+# tests/test_benchmarks.py): toy flows of 1 block, coupling or MAF layer instead of 8; the
+# residual digits flow with 2 blocks at 8x8x1, 1 at 4x4x4 and 1 fully connected one (19,359
+# parameters; 4, 4 and 2 in full) against a Glow of 1 step at 4x4x4 and 2 at 2x2x16 (19,452).
+QUICK_TOY_LAYERS = 1
+QUICK_DIGITS_FIELDS = {"blocks_per_scale": (2, 1), "fc_end_blocks": 1}
+QUICK_GLOW_STEPS = (1, 2)
 
 
 # The i-DenseNet variants (`network="dense"`, CLipSwish), sized like the reference model: toy
@@ -393,22 +404,28 @@ IDENSENET_DIGITS = {
 def toy_resflow(**fields: object) -> FlowBuilder:
     """`ResidualFlowBijector(presets.TOY)` with `fields` changed (`config_fields.with_fields`)."""
     config = with_fields(presets.TOY, **fields)
-    return lambda seed: FlowModel(ResidualFlowBijector(config), event_shape=[2])
+    quick_config = with_fields(config, num_blocks=QUICK_TOY_LAYERS)
+    return lambda seed, small=False: FlowModel(
+        ResidualFlowBijector(quick_config if small else config), event_shape=[2]
+    )
 
 
 def digits_resflow(**fields: object) -> FlowBuilder:
     """The `digits` preset image flow with `fields` changed (`config_fields.with_fields`)."""
     config = with_fields(presets.get_preset("digits"), **fields)
-    return lambda seed: FlowModel(
-        multiscale.image_flow(datasets.DIGITS_SHAPE, config), datasets.DIGITS_SHAPE, **DIGITS_LOSS
+    quick_config = with_fields(config, **QUICK_DIGITS_FIELDS)
+    return lambda seed, small=False: FlowModel(
+        multiscale.image_flow(datasets.DIGITS_SHAPE, quick_config if small else config),
+        datasets.DIGITS_SHAPE,
+        **DIGITS_LOSS,
     )
 
 
-def network_owning(flow: Callable[[int], tuple], event_shape, **kwargs: object) -> FlowBuilder:
-    """A TFP flow `flow(seed) -> (bijector, networks)` in a `NetworkOwningFlowModel`."""
+def network_owning(flow: Callable[..., tuple], event_shape, **kwargs: object) -> FlowBuilder:
+    """A TFP flow `flow(seed, small) -> (bijector, networks)` in a `NetworkOwningFlowModel`."""
 
-    def build(seed: int) -> FlowModel:
-        bijector, networks = flow(seed)
+    def build(seed: int, *, small: bool = False) -> FlowModel:
+        bijector, networks = flow(seed, small=small)
         return NetworkOwningFlowModel(bijector, event_shape, networks=networks, **kwargs)
 
     return build
@@ -421,8 +438,10 @@ TOY_FLOWS: dict[str, FlowBuilder] = {
     "resflow-clipswish": toy_resflow(activation="clipswish", hidden_units=(45, 45)),
     "resflow-elu": toy_resflow(activation="elu", hidden_units=(64, 64)),
     "idensenet": toy_resflow(**IDENSENET_TOY),
-    "realnvp": network_owning(lambda seed: realnvp_2d(), [2]),
-    "maf": network_owning(lambda seed: maf_2d(), [2]),
+    "realnvp": network_owning(
+        lambda seed, small: realnvp_2d(QUICK_TOY_LAYERS) if small else realnvp_2d(), [2]
+    ),
+    "maf": network_owning(lambda seed, small: maf_2d(QUICK_TOY_LAYERS) if small else maf_2d(), [2]),
 }
 DIGITS_FLOWS: dict[str, FlowBuilder] = {
     "resflow-lipswish": digits_resflow(activation="lipswish"),
@@ -433,7 +452,11 @@ DIGITS_FLOWS: dict[str, FlowBuilder] = {
     "resflow-elu": digits_resflow(activation="elu"),
     "idensenet": digits_resflow(**IDENSENET_DIGITS),
     "glow": network_owning(
-        lambda seed: glow_digits(seed=seed), datasets.DIGITS_SHAPE, **DIGITS_LOSS
+        lambda seed, small: (
+            glow_digits(QUICK_GLOW_STEPS, seed=seed) if small else glow_digits(seed=seed)
+        ),
+        datasets.DIGITS_SHAPE,
+        **DIGITS_LOSS,
     ),
 }
 
@@ -462,9 +485,9 @@ def models_for(dataset: str, names: Iterable[str]) -> list[str]:
     return [name for name in flows_for(dataset) if name in wanted]
 
 
-def build_model(dataset: str, model_name: str, seed: int) -> FlowModel:
-    """The FlowModel of one (data set, model) pair."""
-    return flows_for(dataset)[canonical(model_name)](seed)
+def build_model(dataset: str, model_name: str, seed: int, *, small: bool = False) -> FlowModel:
+    """The FlowModel of one (data set, model) pair (`small`: its --quick size)."""
+    return flows_for(dataset)[canonical(model_name)](seed, small=small)
 
 
 def parameter_counts(model: FlowModel) -> tuple[int, int]:
@@ -649,7 +672,9 @@ def calibrated_clock(
     return seconds
 
 
-def calibrate(dataset: str, names: Iterable[str], budget: Budget, steps: int) -> dict:
+def calibrate(
+    dataset: str, names: Iterable[str], budget: Budget, steps: int, *, small: bool = False
+) -> dict:
     """Each model's first-step and median later-step wall time, `{model: {...}}`.
 
     Run on an idle machine: these are the speeds a `--clock calibrated` comparison charges.
@@ -658,7 +683,8 @@ def calibrate(dataset: str, names: Iterable[str], budget: Budget, steps: int) ->
 
     def run(name: str, timer: StepTimer) -> None:
         keras.utils.set_random_seed(0)
-        train_and_evaluate(build_model(dataset, name, 0), dataset, budget, 0, timer=timer)
+        model = build_model(dataset, name, 0, small=small)
+        train_and_evaluate(model, dataset, budget, 0, timer=timer)
 
     return time_steps(dataset, names, run)
 
@@ -836,9 +862,17 @@ def train_and_evaluate(
     return row
 
 
-def run_one(dataset: str, model_name: str, seed: int, budget: Budget, save_path=None) -> dict:
+def run_one(
+    dataset: str,
+    model_name: str,
+    seed: int,
+    budget: Budget,
+    save_path=None,
+    *,
+    small: bool = False,
+) -> dict:
     keras.utils.set_random_seed(seed)
-    model = build_model(dataset, model_name, seed)
+    model = build_model(dataset, model_name, seed, small=small)
     row = {"dataset": dataset, "model": canonical(model_name), "seed": seed}
     row["learning_rate"] = budget.learning_rate
     row.update(train_and_evaluate(model, dataset, budget, seed, save_path=save_path))
@@ -851,6 +885,8 @@ def tune_learning_rates(
     budget: Budget,
     grid: Sequence[float],
     max_extensions: int = MAX_GRID_EXTENSIONS,
+    *,
+    small: bool = False,
 ) -> tuple[dict[str, float], list[dict]]:
     """Each model's learning rate: the grid value with the lowest late training loss.
 
@@ -869,7 +905,7 @@ def tune_learning_rates(
 
     def score(name: str, rate: float) -> float:
         keras.utils.set_random_seed(TUNING_SEED)
-        model = build_model(dataset, name, TUNING_SEED)
+        model = build_model(dataset, name, TUNING_SEED, small=small)
         timer = StepTimer()
         tuned = dataclasses.replace(budget, learning_rate=rate)
         row = train_and_evaluate(model, dataset, tuned, TUNING_SEED, timer=timer)
@@ -1153,7 +1189,7 @@ def _calibrate_only(
         names = models_for(
             dataset, args.models or (QUICK_TIME_MODELS if quick else flows_for(dataset))
         )
-        speeds = calibrate(dataset, names, budget, steps)
+        speeds = calibrate(dataset, names, budget, steps, small=quick)
         timing[dataset] = {canonical(name): speed for name, speed in speeds.items()}
     output = args.output or RESULTS.with_name("compare_flows_calibration.json")
     write_results(
@@ -1381,7 +1417,7 @@ def main(argv: list[str] | None = None) -> None:
                 parser.error(f"{args.learning_rates_from} has no rate for {missing} on {dataset}")
             rates = {n: earlier[dataset][canonical(n)] for n in names}
         elif len(grid) > 1:
-            rates, tuned = tune_learning_rates(dataset, names, step_budget, grid)
+            rates, tuned = tune_learning_rates(dataset, names, step_budget, grid, small=quick)
             tuning_rows.extend(tuned)
         else:
             rates = dict.fromkeys(names, grid[0])
@@ -1393,7 +1429,7 @@ def main(argv: list[str] | None = None) -> None:
                     save = None
                     if dataset == "digits" and model_name == REFERENCE_MODEL and seed == 0:
                         save = args.save_digits_model
-                    rows.append(run_one(dataset, model_name, seed, budget, save))
+                    rows.append(run_one(dataset, model_name, seed, budget, save, small=quick))
                     _report(rows[-1])
         if budgets in ("seconds", "both"):
             timed_budget = digits_timed if dataset == "digits" else toy_timed
@@ -1406,7 +1442,7 @@ def main(argv: list[str] | None = None) -> None:
                     speeds = (speed["first_step_seconds"], speed["step_seconds"])
                     budget = dataclasses.replace(budget, calibrated=speeds)
                 for seed in seeds:
-                    time_rows.append(run_one(dataset, model_name, seed, budget))
+                    time_rows.append(run_one(dataset, model_name, seed, budget, small=quick))
                     _report(time_rows[-1])
     results: dict = {}
     if rows:
@@ -1448,6 +1484,17 @@ def main(argv: list[str] | None = None) -> None:
             "time_budget": f"training time ({args.clock} clock) from the start of fit (tracing "
             "and the first step included), checkpoint evaluations excluded; fit stops at the "
             "end of the step that reaches it",
+            **(
+                {
+                    "quick_sizes": {
+                        "toy_layers": QUICK_TOY_LAYERS,
+                        "digits_fields": QUICK_DIGITS_FIELDS,
+                        "glow_steps": QUICK_GLOW_STEPS,
+                    }
+                }
+                if quick
+                else {}
+            ),
         },
         load_average_before=load_before,
         load_average_after=load_average(),

@@ -134,6 +134,7 @@ class Sizes:
     c2st_steps: int = 1000  # the classifier's full-batch Adam steps
     grid_resolution: int = 1000
     evidence_draws: int = 4096
+    small_models: bool = False  # `QUICK_LAYERS` and `QUICK_DIGITS_FIELDS` (models' plumbing)
 
 
 QUICK_SIZES = Sizes(
@@ -143,41 +144,55 @@ QUICK_SIZES = Sizes(
     test_simulations=500,
     observations=1,
     c2st_samples=200,
-    c2st_steps=200,
+    c2st_steps=100,
     grid_resolution=400,
     evidence_draws=1024,
+    small_models=True,
 )
 # Equal-steps budgets (steps, batch size) and equal-time budgets (seconds) per task.
 STEPS = {"rotated": (400, 256), "two_moons": (1000, 256), "digits": (115, 64)}
-QUICK_STEPS = {"rotated": 10, "two_moons": 10, "digits": 3}
+QUICK_STEPS = {"rotated": 5, "two_moons": 5, "digits": 2}
 SECONDS = {"rotated": 30.0, "two_moons": 60.0, "digits": 60.0}
-QUICK_SECONDS = 3.0
+QUICK_SECONDS = 1.0
+# --quick builds every model small: it checks that each one trains and is scored, not how well.
+# The 2-D flows get 1 block or layer instead of 8 (each one's parameter count scales with its
+# layers, so the baselines stay within 10% of the residual flow), the digits flows one block
+# per scale and no fully connected one instead of 4, 4 and 2.
+QUICK_LAYERS = 1
+QUICK_DIGITS_FIELDS = {"blocks_per_scale": (1, 1), "fc_end_blocks": 0}
 
 
 # ------------------------------------------------------------------------------------------------
 # Models.
 
-ModelBuilder = Callable[[], FlowModel]
+ModelBuilder = Callable[..., FlowModel]  # (small=False) -> an unbuilt model
 DIGITS_LOSS = {"loss_unit": "bits_per_dim", "num_levels": datasets.DIGITS_NUM_LEVELS}
 
 
-def vector_resflow(context_size: int) -> FlowModel:
+def vector_resflow(context_size: int, *, small: bool = False) -> FlowModel:
     """The conditional residual flow for 2-D events: `presets.TOY` (8 blocks of CLipSwish g
-    2-45-45-2) with a context network per block."""
+    2-45-45-2) with a context network per block (`small`: `QUICK_LAYERS` blocks)."""
     config = with_fields(presets.TOY, context_size=context_size)
+    if small:
+        config = with_fields(config, num_blocks=QUICK_LAYERS)
     return FlowModel(ResidualFlowBijector(config), event_shape=[2], context_shape=[context_size])
 
 
-def vector_baseline(flow: Callable, context_size: int) -> FlowModel:
-    """A conditional TFP flow (`conditional_baselines`) that owns its networks."""
-    bijector, networks = flow(2, context_size, hidden_units=BASELINE_HIDDEN_UNITS)
+def vector_baseline(flow: Callable, context_size: int, *, small: bool = False) -> FlowModel:
+    """A conditional TFP flow (`conditional_baselines`) that owns its networks (`small`:
+    `QUICK_LAYERS` layers)."""
+    layers = {"num_layers": QUICK_LAYERS} if small else {}
+    bijector, networks = flow(2, context_size, hidden_units=BASELINE_HIDDEN_UNITS, **layers)
     return NetworkOwningFlowModel(bijector, [2], networks=networks, context_shape=[context_size])
 
 
-def digits_resflow(*, conditional: bool) -> FlowModel:
-    """The `digits` preset image flow, class-conditional (one-hot, 10) or not."""
+def digits_resflow(*, conditional: bool, small: bool = False) -> FlowModel:
+    """The `digits` preset image flow, class-conditional (one-hot, 10) or not (`small`: with
+    `QUICK_DIGITS_FIELDS`)."""
     classes = datasets.DIGITS_NUM_CLASSES
     config = presets.get_preset("digits")
+    if small:
+        config = with_fields(config, **QUICK_DIGITS_FIELDS)
     if conditional:
         config = with_fields(config, context_size=classes)
     flow = multiscale.image_flow(datasets.DIGITS_SHAPE, config)
@@ -186,16 +201,16 @@ def digits_resflow(*, conditional: bool) -> FlowModel:
 
 
 VECTOR_MODELS: dict[str, ModelBuilder] = {
-    "resflow": lambda: vector_resflow(2),
-    "maf": lambda: vector_baseline(conditional_maf, 2),
-    "realnvp": lambda: vector_baseline(conditional_realnvp, 2),
+    "resflow": lambda small=False: vector_resflow(2, small=small),
+    "maf": lambda small=False: vector_baseline(conditional_maf, 2, small=small),
+    "realnvp": lambda small=False: vector_baseline(conditional_realnvp, 2, small=small),
 }
 MODELS: dict[str, dict[str, ModelBuilder]] = {
     "rotated": VECTOR_MODELS,
     "two_moons": VECTOR_MODELS,
     "digits": {
-        "resflow": lambda: digits_resflow(conditional=True),
-        "resflow-unconditional": lambda: digits_resflow(conditional=False),
+        "resflow": lambda small=False: digits_resflow(conditional=True, small=small),
+        "resflow-unconditional": lambda small=False: digits_resflow(conditional=False, small=small),
     },
 }
 MODEL_NAMES = tuple(dict.fromkeys(name for models in MODELS.values() for name in models))
@@ -382,7 +397,7 @@ def train_and_score(
 ) -> dict:
     """Trains one model by the recipe for `budget` (steps, or seconds); scores it."""
     keras.utils.set_random_seed(seed)
-    model = MODELS[task][model_name]()
+    model = MODELS[task][model_name](small=sizes.small_models)
     task_set = task_data(task, model_name, sizes, budget.batch_size, seed)
     model.build(model.input_shape_for_build())
     x0, c0 = task_set.first_batch

@@ -26,7 +26,8 @@ bits/dim, mean and spread (min-max).
 
     python benchmarks/hybrid.py                  # every flow x 3 lambdas x 3 seeds
     python benchmarks/hybrid.py --quick          # 1 epoch of 2 steps, 1 seed (CI): every flow
-                                                 # at 1/D, the first flow at every lambda
+                                                 # at 1/D, the first flow at every lambda, each
+                                                 # flow small (`QUICK_FIELDS`, `QUICK_STEPS`)
 
 Prints a markdown table and writes `benchmarks/results/hybrid.json` (or `--output`).
 """
@@ -119,21 +120,32 @@ class CouplingStack(StackedBijector):
         return [*super().keras_layers, *getattr(self, "_networks", [])]
 
 
-# The flows by name: seed -> a StackedBijector whose features the head reads. A variant is one
-# line.
-FlowBuilder = Callable[[int], StackedBijector]
+# --quick builds every flow small (it checks that each one trains and is scored, not how well):
+# the residual flows with one block per scale and no fully connected one instead of 4, 4 and
+# 2, the coupling flow with one step per level instead of 4.
+QUICK_FIELDS = {"blocks_per_scale": (1, 1), "fc_end_blocks": 0}
+QUICK_STEPS = (1, 1)
+
+# The flows by name: (seed, small=False) -> a StackedBijector whose features the head reads. A
+# variant is one line.
+FlowBuilder = Callable[..., StackedBijector]
 
 
 def digits_resflow(**fields: object) -> FlowBuilder:
     """The `digits` preset image flow with `fields` changed (`config_fields.with_fields`)."""
     config = with_fields(presets.get_preset("digits"), **fields)
-    return lambda seed: multiscale.image_flow(datasets.DIGITS_SHAPE, config)
+    quick_config = with_fields(config, **QUICK_FIELDS)
+    return lambda seed, small=False: multiscale.image_flow(
+        datasets.DIGITS_SHAPE, quick_config if small else config
+    )
 
 
 FLOWS: dict[str, FlowBuilder] = {
     "resflow": digits_resflow(),
     "idensenet": digits_resflow(**IDENSENET_DIGITS),  # sized like resflow (compare_flows)
-    "coupling": lambda seed: CouplingStack(seed=seed),
+    "coupling": lambda seed, small=False: (
+        CouplingStack(QUICK_STEPS, seed=seed) if small else CouplingStack(seed=seed)
+    ),
     # The coupling flow's head reads 4x4x4 and 2x2x16 features: the residual flow on the
     # same scales (squeezed once before its first scale).
     "resflow-squeeze-first": digits_resflow(squeeze_first=True),
@@ -145,10 +157,10 @@ FLOWS: dict[str, FlowBuilder] = {
 }
 
 
-def build(flow_name: str, nll_weight: str, seed: int) -> HybridFlowModel:
+def build(flow_name: str, nll_weight: str, seed: int, *, small: bool = False) -> HybridFlowModel:
     keras.utils.set_random_seed(seed)
     shape = datasets.DIGITS_SHAPE
-    flow = FLOWS[flow_name](seed)
+    flow = FLOWS[flow_name](seed, small=small)
     weight = "1/D" if nll_weight == "1/D" else float(nll_weight)
     return HybridFlowModel(
         flow,
@@ -162,10 +174,14 @@ def build(flow_name: str, nll_weight: str, seed: int) -> HybridFlowModel:
 
 
 def run_one(flow_name: str, nll_weight: str, seed: int, args: argparse.Namespace) -> dict:
-    model = build(flow_name, nll_weight, seed)
+    model = build(flow_name, nll_weight, seed, small=args.quick)
     common = {"seed": seed, "labels": True}
     train, shape, _ = datasets.load_dataset("digits", "train", batch_size=64, **common)
-    test, _, _ = datasets.load_dataset("digits", "test", batch_size=200, training=False, **common)
+    # --quick: the 297 test digits in one batch, so evaluation traces once (not for 200 and 97).
+    test_batch = 300 if args.quick else 200
+    test, _, _ = datasets.load_dataset(
+        "digits", "test", batch_size=test_batch, training=False, **common
+    )
     steps = args.steps or datasets.num_examples("digits", "train") // 64
     config = train_config.TrainConfig(epochs=args.epochs, seed=seed)
     model.build((None, *shape))
@@ -224,7 +240,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--quick",
         action="store_true",
-        help="1 epoch of 2 steps, seed 0; every flow at 1/D and the first flow at every lambda",
+        help="1 epoch of 2 steps, seed 0, small flows; every flow at 1/D and the first flow at "
+        "every lambda",
     )
     parser.add_argument("--output", type=Path, default=RESULTS)
     args = parser.parse_args(argv)

@@ -56,7 +56,7 @@ per-example Jacobian of `ablations.exact_block_jacobian` (the tangents above rep
 their largest difference is stored as `jacobian_check`).
 
     python benchmarks/lipschitz_budget.py --jobs 2   # full: toy and digits in two processes
-    python benchmarks/lipschitz_budget.py --quick    # toy (clipswish, peak), 3 steps: < 1 min
+    python benchmarks/lipschitz_budget.py --quick    # toy (clipswish, peak), 2 blocks, 3 steps
     python benchmarks/lipschitz_budget.py --datasets toy --seeds 1 --toy-steps 100
 
 Prints markdown tables and writes `benchmarks/results/lipschitz_budget.json` (or `--output`).
@@ -116,6 +116,13 @@ DIGITS_VARIANTS = (
 # one variant that goes through every code path of the initialisers (CLipSwish, alignment,
 # peak biases). `--quick --datasets digits` runs the digits one.
 QUICK_VARIANTS = {"toy": (("clipswish", "peak"),), "digits": (("elu", "peak"),)}
+# Its models are small (it checks the measurements' plumbing and exactness, not where a trained
+# model's budget goes): 2 toy blocks instead of 8, one digits block per scale and one fully
+# connected block instead of 4, 4 and 2.
+QUICK_FIELDS = {
+    "toy": {"num_blocks": 2},
+    "digits": {"blocks_per_scale": (1, 1), "fc_end_blocks": 1},
+}
 LIPSWISH_PEAK = 2.3994  # beta * a where LipSwish's (and CLipSwish's) slope peaks
 ELU_MARGIN = 3.0  # ELU's peak bias: pre-activations this many standard deviations above 0
 CONVERGED = {"atol": 1e-6, "rtol": 1e-6, "max_iterations": 2000}
@@ -131,8 +138,10 @@ def base_config(kind: str):
     return presets.get_preset("digits")
 
 
-def build(kind: str, activation: str) -> FlowModel:
+def build(kind: str, activation: str, *, small: bool = False) -> FlowModel:
     config = with_fields(base_config(kind), activation=activation)
+    if small:
+        config = with_fields(config, **QUICK_FIELDS[kind])
     if kind == "toy":
         model = FlowModel(ResidualFlowBijector(config), event_shape=[2])
     else:
@@ -447,7 +456,7 @@ def run_variant(variant: Variant, seed: int, args: argparse.Namespace) -> dict:
     dataset = args.toy_dataset if kind == "toy" else "digits"
     budget = budget_of(kind, variant, args)
     keras.utils.set_random_seed(seed)
-    model = build(kind, variant.activation)
+    model = build(kind, variant.activation, small=args.quick)
     _, test, init_batch = datasets_for(dataset, budget, seed)
     start = time.perf_counter()
     initialise(model, init_batch, variant.initialiser, seed)
@@ -724,6 +733,7 @@ def main(argv: list[str] | None = None) -> None:
             "examples": {k: QUICK_EXAMPLES if args.quick else EXAMPLES[k] for k in KINDS},
             "power_iterations": CONVERGED,
             "default_configs": {kind: to_dict(base_config(kind)) for kind in args.datasets},
+            **({"quick_fields": QUICK_FIELDS} if args.quick else {}),
         },
         load_average_before=load_before,
         load_average_after=load_average(),

@@ -26,16 +26,20 @@ configurations, write `train_step_run_all.json`, `logdet_memory_run_all.json` an
 `logdet_memory.json`) are never overwritten. `run_all.json` records each script's command,
 exit status and wall time, and the machine's load average before and after.
 
-Quick mode (`--quick`, about 4-5 minutes): every script in a tiny configuration, two at a time,
-into a fresh temporary directory unless `--output-dir` is given (never the committed results):
+Quick mode (`--quick`, about 3 minutes on 2 idle CPU cores): every script in a tiny
+configuration (small models, few steps: it checks that each one runs end to end and writes its
+results, not what they say), two at a time, into a fresh temporary directory unless
+`--output-dir` is given (never the committed results). `tests/test_benchmarks.py` runs it once
+and checks every output.
 
     compare_flows.py --quick (equal steps, and equal seconds: 3 s per model with 2 checkpoints,
-    its curves and pictures), ablations.py --quick, estimators.py --quick,
-    train_step.py --configs toy digits digits-td-loop --steps 2, logdet_memory.py --terms 2 5
-    --networks mlp, solver.py --models digits --tolerances 1e-4 --num-samples 8 --repeats 1
-    --digits-model <the residual digits model compare_flows.py --quick trained for 4 steps>,
-    lipschitz_budget.py --quick (one toy variant, 3 steps), conditional.py --quick --budget steps
-    (every task and model, 10 steps, 3 on digits; its equal-time path is tested on its own)
+    its curves and pictures), conditional.py --quick --budget both (every task and model at
+    equal steps and at equal time), hybrid.py --quick (every flow; the full run leaves hybrid.py
+    out: its table takes hours), ablations.py --quick, train_step.py --quick --configs digits
+    digits-td-loop --steps 2, solver.py --models digits --tolerances 1e-4 --num-samples 8
+    --repeats 1 --xla off --digits-model <the residual digits model compare_flows.py --quick
+    trained>, logdet_memory.py --terms 2 --networks mlp, estimators.py --quick,
+    lipschitz_budget.py --quick (one toy variant, 3 steps)
 
     python benchmarks/run_all.py
     python benchmarks/run_all.py --quick
@@ -69,6 +73,8 @@ SCRIPTS = (
     "lipschitz_budget",
     "conditional",
 )
+# The quick run also runs benchmarks/hybrid.py (the full run leaves it out: hours on its own).
+QUICK_SCRIPTS = (*SCRIPTS, "hybrid")
 # Files each script writes (relative to the output directory): what the tests check.
 OUTPUTS = {
     "compare_flows": "compare_flows.json",
@@ -79,6 +85,7 @@ OUTPUTS = {
     "solver": "solver_run_all.json",
     "lipschitz_budget": "lipschitz_budget.json",
     "conditional": "conditional.json",
+    "hybrid": "hybrid.json",
 }
 
 
@@ -105,34 +112,42 @@ def tasks(*, quick: bool, out: Path, scratch: Path) -> list[Task]:
         return ["--output", str(out / OUTPUTS[name])]
 
     if quick:
+        # The longest first, so that the two slots end together.
         return [
             Task(
                 "compare_flows",
                 ["--quick", *output("compare_flows"), "--save-digits-model", str(model)],
             ),
+            Task("conditional", ["--quick", "--budget", "both", *output("conditional")]),
+            Task("hybrid", ["--quick", *output("hybrid")]),
             Task("ablations", ["--quick", *output("ablations")]),
+            # One process per configuration: the two the tests compare (`toy` only in full),
+            # small models.
             Task(
                 "train_step",
                 [
-                    *("--configs", "toy", "digits", "digits-td-loop", "--steps", "2"),
+                    *("--quick", "--configs", "digits", "digits-td-loop", "--steps", "2"),
                     *output("train_step"),
                 ],
             ),
-            Task(
-                "logdet_memory",
-                ["--terms", "2", "5", "--networks", "mlp", *output("logdet_memory")],
-            ),
-            Task("estimators", ["--quick", *output("estimators")]),
+            # XLA (`--xla on`, a compilation per setting) only in full: tests/test_bijector.py
+            # samples through both solvers with and without it.
             Task(
                 "solver",
                 [
                     *("--models", "digits", "--tolerances", "1e-4", "--num-samples", "8"),
-                    *("--repeats", "1", "--digits-model", str(model), *output("solver")),
+                    *("--repeats", "1", "--xla", "off", "--digits-model", str(model)),
+                    *output("solver"),
                 ],
                 after=("compare_flows",),
             ),
+            # One process per configuration: one series length for both gradients.
+            Task(
+                "logdet_memory",
+                ["--terms", "2", "--networks", "mlp", *output("logdet_memory")],
+            ),
+            Task("estimators", ["--quick", *output("estimators")]),
             Task("lipschitz_budget", ["--quick", *output("lipschitz_budget")]),
-            Task("conditional", ["--quick", "--budget", "steps", *output("conditional")]),
         ]
     return [
         Task("compare_flows", [*output("compare_flows"), "--save-digits-model", str(model)]),
@@ -203,18 +218,25 @@ def run(todo: list[Task], jobs: int, scratch: Path) -> list[Task]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="tiny configurations, 4-5 minutes")
+    parser.add_argument("--quick", action="store_true", help="tiny configurations, about 3 minutes")
     parser.add_argument(
         "--output-dir",
         type=Path,
         default=None,
         help="default: benchmarks/results (full) or a new temporary directory (quick)",
     )
-    parser.add_argument("--only", nargs="+", choices=SCRIPTS, help="run only these scripts")
+    parser.add_argument(
+        "--only",
+        nargs="+",
+        choices=QUICK_SCRIPTS,
+        help="run only these scripts (hybrid: with --quick only)",
+    )
     parser.add_argument(
         "--jobs", type=int, default=None, help="scripts at once (default: 2 quick, 1 full)"
     )
     args = parser.parse_args(argv)
+    if not args.quick and set(args.only or ()) - set(SCRIPTS):
+        parser.error("hybrid is part of the quick run only (python benchmarks/hybrid.py)")
     out = args.output_dir
     if out is None:
         out = Path(tempfile.mkdtemp(prefix="run_all_quick_")) if args.quick else RESULTS
@@ -236,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
             "returncode": t.returncode,
             "output": OUTPUTS[t.name],
         }
-        for t in sorted(done, key=lambda t: SCRIPTS.index(t.name))
+        for t in sorted(done, key=lambda t: QUICK_SCRIPTS.index(t.name))
     ]
     print("| script | seconds | status | output |")
     print("| --- | --- | --- | --- |")

@@ -27,6 +27,9 @@ first step.
 
     python benchmarks/train_step.py                               # every configuration
     python benchmarks/train_step.py --configs toy digits --steps 5
+    python benchmarks/train_step.py --quick --configs digits digits-td-loop --steps 2
+                                      # small models (`QUICK_FIELDS`): that each configuration
+                                      # runs, not its time or memory (run_all.py --quick)
 
 Prints a markdown table and writes `benchmarks/results/train_step.json` (or `--output`).
 """
@@ -67,6 +70,9 @@ CONFIGURATIONS = (
 )
 TD_LOOP = "-td-loop"
 GRAM = "-gram"
+# --quick: 1 toy block instead of 10; image flows with one block per scale and no fully
+# connected one.
+QUICK_FIELDS = {"toy": {"num_blocks": 1}, "image": {"fc_end_blocks": 0}}
 
 
 class _RssSampler:
@@ -92,8 +98,9 @@ class _RssSampler:
         self._thread.join()
 
 
-def _model_and_data(name: str):  # noqa: ANN202
-    """The FlowModel of a configuration and a function drawing one random batch."""
+def _model_and_data(name: str, *, small: bool = False):  # noqa: ANN202
+    """The FlowModel of a configuration and a function drawing one random batch (`small`:
+    `QUICK_FIELDS`)."""
     import dataclasses
 
     import numpy as np
@@ -108,7 +115,7 @@ def _model_and_data(name: str):  # noqa: ANN202
     name = name.removesuffix(GRAM)
     if name == "toy":
         flow = ResidualFlowBijector(
-            num_blocks=10,
+            num_blocks=QUICK_FIELDS["toy"]["num_blocks"] if small else 10,
             hidden_units=(128,) * 4,
             lipschitz_constant=0.9,
             lipschitz_estimate=estimate,
@@ -126,6 +133,11 @@ def _model_and_data(name: str):  # noqa: ANN202
                 config, hidden_channels=64, fc_end_blocks=4, fc_hidden_units=(64, 64)
             )
     config = dataclasses.replace(config, lipschitz_estimate=estimate)
+    if small:
+        scales = len(config.blocks_per_scale)
+        config = dataclasses.replace(
+            config, blocks_per_scale=(1,) * scales, **QUICK_FIELDS["image"]
+        )
     shape = presets.PRESET_INPUT_SHAPES[preset]
     levels = config.num_levels
     flow = multiscale.image_flow(shape, config)
@@ -211,7 +223,7 @@ def measure_configuration(options: dict) -> dict:
     start = time.perf_counter()
     name = options["name"]
     td_loop = name.endswith(TD_LOOP)
-    model, batch = _model_and_data(name.removesuffix(TD_LOOP))
+    model, batch = _model_and_data(name.removesuffix(TD_LOOP), small=options.get("small", False))
     train_config = train_config.TrainConfig()
     model.compile(optimizer=train_config.make_optimizer(train_config, total_steps=10**5))
     model.initialize(batch())
@@ -279,6 +291,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=0, help="timed steps (0: 5, 2 for mnist)")
     parser.add_argument("--num-samples", type=int, default=64, help="images sampled per model")
     parser.add_argument("--output", type=Path, default=RESULTS)
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="small models (one block per scale, no fully connected one; 1 toy block): that "
+        "each configuration runs, not its time or memory",
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
@@ -289,11 +307,14 @@ def main(argv: list[str] | None = None) -> None:
     for name in args.configs:
         steps = args.steps or (2 if name.startswith("mnist") else 5)
         options = {"name": name, "steps": steps, "num_samples": args.num_samples}
+        if args.quick:
+            options["small"] = True
         rows.append(run_worker(__file__, [json.dumps(options)]))
         print(f"  done: {rows[-1]}", file=sys.stderr)
 
     _print_table(rows)
-    write_results(args.output, __file__, argv, rows=rows)
+    quick = {"quick_fields": QUICK_FIELDS} if args.quick else {}
+    write_results(args.output, __file__, argv, rows=rows, **quick)
 
 
 if __name__ == "__main__":

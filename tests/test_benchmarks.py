@@ -1,15 +1,20 @@
 """The benchmark scripts keep running: `benchmarks/run_all.py --quick` end to end.
 
-One subprocess runs every script in its tiny configuration (about 4-5 minutes on 2 CPU cores,
-two scripts at a time) into a temporary directory; each must exit cleanly and write its JSON
-with non-empty rows of finite numbers (and the estimator plot, and compare_flows' time-budget
-curves and pictures). Fast tests check compare_flows' model registry and its time budget
-(`WallClockBudget`) on a tiny Keras model.
+One subprocess runs every script in its tiny configuration (small models, few steps), hybrid.py
+and both budgets of conditional.py included, two scripts at a time, into a temporary directory:
+about 3 minutes on 2 idle CPU cores. It starts with this module's first test (`quick_run_started`,
+if a selected test needs it), so that it runs beside the fast tests, and the tests of its outputs
+share it (`quick_run`): each script must exit cleanly and write its JSON with non-empty rows of
+finite numbers (and the estimator plot, compare_flows' time-budget curves and pictures,
+conditional.py's picture), and what each wrote is checked below. Fast tests check compare_flows'
+model registry and its time budget (`WallClockBudget`) on a tiny Keras model.
 """
 
+import functools
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -21,7 +26,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from run_all import OUTPUTS, SCRIPTS  # noqa: E402
+from run_all import OUTPUTS, QUICK_SCRIPTS  # noqa: E402
 
 
 def numbers(value):
@@ -70,22 +75,42 @@ def test_models_for_resolves_aliases_and_skips_other_data(compare_flows, dataset
     assert compare_flows.models_for(dataset, names) == expected
 
 
+def built(compare_flows, dataset, name, small=False):
+    """A registered model, built: (model, its number of trainable parameters)."""
+    model = compare_flows.build_model(dataset, name, seed=0, small=small)
+    model.build((None, *model.event_shape))
+    return model, sum(math.prod(w.shape) for w in model.trainable_weights)
+
+
+@pytest.fixture(scope="module")
+def reference_size(compare_flows):
+    """The reference model's parameter count on a data set (full or quick size), built once."""
+    return functools.cache(
+        lambda dataset, small=False: built(compare_flows, dataset, "resflow", small)[1]
+    )
+
+
 @pytest.mark.parametrize("dataset", ["8gaussians", "digits"])
 @pytest.mark.parametrize("name", ["resflow-clipswish", "resflow-elu", "idensenet"])
-def test_residual_variants_keep_the_reference_size(compare_flows, dataset, name):
+def test_residual_variants_keep_the_reference_size(compare_flows, reference_size, dataset, name):
     """Each variant changes its activation (and network), and is sized like the reference."""
-
-    def count(model_name):
-        model = compare_flows.build_model(dataset, model_name, seed=0)
-        model.build((None, *model.event_shape))
-        return model, sum(math.prod(w.shape) for w in model.trainable_weights)
-
-    model, size = count(name)
-    _, reference = count("resflow")
+    model, size = built(compare_flows, dataset, name)
+    reference = reference_size(dataset)
     config = model.bijector.config
     assert config.activation == {"resflow-elu": "elu"}.get(name, "clipswish")
     assert config.network == ("dense" if name == "idensenet" else "resnet")
     assert abs(size / reference - 1) <= compare_flows.PARAMETER_TOLERANCE / 2
+
+
+@pytest.mark.parametrize(
+    ("dataset", "name"), [("8gaussians", "realnvp"), ("8gaussians", "maf"), ("digits", "glow")]
+)
+@pytest.mark.parametrize("small", [False, True], ids=["full", "quick"])
+def test_baselines_keep_the_reference_size(compare_flows, reference_size, dataset, name, small):
+    """The equal-steps baselines are sized like the residual flow, at the full size (what the
+    README compares) and at the quick run's (`small`, whose summary checks it too)."""
+    ratio = built(compare_flows, dataset, name, small)[1] / reference_size(dataset, small)
+    assert abs(ratio - 1) <= compare_flows.PARAMETER_TOLERANCE
 
 
 def test_tail_loss_is_the_mean_of_the_last_steps(compare_flows):
@@ -151,17 +176,57 @@ def test_wall_clock_budget_stops_fit_and_pauses_for_checkpoints(compare_flows):
     assert all(p["test_loss"] == 1.5 for p in clock.curve)
 
 
-@pytest.fixture(scope="module")
-def quick_run(tmp_path_factory):
+QUICK_RUN_TIMEOUT = 900  # seconds
+
+
+def python_path():
+    """PYTHONPATH with this checkout first."""
+    return os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def quick_run_started(request, tmp_path_factory):
+    """Starts `run_all.py --quick` with this module's first test, if a selected test checks its
+    outputs: it runs beside the fast tests, and `quick_run` waits for it."""
+    mine = [item for item in request.session.items if item.module is request.module]
+    if not any("quick_run" in item.fixturenames for item in mine):
+        yield None
+        return
     out = tmp_path_factory.mktemp("benchmarks")
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "run_all.py"), "--quick", "--output-dir", out],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    return out, result
+    log = out.parent / f"{out.name}.log"
+    with open(log, "w") as output:  # the child keeps its own handle
+        process = subprocess.Popen(
+            [sys.executable, str(ROOT / "benchmarks" / "run_all.py"), "--quick"]
+            + ["--output-dir", str(out)],
+            cwd=ROOT,
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            # This checkout's package, also where another one is installed (the scripts
+            # inherit it).
+            env={**os.environ, "PYTHONPATH": python_path(), "TF_CPP_MIN_LOG_LEVEL": "3"},
+            start_new_session=True,  # its own process group: `stop` ends the scripts too
+        )
+    yield out, process, log, time.monotonic() + QUICK_RUN_TIMEOUT
+    stop(process)  # if the session stopped early
+
+
+def stop(process):
+    """Ends a `run_all.py` process started in its own session, and the scripts it runs."""
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+
+@pytest.fixture(scope="module")
+def quick_run(quick_run_started):
+    """One `run_all.py --quick` for every test of its outputs: (output directory, result)."""
+    out, process, log, deadline = quick_run_started
+    try:
+        process.wait(timeout=max(1.0, deadline - time.monotonic()))
+    except subprocess.TimeoutExpired:
+        stop(process)
+        raise
+    return out, subprocess.CompletedProcess(process.args, process.returncode, log.read_text(), "")
 
 
 @pytest.mark.slow
@@ -170,12 +235,12 @@ def test_run_all_quick_succeeds(quick_run):
     assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-5000:]
     summary = json.loads((out / "run_all.json").read_text())
     assert summary["mode"] == "quick"
-    assert sorted(r["script"] for r in summary["rows"]) == sorted(SCRIPTS)
+    assert sorted(r["script"] for r in summary["rows"]) == sorted(QUICK_SCRIPTS)
     assert all(r["returncode"] == 0 for r in summary["rows"])
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("script", SCRIPTS)
+@pytest.mark.parametrize("script", QUICK_SCRIPTS)
 def test_every_script_wrote_finite_rows(quick_run, script):
     out, _ = quick_run
     path = out / OUTPUTS[script]
@@ -288,19 +353,12 @@ def test_quick_time_budget_results(quick_run):
 
 
 @pytest.mark.slow
-def test_hybrid_benchmark_quick(tmp_path):
-    # benchmarks/hybrid.py (issue 14's table) is not in run_all's 20-minute budget; its quick
-    # mode (1 seed, 2 steps; every flow at 1/D, the first flow at every lambda) keeps it running.
-    output = tmp_path / "hybrid.json"
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "hybrid.py"), "--quick", "--output", output],
-        cwd=ROOT / "benchmarks",
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-5000:]
-    rows = json.loads(output.read_text())["rows"]
+def test_hybrid_benchmark_quick(quick_run):
+    # benchmarks/hybrid.py (issue 14's table) is not in run_all's full run; its quick mode (1
+    # seed, 2 steps, small flows; every flow at 1/D, the first flow at every lambda) is part of
+    # run_all's quick run, which keeps it running.
+    out, _ = quick_run
+    rows = json.loads((out / OUTPUTS["hybrid"]).read_text())["rows"]
     import hybrid
 
     assert {"resflow", "coupling"} <= set(hybrid.FLOWS)
@@ -316,7 +374,7 @@ def test_hybrid_benchmark_quick(tmp_path):
 def test_tune_learning_rates_picks_the_lowest_late_loss(compare_flows, monkeypatch):
     """Each model gets the rate whose run ends lowest; a non-finite run never wins."""
     late = {("a", 1e-3): 2.0, ("a", 1e-2): 1.0, ("b", 1e-3): 1.5, ("b", 1e-2): float("nan")}
-    monkeypatch.setattr(compare_flows, "build_model", lambda dataset, name, seed: name)
+    monkeypatch.setattr(compare_flows, "build_model", lambda dataset, name, seed, small: name)
 
     def fake_train(model, dataset, budget, seed, *, timer):
         assert seed == compare_flows.TUNING_SEED
@@ -378,7 +436,7 @@ def test_tuning_grows_the_grid_past_an_end_where_the_best_rate_lies(compare_flow
         timer.running_losses = [abs(math.log10(budget.learning_rate) + 4.0)]
         return {"test_loss": 0.0, "steps": 1}
 
-    monkeypatch.setattr(compare_flows, "build_model", lambda *args: None)
+    monkeypatch.setattr(compare_flows, "build_model", lambda *args, **kwargs: None)
     monkeypatch.setattr(compare_flows, "train_and_evaluate", fake_run)
     budget = compare_flows.Budget(steps=10, batch_size=8)
     chosen, rows = compare_flows.tune_learning_rates("8gaussians", ["m"], budget, [1e-2, 1e-3])
@@ -388,8 +446,9 @@ def test_tuning_grows_the_grid_past_an_end_where_the_best_rate_lies(compare_flow
 
 
 # ------------------------------------------------------------------------------------------------
-# benchmarks/conditional.py (issue 19): its quick equal-steps run is part of run_all's quick run
-# above; here its equal-time path, the classifier two-sample test and the conditional baselines.
+# benchmarks/conditional.py (issue 19): its quick run (equal steps and equal time) is part of
+# run_all's quick run above; here its equal-time results, the classifier two-sample test and the
+# conditional baselines.
 
 
 @pytest.fixture(scope="module")
@@ -400,20 +459,9 @@ def conditional():
 
 
 @pytest.mark.slow
-def test_conditional_quick_time_budget(tmp_path):
-    output = tmp_path / "conditional.json"
-    script = ROOT / "benchmarks" / "conditional.py"
-    result = subprocess.run(
-        [sys.executable, str(script), "--quick", "--budget", "seconds", "--output", str(output)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=900,
-        # This checkout's package, also where another one is installed.
-        env={**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "3"},
-    )
-    assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-5000:]
-    results = json.loads(output.read_text())
+def test_conditional_quick_time_budget(quick_run):
+    out, _ = quick_run
+    results = json.loads((out / OUTPUTS["conditional"]).read_text())
     assert results["command"].startswith("python benchmarks/conditional.py --quick")
     rows = results["time_rows"]
     assert {(r["task"], r["model"]) for r in rows} == {
@@ -433,7 +481,7 @@ def test_conditional_quick_time_budget(tmp_path):
             assert all(0.0 <= a <= 1.0 for a in row["c2st"])
     # The baselines are sized like the residual flow.
     assert all(s.get("parameters_within_tolerance", True) for s in results["time_summary"])
-    assert (tmp_path / results["picture"]).stat().st_size > 10_000
+    assert (out / results["picture"]).stat().st_size > 10_000
     # The true densities' held-out NLL (the floors) are below every model's.
     for row in rows:
         if row["reference_loss"] is not None:
@@ -569,18 +617,17 @@ def test_certification_measures_every_layer_of_a_model():
         assert block["exact_layer_product"] <= block["certified_lipschitz"] < 1.0
 
 
-def test_compare_flows_merge_combines_time_runs_unchanged(tmp_path):
+def test_compare_flows_merge_combines_time_runs_unchanged(compare_flows, tmp_path):
     """`compare_flows.py --merge` (one process per model, on separate cores) summarises the
-    union of the runs as one process would: each model's summary equals its source's."""
+    union of the runs as one process would: each model's summary equals its source's. (Its
+    command line in this process: `main` is what `python compare_flows.py` runs.)"""
     results = ROOT / "benchmarks" / "results"
     sources = [
         results / f"compare_flows_long_{name}.json" for name in ("checkerboard", "8gaussians")
     ]
     output = tmp_path / "merged.json"
-    script = str(ROOT / "benchmarks" / "compare_flows.py")
-    merge = [sys.executable, script, "--merge", *map(str, sources), "--output", str(output)]
-    done = subprocess.run(merge, capture_output=True, text=True, timeout=600, cwd=ROOT)
-    assert done.returncode == 0, done.stderr[-3000:]
+    merge = ["--merge", *map(str, sources), "--output", str(output)]
+    compare_flows.main(merge)  # exits (SystemExit) on an error
     merged = json.loads(output.read_text())
     expected = {
         (s["dataset"], s["model"]): s
@@ -597,7 +644,8 @@ def test_compare_flows_merge_combines_time_runs_unchanged(tmp_path):
                 ), (key, field, statistic)
     assert sorted(merged["plots"]) == ["8gaussians", "checkerboard"]
     assert all((tmp_path / name).exists() for name in merged["plots"].values())
-    repeated = [*merge[:3], str(sources[0]), str(sources[0]), "--output", str(output)]
-    done = subprocess.run(repeated, capture_output=True, text=True, timeout=600, cwd=ROOT)
-    assert done.returncode != 0
-    assert "without repeats" in done.stderr
+    repeated = ["--merge", str(sources[0]), str(sources[0]), "--output", str(output)]
+    with pytest.raises(SystemExit) as exit_info:  # `python compare_flows.py` exits 1 with it
+        compare_flows.main(repeated)
+    assert exit_info.value.code not in (0, None)
+    assert "without repeats" in str(exit_info.value.code)

@@ -1,5 +1,6 @@
 """Tests of the `train_tf.py` command line: artefacts, modes, crash recovery, distribution."""
 
+import concurrent.futures
 import json
 import os
 import shutil
@@ -42,11 +43,19 @@ TINY_TOY = [
     "--verbose",
     "0",
 ]
+# The `digits` preset with one block per scale and one fully connected block (4, 4 and 2 in the
+# preset): every part of an image flow, traced in a third of the time. The 297 test digits are
+# evaluated in one batch, so the evaluation traces once (not for 200 and for 97 examples).
 TINY_DIGITS = [
     "--dataset",
     "digits",
     "--preset",
     "digits",
+    "--model",
+    "blocks_per_scale=1,1",
+    "fc_end_blocks=1",
+    "--eval-batch-size",
+    "300",
     "--batch-size",
     "16",
     "--num-samples",
@@ -228,8 +237,13 @@ def test_model_flag_sets_any_model_config_field(args, expected):
         assert model.block.num_exact_terms == 4
 
 
-def test_unknown_dataset_fails_with_one_line_in_a_subprocess():
-    result = run_cli(["--dataset", "no_such_dataset_xyz", "--output-dir", "/tmp/never"])
+def unknown_dataset_run(runs, directory):
+    """train_tf.py with a dataset that does not exist (its `subprocess.CompletedProcess`)."""
+    return run_cli(["--dataset", "no_such_dataset_xyz", "--output-dir", "/tmp/never"])
+
+
+def test_unknown_dataset_fails_with_one_line_in_a_subprocess(background):
+    result = background.result("unknown-dataset")
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     errors = [line for line in result.stderr.splitlines() if line.startswith("train_tf.py")]
@@ -356,34 +370,18 @@ def weights_checksum_of_backup(run_dir, config_args):
     )
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("half_written", [False, True], ids=["latest", "half-written-latest"])
-def test_killed_run_resumes_from_its_backup(tmp_path, half_written):
-    # half_written: the kill cut the latest backup short (it happens by chance in the plain
-    # case too); the run must fall back to the previous one (double_checkpoint=True).
-    run = tmp_path / "crash"
-    args = [
-        *TINY_TOY,
-        "--epochs",
-        "6",
-        "--steps-per-epoch",
-        "10",
-        "--backup-every",
-        "5",
-        "--output-dir",
-        str(run),
-    ]
-    process = subprocess.Popen(
-        [sys.executable, str(ROOT / "train_tf.py"), *args],
-        cwd=ROOT,
-        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+CRASH_ARGS = [*TINY_TOY, "--epochs", "6", "--steps-per-epoch", "10", "--backup-every", "5"]
+
+
+def killed_run(runs, directory):
+    """A run killed (SIGKILL) once a backup from the middle of the run exists (after epoch 2 has
+    begun): the crash that each crash-recovery test resumes, each from its own copy."""
+    run = directory / "crash"
+    process = runs.popen([*CRASH_ARGS, "--output-dir", str(run)], directory / "crash.log")
     metadata = run / "backup" / "training_metadata.json"
     deadline = time.time() + 300
     # Kill once a backup from the middle of the run exists (after epoch 2 has begun).
-    while time.time() < deadline:
+    while time.time() < deadline and not runs.closed:
         if metadata.exists():
             try:
                 if json.loads(metadata.read_text())["epoch"] >= 2:
@@ -395,6 +393,18 @@ def test_killed_run_resumes_from_its_backup(tmp_path, half_written):
         time.sleep(0.2)
     process.send_signal(signal.SIGKILL)
     process.wait()
+    return run
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("half_written", [False, True], ids=["latest", "half-written-latest"])
+def test_killed_run_resumes_from_its_backup(background, tmp_path, half_written):
+    # half_written: the kill cut the latest backup short (it happens by chance in the plain
+    # case too); the run must fall back to the previous one (double_checkpoint=True).
+    run = tmp_path / "crash"
+    # A copy of the killed run (a resume reads no path from the run's files).
+    shutil.copytree(background.result("killed"), run)
+    args = [*CRASH_ARGS, "--output-dir", str(run)]
     assert not (run / "model.keras").exists()  # it really did not finish
     if half_written:
         assert (run / "backup" / "latest.weights.h5.bkp").exists()  # a second backup was made
@@ -402,8 +412,8 @@ def test_killed_run_resumes_from_its_backup(tmp_path, half_written):
         latest.write_bytes(latest.read_bytes()[:1000])
     expected_checksum, backup_iterations, backup_epoch = weights_checksum_of_backup(run, args)
 
-    result = run_cli(args)
-    assert result.returncode == 0, result.stderr[-2000:]
+    # The same command again (in this process: the resume needs no fresh one).
+    assert train_tf.main(args) == 0
     resume = json.loads((run / "resume.json").read_text())
     # The previous backup may come from before epoch 2 began.
     assert resume["initial_epoch"] == backup_epoch >= (1 if half_written else 2)
@@ -416,20 +426,16 @@ def test_killed_run_resumes_from_its_backup(tmp_path, half_written):
 # ------------------------------------------------------------------------------------------------
 # Distribution
 
+# The toy preset's CLipSwish is 1-Lipschitz in l2 only: learnable orders take LipSwish.
+NORM_ORDERS = {
+    "fixed": [],
+    "learnable": ["--model", "learnable_norm_orders=true", "activation=lipswish"],
+}
 
-@pytest.mark.slow
-@pytest.mark.parametrize(
-    # The toy preset's CLipSwish is 1-Lipschitz in l2 only: learnable orders take LipSwish.
-    "orders",
-    [[], ["--model", "learnable_norm_orders=true", "activation=lipswish"]],
-    ids=["fixed", "learnable"],
-)
-def test_mirrored_on_two_cpus_matches_the_default_strategy(tmp_path, orders):
-    # With exact log-dets the loss is deterministic, so both runs compute the same function of
-    # the same global batches; only the order of float32 sums differs (per-replica partial sums,
-    # all-reduced), about 1e-7 relative per operation. Over 12 steps that stays far below
-    # 1e-4 relative, while a wrong gradient scaling (sum instead of mean over replicas) or a
-    # different data split would change the loss at the first or second decimal.
+
+def mirrored_runs(orders):
+    """The same run with the default and with the mirrored strategy on 2 logical CPUs, at once
+    (one process per core): `{strategy: (exit status, run directory, log)}`."""
     common = [
         *TINY_TOY,
         "--model",
@@ -442,15 +448,38 @@ def test_mirrored_on_two_cpus_matches_the_default_strategy(tmp_path, orders):
         "0",
         "--learning-rate",
         "0.01",
-        *orders,  # learnable: the order gradient is summed over replicas like the others
+        *NORM_ORDERS[orders],  # learnable: the order gradient is summed over replicas likewise
     ]
+
+    def run(runs, directory):
+        processes = {}
+        for strategy in ("default", "mirrored"):
+            out = directory / strategy
+            args = [*common, "--strategy", strategy, "--cpu-devices", "2", "--output-dir", str(out)]
+            processes[strategy] = runs.popen(args, directory / f"{strategy}.log")
+        return {
+            strategy: (
+                process.wait(timeout=600),
+                directory / strategy,
+                directory / f"{strategy}.log",
+            )
+            for strategy, process in processes.items()
+        }
+
+    return run
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("orders", list(NORM_ORDERS))
+def test_mirrored_on_two_cpus_matches_the_default_strategy(background, orders):
+    # With exact log-dets the loss is deterministic, so both runs compute the same function of
+    # the same global batches; only the order of float32 sums differs (per-replica partial sums,
+    # all-reduced), about 1e-7 relative per operation. Over 12 steps that stays far below
+    # 1e-4 relative, while a wrong gradient scaling (sum instead of mean over replicas) or a
+    # different data split would change the loss at the first or second decimal.
     losses = {}
-    for strategy in ("default", "mirrored"):
-        run = tmp_path / strategy
-        result = run_cli(
-            [*common, "--strategy", strategy, "--cpu-devices", "2", "--output-dir", str(run)]
-        )
-        assert result.returncode == 0, result.stderr[-2000:]
+    for strategy, (code, run, log) in background.result(f"mirrored-{orders}").items():
+        assert code == 0, log.read_text()[-2000:]
         losses[strategy] = [e["train_nats"] for e in read_metrics(run)["epochs"]]
     assert len(losses["default"]) == 3
     np.testing.assert_allclose(losses["mirrored"], losses["default"], rtol=1e-4)
@@ -463,11 +492,11 @@ def free_port():
         return s.getsockname()[1]
 
 
-@pytest.mark.slow
-def test_multiworker_on_loopback_trains_and_workers_agree(tmp_path):
+def multiworker_runs(runs, directory):
+    """Two workers of a multi-worker run on loopback: (their exit statuses and logs, run dir)."""
     ports = [free_port(), free_port()]
     cluster = {"worker": [f"localhost:{p}" for p in ports]}
-    run = tmp_path / "mw"
+    run = directory / "mw"
     args = [
         *TINY_TOY,
         "--strategy",
@@ -481,26 +510,18 @@ def test_multiworker_on_loopback_trains_and_workers_agree(tmp_path):
     ]
     processes = []
     for index in range(2):
-        env = {
-            **os.environ,
-            "TF_CPP_MIN_LOG_LEVEL": "2",
-            "TF_CONFIG": json.dumps(
-                {"cluster": cluster, "task": {"type": "worker", "index": index}}
-            ),
-        }
-        processes.append(
-            subprocess.Popen(
-                [sys.executable, str(ROOT / "train_tf.py"), *args],
-                cwd=ROOT,
-                env=env,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                text=True,
-            )
-        )
-    outputs = [p.communicate(timeout=600)[0] for p in processes]
-    for p, out in zip(processes, outputs, strict=True):
-        assert p.returncode == 0, out[-3000:]
+        task = {"cluster": cluster, "task": {"type": "worker", "index": index}}
+        env = {"TF_CONFIG": json.dumps(task)}
+        log = directory / f"worker_{index}.log"
+        processes.append((runs.popen(args, log, env), log))
+    return [(p.wait(timeout=600), log) for p, log in processes], run
+
+
+@pytest.mark.slow
+def test_multiworker_on_loopback_trains_and_workers_agree(background):
+    workers, run = background.result("multiworker")
+    for code, log in workers:
+        assert code == 0, log.read_text()[-3000:]
     chief = read_metrics(run)
     worker = (
         read_metrics(run / "worker_1") if (run / "worker_1" / "metrics.json").exists() else None
@@ -511,3 +532,96 @@ def test_multiworker_on_loopback_trains_and_workers_agree(tmp_path):
         json.loads((d / "final_weights.json").read_text()) for d in (run, run / "worker_1")
     ]
     np.testing.assert_allclose(checksums[0], checksums[1], rtol=0, atol=0)
+
+
+# ------------------------------------------------------------------------------------------------
+# The runs in fresh processes, in the background
+#
+# The tests of a failing start, crash recovery and distribution need train_tf.py in fresh
+# processes (a clean exit, SIGKILL, logical devices, workers). Their runs start with this
+# module's first test (those of the selected tests), one group after another in a background
+# thread, so that they train on the second core while this process runs the other tests on the
+# first; each test then waits for its own group.
+
+BACKGROUND_GROUPS = {
+    "unknown-dataset": unknown_dataset_run,
+    "killed": killed_run,
+    **{f"mirrored-{orders}": mirrored_runs(orders) for orders in NORM_ORDERS},
+    "multiworker": multiworker_runs,
+}
+
+
+class BackgroundRuns:
+    """Groups of train_tf.py processes (`BACKGROUND_GROUPS`), one group at a time."""
+
+    def __init__(self, root):
+        self.root = root
+        self.closed = False
+        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+        self._futures = {}
+        self._processes = []
+
+    def start(self, name):
+        """Queues the group `name` (once)."""
+        if name not in self._futures:
+            directory = self.root / name
+            directory.mkdir()
+            self._futures[name] = self._pool.submit(BACKGROUND_GROUPS[name], self, directory)
+
+    def result(self, name):
+        """The group's result, once it has run (an error in it is raised here)."""
+        self.start(name)
+        return self._futures[name].result()
+
+    def popen(self, args, log, env=None):
+        """Starts train_tf.py with `args` in a fresh process, its output to the file `log`."""
+        if self.closed:
+            raise RuntimeError("the background runs were stopped")
+        full_env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", **(env or {})}
+        with open(log, "w") as out:  # the child keeps its own handle
+            process = subprocess.Popen(
+                [sys.executable, str(ROOT / "train_tf.py"), *args],
+                cwd=ROOT,
+                env=full_env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+        self._processes.append(process)
+        return process
+
+    def close(self):
+        """Stops what is still queued or running."""
+        self.closed = True
+        for future in self._futures.values():
+            future.cancel()
+        for process in self._processes:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+        self._pool.shutdown(wait=True)
+
+
+def _groups_of(item):
+    """The background groups a collected test of this module waits for."""
+    name = item.originalname
+    if name == "test_unknown_dataset_fails_with_one_line_in_a_subprocess":
+        return ["unknown-dataset"]
+    if name == "test_killed_run_resumes_from_its_backup":
+        return ["killed"]
+    if name == "test_mirrored_on_two_cpus_matches_the_default_strategy":
+        return [f"mirrored-{item.callspec.params['orders']}"]
+    if name == "test_multiworker_on_loopback_trains_and_workers_agree":
+        return ["multiworker"]
+    return []
+
+
+@pytest.fixture(scope="module", autouse=True)
+def background(request, tmp_path_factory):
+    """Starts the background groups of this module's selected tests, in their order."""
+    runs = BackgroundRuns(tmp_path_factory.mktemp("background"))
+    for item in request.session.items:
+        if item.module is request.module:
+            for name in _groups_of(item):
+                runs.start(name)
+    yield runs
+    runs.close()
