@@ -224,8 +224,8 @@ def measure_configuration(options: dict) -> dict:
     name = options["name"]
     td_loop = name.endswith(TD_LOOP)
     model, batch = _model_and_data(name.removesuffix(TD_LOOP), small=options.get("small", False))
-    train_config = train_config.TrainConfig()
-    model.compile(optimizer=train_config.make_optimizer(train_config, total_steps=10**5))
+    recipe = train_config.TrainConfig()
+    model.compile(optimizer=train_config.make_optimizer(recipe, total_steps=10**5))
     model.initialize(batch())
     build_seconds = time.perf_counter() - start
     rss_before_first_step = current_rss_mb()
