@@ -1,6 +1,7 @@
 """Tests of `moved_modules`: the module paths of release 0.1.0 still import, with a warning."""
 
 import importlib
+import subprocess
 import sys
 import warnings
 from pathlib import Path
@@ -70,3 +71,16 @@ def test_new_paths_and_unrelated_names_do_not_warn():
         from tfp_resflow.data import datasets  # noqa: F401
     with pytest.raises(ModuleNotFoundError):
         importlib.import_module("tfp_resflow.no_such_module")
+
+
+def test_importing_submodules_of_the_renamed_subpackages_does_not_warn():
+    # In a fresh process: the package's __getattr__ is asked before the submodules exist.
+    code = (
+        "from tfp_resflow.training import distribute, evaluation, optimizer\n"
+        "from tfp_resflow.data import tfds_images, toy_data\n"
+    )
+    subprocess.run(
+        [sys.executable, "-W", "error:tfp_resflow.:DeprecationWarning", "-c", code],
+        check=True,
+        capture_output=True,
+    )

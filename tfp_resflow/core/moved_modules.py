@@ -118,6 +118,10 @@ def moved_attribute(package: str, name: str) -> object:
     """`tfp_resflow.data.load_dataset` and the like: the attribute of the old module."""
     new = RENAMED[package]
     module = importlib.import_module(f"tfp_resflow.{new}")
+    # `from tfp_resflow.training import distribute` asks here first when the submodule is not
+    # imported yet; the import above brings it in, as an attribute of the package: no warning.
+    if name in vars(subpackage := sys.modules[f"tfp_resflow.{package}"]):
+        return vars(subpackage)[name]
     if name.startswith("__") or not hasattr(module, name):
         raise AttributeError(f"module 'tfp_resflow.{package}' has no attribute {name!r}")
     _warn(f"{package}.{name}", f"{new}.{name}", stacklevel=3)  # past the package's __getattr__
