@@ -6,6 +6,7 @@ included: a cycle or an upward import that only lazy imports hide is still in th
 
 import ast
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -164,7 +165,7 @@ def test_importing_the_package_leaves_tensorflow_datasets_out():
 
 
 def project_sources() -> dict[str, str]:
-    """Python outside the package: tests, benchmarks, scripts, the notebooks' code cells."""
+    """Python outside the package: tests, benchmarks, scripts, docs' examples, notebooks."""
     root = PACKAGE.parent
     files = [
         *root.glob("*.py"),
@@ -172,6 +173,9 @@ def project_sources() -> dict[str, str]:
         *(root / "benchmarks").rglob("*.py"),
     ]
     sources = {str(p.relative_to(root)): p.read_text() for p in files}
+    for page in [root / "README.md", *(root / "docs").rglob("*.md")]:
+        blocks = re.findall(r"^```python\n(.*?)^```", page.read_text(), re.M | re.S)
+        sources[str(page.relative_to(root))] = "\n".join(blocks)
     for notebook in (root / "notebooks").glob("*.ipynb"):
         cells = json.loads(notebook.read_text())["cells"]
         lines = "\n".join("".join(c["source"]) for c in cells if c["cell_type"] == "code")
