@@ -2,7 +2,7 @@
 
 One subprocess runs every script in its tiny configuration (small models, few steps), hybrid.py
 and both budgets of conditional.py included, two scripts at a time, into a temporary directory:
-about 3 minutes on 2 idle CPU cores. It starts with this module's first test (`quick_run_started`,
+about 3 minutes on 2 idle CPU cores. It starts with this module's first test (`quick_run_process`,
 if a selected test needs it), so that it runs beside the fast tests, and the tests of its outputs
 share it (`quick_run`): each script must exit cleanly and write its JSON with non-empty rows of
 finite numbers (and the estimator plot, compare_flows' time-budget curves and pictures,
@@ -184,49 +184,76 @@ def python_path():
     return os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def quick_run_started(request, tmp_path_factory):
-    """Starts `run_all.py --quick` with this module's first test, if a selected test checks its
-    outputs: it runs beside the fast tests, and `quick_run` waits for it."""
-    mine = [item for item in request.session.items if item.module is request.module]
-    if not any("quick_run" in item.fixturenames for item in mine):
-        yield None
-        return
-    out = tmp_path_factory.mktemp("benchmarks")
-    log = out.parent / f"{out.name}.log"
-    with open(log, "w") as output:  # the child keeps its own handle
-        process = subprocess.Popen(
-            [sys.executable, str(ROOT / "benchmarks" / "run_all.py"), "--quick"]
-            + ["--output-dir", str(out)],
-            cwd=ROOT,
-            stdout=output,
-            stderr=subprocess.STDOUT,
-            # This checkout's package, also where another one is installed (the scripts
-            # inherit it).
-            env={**os.environ, "PYTHONPATH": python_path(), "TF_CPP_MIN_LOG_LEVEL": "3"},
-            start_new_session=True,  # its own process group: `stop` ends the scripts too
+class QuickRun:
+    """`run_all.py --quick` into a temporary directory, in its own process group."""
+
+    def __init__(self, out):
+        self.out = out
+        self.log = out.parent / f"{out.name}.log"
+        self.process = None
+        self.deadline = None
+
+    def start(self):
+        if self.process is not None:
+            return
+        self.deadline = time.monotonic() + QUICK_RUN_TIMEOUT
+        with open(self.log, "w") as output:  # the child keeps its own handle
+            self.process = subprocess.Popen(
+                [sys.executable, str(ROOT / "benchmarks" / "run_all.py"), "--quick"]
+                + ["--output-dir", str(self.out)],
+                cwd=ROOT,
+                stdout=output,
+                stderr=subprocess.STDOUT,
+                # This checkout's package, also where another one is installed (the scripts
+                # inherit it).
+                env={**os.environ, "PYTHONPATH": python_path(), "TF_CPP_MIN_LOG_LEVEL": "3"},
+                start_new_session=True,  # its own process group: `stop` ends the scripts too
+            )
+
+    def result(self):
+        """(output directory, `subprocess.CompletedProcess` with the output in `stdout`)."""
+        self.start()
+        try:
+            self.process.wait(timeout=max(1.0, self.deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            self.stop()
+            raise
+        output = self.log.read_text()
+        return self.out, subprocess.CompletedProcess(
+            self.process.args, self.process.returncode, output, ""
         )
-    yield out, process, log, time.monotonic() + QUICK_RUN_TIMEOUT
-    stop(process)  # if the session stopped early
+
+    def stop(self):
+        """Ends the run if it is still going, the scripts it runs included."""
+        if self.process is not None and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
 
 
-def stop(process):
-    """Ends a `run_all.py` process started in its own session, and the scripts it runs."""
-    if process.poll() is None:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
+def starts_with_the_module(request, fixture):
+    """Whether a selected test of this module uses `fixture`, and this process runs the module's
+    tests (pytest-xdist's `--dist load` spreads them over workers: each would start it)."""
+    if request.config.getoption("dist", "no") not in ("no", "loadfile", "loadscope"):
+        return False
+    mine = [item for item in request.session.items if item.module is request.module]
+    return any(fixture in item.fixturenames for item in mine)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def quick_run_process(request, tmp_path_factory):
+    """The quick run, started with this module's first test if a selected test checks its
+    outputs: it runs beside the fast tests, and `quick_run` waits for it."""
+    run = QuickRun(tmp_path_factory.mktemp("benchmarks"))
+    if starts_with_the_module(request, "quick_run"):
+        run.start()
+    yield run
+    run.stop()  # if the session stopped early
 
 
 @pytest.fixture(scope="module")
-def quick_run(quick_run_started):
+def quick_run(quick_run_process):
     """One `run_all.py --quick` for every test of its outputs: (output directory, result)."""
-    out, process, log, deadline = quick_run_started
-    try:
-        process.wait(timeout=max(1.0, deadline - time.monotonic()))
-    except subprocess.TimeoutExpired:
-        stop(process)
-        raise
-    return out, subprocess.CompletedProcess(process.args, process.returncode, log.read_text(), "")
+    return quick_run_process.result()
 
 
 @pytest.mark.slow
