@@ -176,6 +176,263 @@ def test_wall_clock_budget_stops_fit_and_pauses_for_checkpoints(compare_flows):
     assert all(p["test_loss"] == 1.5 for p in clock.curve)
 
 
+def test_tune_learning_rates_picks_the_lowest_late_loss(compare_flows, monkeypatch):
+    """Each model gets the rate whose run ends lowest; a non-finite run never wins."""
+    late = {("a", 1e-3): 2.0, ("a", 1e-2): 1.0, ("b", 1e-3): 1.5, ("b", 1e-2): float("nan")}
+    monkeypatch.setattr(compare_flows, "build_model", lambda dataset, name, seed, small: name)
+
+    def fake_train(model, dataset, budget, seed, *, timer):
+        assert seed == compare_flows.TUNING_SEED
+        assert budget.sample_repeats == 0
+        timer.running_losses = [late[(model, budget.learning_rate)]] * 10
+        return {"test_loss": 0.0, "steps": 10}
+
+    monkeypatch.setattr(compare_flows, "train_and_evaluate", fake_train)
+    budget = compare_flows.Budget(steps=10, batch_size=4)
+    chosen, rows = compare_flows.tune_learning_rates(
+        "8gaussians", ["a", "b"], budget, (1e-3, 1e-2), max_extensions=0
+    )
+    assert chosen == {"a": 1e-2, "b": 1e-3}
+    assert len(rows) == 4
+    assert {r["model"] for r in rows} == {"a", "b"}
+
+
+def test_parameter_cell_shows_a_ratio_only_against_a_reference(compare_flows):
+    entry = {"parameters": 35_348, "free_parameters": 35_348}
+    assert compare_flows._parameter_cell(entry) == "35,348"
+    assert compare_flows._parameter_cell({**entry, "parameters_vs_resflow": 0.984}) == (
+        "35,348 (0.984x)"
+    )
+
+
+def test_a_calibrated_clock_charges_the_idle_speed_per_step(compare_flows):
+    budget = compare_flows.WallClockBudget(1.0)
+    clock = compare_flows.calibrated_clock(budget, 0.5, 0.1)
+    assert clock() == 0.0
+    budget.steps = 1
+    assert clock() == 0.5  # the first step, tracing included
+    budget.steps = 6
+    assert clock() == pytest.approx(1.0)
+
+
+def test_several_calibrations_give_each_model_its_median_time(compare_flows, tmp_path):
+    paths = []
+    for k, (flow_step, other_step) in enumerate([(0.037, 0.01), (0.021, 0.02), (0.025, 0.03)]):
+        timing = {
+            "toy": {
+                "flow": {"first_step_seconds": 5.0 + k, "step_seconds": flow_step, "steps": 60},
+                "other": {"first_step_seconds": 1.0, "step_seconds": other_step, "steps": 60},
+            }
+        }
+        if k == 1:
+            del timing["toy"]["other"]  # missing from one file: left out, not guessed
+        paths.append(tmp_path / f"calibration_{k}.json")
+        paths[-1].write_text(json.dumps({"calibration": timing}))
+    merged = compare_flows.read_calibration(paths)
+    assert merged == {"toy": {"flow": {"first_step_seconds": 6.0, "step_seconds": 0.025}}}
+    assert compare_flows.read_calibration(paths[:1])["toy"]["other"]["step_seconds"] == 0.01
+
+
+def test_tuning_grows_the_grid_past_an_end_where_the_best_rate_lies(compare_flows, monkeypatch):
+    tried = []
+
+    def fake_run(model, dataset, budget, seed, timer):  # the loss is lowest at 1e-4
+        tried.append(budget.learning_rate)
+        timer.running_losses = [abs(math.log10(budget.learning_rate) + 4.0)]
+        return {"test_loss": 0.0, "steps": 1}
+
+    monkeypatch.setattr(compare_flows, "build_model", lambda *args, **kwargs: None)
+    monkeypatch.setattr(compare_flows, "train_and_evaluate", fake_run)
+    budget = compare_flows.Budget(steps=10, batch_size=8)
+    chosen, rows = compare_flows.tune_learning_rates("8gaussians", ["m"], budget, [1e-2, 1e-3])
+    assert tried == pytest.approx([1e-2, 1e-3, 1e-4, 1e-5])  # extended twice, stopped inside
+    assert chosen["m"] == pytest.approx(1e-4)
+    assert len(rows) == 4
+
+
+# ------------------------------------------------------------------------------------------------
+# benchmarks/conditional.py (issue 19): its quick run (equal steps and equal time) is part of
+# run_all's quick run (its results are checked at the end of this module); here the classifier
+# two-sample test, the conditional baselines and the learning-rate tuning.
+
+
+@pytest.fixture(scope="module")
+def conditional():
+    import conditional
+
+    return conditional
+
+
+def test_c2st_tells_apart_only_different_samples(conditional):
+    from tfp_resflow import conditional_data
+
+    _, x_o = conditional.observations(1)
+    posterior = conditional_data.grid_posterior(x_o[0], resolution=400)
+    reference = posterior.sample(400, seed=0)
+    same = conditional.c2st(posterior.sample(400, seed=1), reference, steps=300, seed=0)
+    prior = conditional_data.two_moons_prior(400, seed=0)
+    different = conditional.c2st(prior, reference, steps=300, seed=0)
+    assert abs(same - 0.5) < 0.07
+    assert different > 0.9
+    broken = prior.copy()
+    broken[:100] = np.nan  # non-finite samples count as recognised
+    assert conditional.c2st(broken, reference, steps=300, seed=0) >= different - 0.05
+
+
+@pytest.mark.parametrize("name", ["maf", "realnvp"])
+def test_conditional_baselines_use_the_context_and_keep_the_size(conditional, name):
+    model = conditional.VECTOR_MODELS[name]()
+    model.build(model.input_shape_for_build())
+    x = np.random.default_rng(0).normal(size=(5, 2)).astype(np.float32)
+    c = np.random.default_rng(1).normal(size=(5, 2)).astype(np.float32)
+    # Non-zero output layers, so the context changes the density.
+    for network in model.networks:
+        for weight in network.trainable_weights:
+            weight.assign(np.random.default_rng(2).normal(0, 0.3, weight.shape))
+    log_p = model.log_prob(x, context=c).numpy()
+    assert np.all(np.isfinite(log_p))
+    assert np.max(np.abs(log_p - model.log_prob(x, context=c[::-1]).numpy())) > 1e-3
+    # One context for all examples is broadcast.
+    np.testing.assert_allclose(
+        model.log_prob(x, context=c[0]).numpy(),
+        model.log_prob(x, context=np.repeat(c[:1], 5, axis=0)).numpy(),
+        rtol=1e-5,
+    )
+    reference = conditional.VECTOR_MODELS["resflow"]()
+    reference.build(reference.input_shape_for_build())
+    count = compare_flows_parameters(model)
+    assert abs(count / compare_flows_parameters(reference) - 1) <= 0.10
+
+
+def compare_flows_parameters(model):
+    return sum(math.prod(w.shape) for w in model.trainable_weights)
+
+
+def test_conditional_made_is_autoregressive_in_x_for_every_context():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import tensorflow as tf
+    from conditional_baselines import ConditionalMADE
+
+    made = ConditionalMADE(3, (16, 16))
+    made.build((None, 3), (None, 2))
+    for weight in made.trainable_weights:
+        weight.assign(np.random.default_rng(0).normal(0, 0.5, weight.shape))
+    x = tf.constant(np.random.default_rng(1).normal(size=(4, 3)), tf.float32)
+    for c in np.random.default_rng(2).normal(size=(3, 4, 2)).astype(np.float32):
+        with tf.GradientTape(persistent=True) as tape:
+            tape.watch(x)
+            shift, log_scale = made(x, c)
+        for out in (shift, log_scale):
+            jacobian = tape.batch_jacobian(out, x).numpy()  # [batch, out, in]
+            # Output i depends on x_<i only: zero on and above the diagonal.
+            assert np.all(np.triu(np.abs(jacobian).sum(0)) == 0)
+            assert np.abs(np.tril(jacobian.sum(0), -1)).sum() > 0
+
+
+def test_conditional_tuning_gives_every_model_the_same_rule(conditional, monkeypatch):
+    """compare_flows' rule: the rate whose run ends lowest; a non-finite run never wins; a
+    winner at an end of the grid is checked against one more value past it."""
+    late = {("a", 1e-3): 2.0, ("a", 1e-2): 1.0, ("b", 1e-3): 1.5, ("b", 1e-2): float("nan")}
+    late.update({("a", 1e-1): 3.0, ("b", 1e-4): 2.5})  # the grown grid: worse past each end
+
+    def fake_train(task, name, seed, budget, sizes, *, timer):
+        assert seed == conditional.TUNING_SEED
+        timer.running_losses = [late[(name, round(budget.learning_rate, 12))]] * 10
+        return {"test_loss": 0.0}
+
+    monkeypatch.setattr(conditional, "train_and_score", fake_train)
+    budget = conditional.Budget(steps=10, batch_size=4)
+    chosen, rows = conditional.tune_learning_rates(
+        "rotated", ["a", "b"], budget, (1e-3, 1e-2), conditional.QUICK_SIZES
+    )
+    assert chosen == pytest.approx({"a": 1e-2, "b": 1e-3})
+    assert {(r["model"], round(r["learning_rate"], 12)) for r in rows} == set(late)
+
+
+def test_conditional_tuning_grows_the_grid_like_compare_flows(conditional, monkeypatch):
+    tried = []
+
+    def fake_run(task, name, seed, budget, sizes, *, timer, reference_posteriors=None):
+        tried.append(budget.learning_rate)  # the loss is lowest at 1e-4
+        timer.running_losses = [abs(math.log10(budget.learning_rate) + 4.0)]
+        return {"test_loss": 0.0}
+
+    monkeypatch.setattr(conditional, "train_and_score", fake_run)
+    budget = conditional.Budget(steps=10, batch_size=8)
+    chosen, rows = conditional.tune_learning_rates(
+        "rotated", ["m"], budget, (1e-2, 1e-3), conditional.QUICK_SIZES
+    )
+    assert tried == pytest.approx([1e-2, 1e-3, 1e-4, 1e-5])
+    assert chosen["m"] == pytest.approx(1e-4)
+    assert len(rows) == 4
+
+
+def test_certification_measures_every_layer_of_a_model():
+    """benchmarks/certification.py (issue 20) on a small image flow, without training:
+    power estimate <= exact norm <= certified bound for every layer, and every block's
+    certified bound at least the product of its layers' exact norms."""
+    import certification
+    import keras
+
+    from tfp_resflow import multiscale
+    from tfp_resflow.config import ImageFlowConfig
+    from tfp_resflow.model import FlowModel
+
+    keras.utils.set_random_seed(0)
+    config = ImageFlowConfig(blocks_per_scale=(2,), hidden_channels=8, fc_end_blocks=1)
+    model = FlowModel(multiscale.image_flow((4, 4, 1), config), (4, 4, 1))
+    model.build(model.input_shape_for_build())
+    results = certification.measure(model, 1e-6)
+    assert len(results["blocks"]) == 3
+    assert len(results["layers"]) == 9
+    for layer in results["layers"]:
+        assert layer["power"] <= layer["exact"] * (1 + 1e-5)
+        assert layer["exact"] <= layer["certified"] <= layer["exact"] * 1.002
+    for block in results["blocks"]:
+        assert block["exact_layer_product"] <= block["certified_lipschitz"] < 1.0
+
+
+def test_compare_flows_merge_combines_time_runs_unchanged(compare_flows, tmp_path):
+    """`compare_flows.py --merge` (one process per model, on separate cores) summarises the
+    union of the runs as one process would: each model's summary equals its source's. (Its
+    command line in this process: `main` is what `python compare_flows.py` runs.)"""
+    results = ROOT / "benchmarks" / "results"
+    sources = [
+        results / f"compare_flows_long_{name}.json" for name in ("checkerboard", "8gaussians")
+    ]
+    output = tmp_path / "merged.json"
+    merge = ["--merge", *map(str, sources), "--output", str(output)]
+    compare_flows.main(merge)  # exits (SystemExit) on an error
+    merged = json.loads(output.read_text())
+    expected = {
+        (s["dataset"], s["model"]): s
+        for path in sources
+        for s in json.loads(path.read_text())["time_summary"]
+    }
+    got = {(s["dataset"], s["model"]): s for s in merged["time_summary"]}
+    assert got.keys() == expected.keys()
+    for key, summary in got.items():
+        for field in ("test_loss", "steps"):
+            for statistic in ("mean", "std", "min", "max"):
+                assert summary[field][statistic] == pytest.approx(
+                    expected[key][field][statistic], rel=1e-9
+                ), (key, field, statistic)
+    assert sorted(merged["plots"]) == ["8gaussians", "checkerboard"]
+    assert all((tmp_path / name).exists() for name in merged["plots"].values())
+    repeated = ["--merge", str(sources[0]), str(sources[0]), "--output", str(output)]
+    with pytest.raises(SystemExit) as exit_info:  # `python compare_flows.py` exits 1 with it
+        compare_flows.main(repeated)
+    assert exit_info.value.code not in (0, None)
+    assert "without repeats" in str(exit_info.value.code)
+
+
+# ------------------------------------------------------------------------------------------------
+# The quick run's outputs. These tests come last: the quick run trains while the tests above run,
+# and the tests after the wait for it only read its files. (The machine pages out what a process
+# has not touched for a minute: an in-process test that follows the wait would first read
+# TensorFlow's libraries back from disk, 20-40 s.)
+
+
 QUICK_RUN_TIMEOUT = 900  # seconds
 
 
@@ -398,93 +655,6 @@ def test_hybrid_benchmark_quick(quick_run):
         assert 0.0 <= row["test_accuracy"] <= 1.0
 
 
-def test_tune_learning_rates_picks_the_lowest_late_loss(compare_flows, monkeypatch):
-    """Each model gets the rate whose run ends lowest; a non-finite run never wins."""
-    late = {("a", 1e-3): 2.0, ("a", 1e-2): 1.0, ("b", 1e-3): 1.5, ("b", 1e-2): float("nan")}
-    monkeypatch.setattr(compare_flows, "build_model", lambda dataset, name, seed, small: name)
-
-    def fake_train(model, dataset, budget, seed, *, timer):
-        assert seed == compare_flows.TUNING_SEED
-        assert budget.sample_repeats == 0
-        timer.running_losses = [late[(model, budget.learning_rate)]] * 10
-        return {"test_loss": 0.0, "steps": 10}
-
-    monkeypatch.setattr(compare_flows, "train_and_evaluate", fake_train)
-    budget = compare_flows.Budget(steps=10, batch_size=4)
-    chosen, rows = compare_flows.tune_learning_rates(
-        "8gaussians", ["a", "b"], budget, (1e-3, 1e-2), max_extensions=0
-    )
-    assert chosen == {"a": 1e-2, "b": 1e-3}
-    assert len(rows) == 4
-    assert {r["model"] for r in rows} == {"a", "b"}
-
-
-def test_parameter_cell_shows_a_ratio_only_against_a_reference(compare_flows):
-    entry = {"parameters": 35_348, "free_parameters": 35_348}
-    assert compare_flows._parameter_cell(entry) == "35,348"
-    assert compare_flows._parameter_cell({**entry, "parameters_vs_resflow": 0.984}) == (
-        "35,348 (0.984x)"
-    )
-
-
-def test_a_calibrated_clock_charges_the_idle_speed_per_step(compare_flows):
-    budget = compare_flows.WallClockBudget(1.0)
-    clock = compare_flows.calibrated_clock(budget, 0.5, 0.1)
-    assert clock() == 0.0
-    budget.steps = 1
-    assert clock() == 0.5  # the first step, tracing included
-    budget.steps = 6
-    assert clock() == pytest.approx(1.0)
-
-
-def test_several_calibrations_give_each_model_its_median_time(compare_flows, tmp_path):
-    paths = []
-    for k, (flow_step, other_step) in enumerate([(0.037, 0.01), (0.021, 0.02), (0.025, 0.03)]):
-        timing = {
-            "toy": {
-                "flow": {"first_step_seconds": 5.0 + k, "step_seconds": flow_step, "steps": 60},
-                "other": {"first_step_seconds": 1.0, "step_seconds": other_step, "steps": 60},
-            }
-        }
-        if k == 1:
-            del timing["toy"]["other"]  # missing from one file: left out, not guessed
-        paths.append(tmp_path / f"calibration_{k}.json")
-        paths[-1].write_text(json.dumps({"calibration": timing}))
-    merged = compare_flows.read_calibration(paths)
-    assert merged == {"toy": {"flow": {"first_step_seconds": 6.0, "step_seconds": 0.025}}}
-    assert compare_flows.read_calibration(paths[:1])["toy"]["other"]["step_seconds"] == 0.01
-
-
-def test_tuning_grows_the_grid_past_an_end_where_the_best_rate_lies(compare_flows, monkeypatch):
-    tried = []
-
-    def fake_run(model, dataset, budget, seed, timer):  # the loss is lowest at 1e-4
-        tried.append(budget.learning_rate)
-        timer.running_losses = [abs(math.log10(budget.learning_rate) + 4.0)]
-        return {"test_loss": 0.0, "steps": 1}
-
-    monkeypatch.setattr(compare_flows, "build_model", lambda *args, **kwargs: None)
-    monkeypatch.setattr(compare_flows, "train_and_evaluate", fake_run)
-    budget = compare_flows.Budget(steps=10, batch_size=8)
-    chosen, rows = compare_flows.tune_learning_rates("8gaussians", ["m"], budget, [1e-2, 1e-3])
-    assert tried == pytest.approx([1e-2, 1e-3, 1e-4, 1e-5])  # extended twice, stopped inside
-    assert chosen["m"] == pytest.approx(1e-4)
-    assert len(rows) == 4
-
-
-# ------------------------------------------------------------------------------------------------
-# benchmarks/conditional.py (issue 19): its quick run (equal steps and equal time) is part of
-# run_all's quick run above; here its equal-time results, the classifier two-sample test and the
-# conditional baselines.
-
-
-@pytest.fixture(scope="module")
-def conditional():
-    import conditional
-
-    return conditional
-
-
 @pytest.mark.slow
 def test_conditional_quick_time_budget(quick_run):
     out, _ = quick_run
@@ -513,166 +683,3 @@ def test_conditional_quick_time_budget(quick_run):
     for row in rows:
         if row["reference_loss"] is not None:
             assert row["test_loss"] > row["reference_loss"]
-
-
-def test_c2st_tells_apart_only_different_samples(conditional):
-    from tfp_resflow import conditional_data
-
-    _, x_o = conditional.observations(1)
-    posterior = conditional_data.grid_posterior(x_o[0], resolution=400)
-    reference = posterior.sample(400, seed=0)
-    same = conditional.c2st(posterior.sample(400, seed=1), reference, steps=300, seed=0)
-    prior = conditional_data.two_moons_prior(400, seed=0)
-    different = conditional.c2st(prior, reference, steps=300, seed=0)
-    assert abs(same - 0.5) < 0.07
-    assert different > 0.9
-    broken = prior.copy()
-    broken[:100] = np.nan  # non-finite samples count as recognised
-    assert conditional.c2st(broken, reference, steps=300, seed=0) >= different - 0.05
-
-
-@pytest.mark.parametrize("name", ["maf", "realnvp"])
-def test_conditional_baselines_use_the_context_and_keep_the_size(conditional, name):
-    model = conditional.VECTOR_MODELS[name]()
-    model.build(model.input_shape_for_build())
-    x = np.random.default_rng(0).normal(size=(5, 2)).astype(np.float32)
-    c = np.random.default_rng(1).normal(size=(5, 2)).astype(np.float32)
-    # Non-zero output layers, so the context changes the density.
-    for network in model.networks:
-        for weight in network.trainable_weights:
-            weight.assign(np.random.default_rng(2).normal(0, 0.3, weight.shape))
-    log_p = model.log_prob(x, context=c).numpy()
-    assert np.all(np.isfinite(log_p))
-    assert np.max(np.abs(log_p - model.log_prob(x, context=c[::-1]).numpy())) > 1e-3
-    # One context for all examples is broadcast.
-    np.testing.assert_allclose(
-        model.log_prob(x, context=c[0]).numpy(),
-        model.log_prob(x, context=np.repeat(c[:1], 5, axis=0)).numpy(),
-        rtol=1e-5,
-    )
-    reference = conditional.VECTOR_MODELS["resflow"]()
-    reference.build(reference.input_shape_for_build())
-    count = compare_flows_parameters(model)
-    assert abs(count / compare_flows_parameters(reference) - 1) <= 0.10
-
-
-def compare_flows_parameters(model):
-    return sum(math.prod(w.shape) for w in model.trainable_weights)
-
-
-def test_conditional_made_is_autoregressive_in_x_for_every_context():
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    import tensorflow as tf
-    from conditional_baselines import ConditionalMADE
-
-    made = ConditionalMADE(3, (16, 16))
-    made.build((None, 3), (None, 2))
-    for weight in made.trainable_weights:
-        weight.assign(np.random.default_rng(0).normal(0, 0.5, weight.shape))
-    x = tf.constant(np.random.default_rng(1).normal(size=(4, 3)), tf.float32)
-    for c in np.random.default_rng(2).normal(size=(3, 4, 2)).astype(np.float32):
-        with tf.GradientTape(persistent=True) as tape:
-            tape.watch(x)
-            shift, log_scale = made(x, c)
-        for out in (shift, log_scale):
-            jacobian = tape.batch_jacobian(out, x).numpy()  # [batch, out, in]
-            # Output i depends on x_<i only: zero on and above the diagonal.
-            assert np.all(np.triu(np.abs(jacobian).sum(0)) == 0)
-            assert np.abs(np.tril(jacobian.sum(0), -1)).sum() > 0
-
-
-def test_conditional_tuning_gives_every_model_the_same_rule(conditional, monkeypatch):
-    """compare_flows' rule: the rate whose run ends lowest; a non-finite run never wins; a
-    winner at an end of the grid is checked against one more value past it."""
-    late = {("a", 1e-3): 2.0, ("a", 1e-2): 1.0, ("b", 1e-3): 1.5, ("b", 1e-2): float("nan")}
-    late.update({("a", 1e-1): 3.0, ("b", 1e-4): 2.5})  # the grown grid: worse past each end
-
-    def fake_train(task, name, seed, budget, sizes, *, timer):
-        assert seed == conditional.TUNING_SEED
-        timer.running_losses = [late[(name, round(budget.learning_rate, 12))]] * 10
-        return {"test_loss": 0.0}
-
-    monkeypatch.setattr(conditional, "train_and_score", fake_train)
-    budget = conditional.Budget(steps=10, batch_size=4)
-    chosen, rows = conditional.tune_learning_rates(
-        "rotated", ["a", "b"], budget, (1e-3, 1e-2), conditional.QUICK_SIZES
-    )
-    assert chosen == pytest.approx({"a": 1e-2, "b": 1e-3})
-    assert {(r["model"], round(r["learning_rate"], 12)) for r in rows} == set(late)
-
-
-def test_conditional_tuning_grows_the_grid_like_compare_flows(conditional, monkeypatch):
-    tried = []
-
-    def fake_run(task, name, seed, budget, sizes, *, timer, reference_posteriors=None):
-        tried.append(budget.learning_rate)  # the loss is lowest at 1e-4
-        timer.running_losses = [abs(math.log10(budget.learning_rate) + 4.0)]
-        return {"test_loss": 0.0}
-
-    monkeypatch.setattr(conditional, "train_and_score", fake_run)
-    budget = conditional.Budget(steps=10, batch_size=8)
-    chosen, rows = conditional.tune_learning_rates(
-        "rotated", ["m"], budget, (1e-2, 1e-3), conditional.QUICK_SIZES
-    )
-    assert tried == pytest.approx([1e-2, 1e-3, 1e-4, 1e-5])
-    assert chosen["m"] == pytest.approx(1e-4)
-    assert len(rows) == 4
-
-
-def test_certification_measures_every_layer_of_a_model():
-    """benchmarks/certification.py (issue 20) on a small image flow, without training:
-    power estimate <= exact norm <= certified bound for every layer, and every block's
-    certified bound at least the product of its layers' exact norms."""
-    import certification
-    import keras
-
-    from tfp_resflow import multiscale
-    from tfp_resflow.config import ImageFlowConfig
-    from tfp_resflow.model import FlowModel
-
-    keras.utils.set_random_seed(0)
-    config = ImageFlowConfig(blocks_per_scale=(2,), hidden_channels=8, fc_end_blocks=1)
-    model = FlowModel(multiscale.image_flow((4, 4, 1), config), (4, 4, 1))
-    model.build(model.input_shape_for_build())
-    results = certification.measure(model, 1e-6)
-    assert len(results["blocks"]) == 3
-    assert len(results["layers"]) == 9
-    for layer in results["layers"]:
-        assert layer["power"] <= layer["exact"] * (1 + 1e-5)
-        assert layer["exact"] <= layer["certified"] <= layer["exact"] * 1.002
-    for block in results["blocks"]:
-        assert block["exact_layer_product"] <= block["certified_lipschitz"] < 1.0
-
-
-def test_compare_flows_merge_combines_time_runs_unchanged(compare_flows, tmp_path):
-    """`compare_flows.py --merge` (one process per model, on separate cores) summarises the
-    union of the runs as one process would: each model's summary equals its source's. (Its
-    command line in this process: `main` is what `python compare_flows.py` runs.)"""
-    results = ROOT / "benchmarks" / "results"
-    sources = [
-        results / f"compare_flows_long_{name}.json" for name in ("checkerboard", "8gaussians")
-    ]
-    output = tmp_path / "merged.json"
-    merge = ["--merge", *map(str, sources), "--output", str(output)]
-    compare_flows.main(merge)  # exits (SystemExit) on an error
-    merged = json.loads(output.read_text())
-    expected = {
-        (s["dataset"], s["model"]): s
-        for path in sources
-        for s in json.loads(path.read_text())["time_summary"]
-    }
-    got = {(s["dataset"], s["model"]): s for s in merged["time_summary"]}
-    assert got.keys() == expected.keys()
-    for key, summary in got.items():
-        for field in ("test_loss", "steps"):
-            for statistic in ("mean", "std", "min", "max"):
-                assert summary[field][statistic] == pytest.approx(
-                    expected[key][field][statistic], rel=1e-9
-                ), (key, field, statistic)
-    assert sorted(merged["plots"]) == ["8gaussians", "checkerboard"]
-    assert all((tmp_path / name).exists() for name in merged["plots"].values())
-    repeated = ["--merge", str(sources[0]), str(sources[0]), "--output", str(output)]
-    with pytest.raises(SystemExit) as exit_info:  # `python compare_flows.py` exits 1 with it
-        compare_flows.main(repeated)
-    assert exit_info.value.code not in (0, None)
-    assert "without repeats" in str(exit_info.value.code)
