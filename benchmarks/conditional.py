@@ -162,6 +162,13 @@ QUICK_LAYERS = 1
 QUICK_DIGITS_FIELDS = {"blocks_per_scale": (1, 1), "fc_end_blocks": 0}
 
 
+def quick_both(names: list[str]) -> list[str]:
+    """The models of a task at equal steps in `--quick --budget both`: the reference only (every
+    model trains at equal time; a budget changes how long a model trains, not what it is, so
+    every model and both budgets still run)."""
+    return [name for name in names if name == REFERENCE_MODEL] or names[:1]
+
+
 # ------------------------------------------------------------------------------------------------
 # Models.
 
@@ -780,7 +787,10 @@ def main(argv: list[str] | None = None) -> None:
         ):
             if budgets not in (budget_name, "both"):
                 continue
-            for name in names:
+            trained = names
+            if quick and budgets == "both" and budget_name == "steps":
+                trained = quick_both(names)
+            for name in trained:
                 for seed in seeds:
                     run = dataclasses.replace(budget, learning_rate=rates[name])
                     if budget_name == "seconds" and args.clock == "calibrated":

@@ -34,12 +34,12 @@ and checks every output.
 
     compare_flows.py --quick (equal steps, and equal seconds: 3 s per model with 2 checkpoints,
     its curves and pictures), conditional.py --quick --budget both (every task and model at
-    equal steps and at equal time), hybrid.py --quick (every flow; the full run leaves hybrid.py
-    out: its table takes hours), ablations.py --quick, train_step.py --quick --configs digits
-    digits-td-loop --steps 2, solver.py --models digits --tolerances 1e-4 --num-samples 8
-    --repeats 1 --xla off --digits-model <the residual digits model compare_flows.py --quick
-    trained>, logdet_memory.py --terms 2 --networks mlp, estimators.py --quick,
-    lipschitz_budget.py --quick (one toy variant, 3 steps)
+    equal time, each task's residual flow at equal steps), hybrid.py --quick (every flow; the
+    full run leaves hybrid.py out: its table takes hours), ablations.py --quick,
+    train_step.py --quick --configs digits digits-td-loop --steps 2, solver.py --models digits
+    --tolerances 1e-4 --num-samples 8 --repeats 1 --xla off --digits-model <the residual digits
+    model compare_flows.py --quick trained>, logdet_memory.py --terms 2 --networks mlp,
+    estimators.py --quick, lipschitz_budget.py --quick (one toy variant, 3 steps)
 
     python benchmarks/run_all.py
     python benchmarks/run_all.py --quick

@@ -2,7 +2,7 @@
 
 One subprocess runs every script in its tiny configuration (small models, few steps), hybrid.py
 and both budgets of conditional.py included, two scripts at a time, into a temporary directory:
-about 3 minutes on 2 idle CPU cores. It starts with this module's first test (`quick_run_started`,
+about 3 minutes on 2 idle CPU cores. It starts with this module's first test (`quick_run_process`,
 if a selected test needs it), so that it runs beside the fast tests, and the tests of its outputs
 share it (`quick_run`): each script must exit cleanly and write its JSON with non-empty rows of
 finite numbers (and the estimator plot, compare_flows' time-budget curves and pictures,
@@ -176,201 +176,6 @@ def test_wall_clock_budget_stops_fit_and_pauses_for_checkpoints(compare_flows):
     assert all(p["test_loss"] == 1.5 for p in clock.curve)
 
 
-QUICK_RUN_TIMEOUT = 900  # seconds
-
-
-def python_path():
-    """PYTHONPATH with this checkout first."""
-    return os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def quick_run_started(request, tmp_path_factory):
-    """Starts `run_all.py --quick` with this module's first test, if a selected test checks its
-    outputs: it runs beside the fast tests, and `quick_run` waits for it."""
-    mine = [item for item in request.session.items if item.module is request.module]
-    if not any("quick_run" in item.fixturenames for item in mine):
-        yield None
-        return
-    out = tmp_path_factory.mktemp("benchmarks")
-    log = out.parent / f"{out.name}.log"
-    with open(log, "w") as output:  # the child keeps its own handle
-        process = subprocess.Popen(
-            [sys.executable, str(ROOT / "benchmarks" / "run_all.py"), "--quick"]
-            + ["--output-dir", str(out)],
-            cwd=ROOT,
-            stdout=output,
-            stderr=subprocess.STDOUT,
-            # This checkout's package, also where another one is installed (the scripts
-            # inherit it).
-            env={**os.environ, "PYTHONPATH": python_path(), "TF_CPP_MIN_LOG_LEVEL": "3"},
-            start_new_session=True,  # its own process group: `stop` ends the scripts too
-        )
-    yield out, process, log, time.monotonic() + QUICK_RUN_TIMEOUT
-    stop(process)  # if the session stopped early
-
-
-def stop(process):
-    """Ends a `run_all.py` process started in its own session, and the scripts it runs."""
-    if process.poll() is None:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
-
-
-@pytest.fixture(scope="module")
-def quick_run(quick_run_started):
-    """One `run_all.py --quick` for every test of its outputs: (output directory, result)."""
-    out, process, log, deadline = quick_run_started
-    try:
-        process.wait(timeout=max(1.0, deadline - time.monotonic()))
-    except subprocess.TimeoutExpired:
-        stop(process)
-        raise
-    return out, subprocess.CompletedProcess(process.args, process.returncode, log.read_text(), "")
-
-
-@pytest.mark.slow
-def test_run_all_quick_succeeds(quick_run):
-    out, result = quick_run
-    assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-5000:]
-    summary = json.loads((out / "run_all.json").read_text())
-    assert summary["mode"] == "quick"
-    assert sorted(r["script"] for r in summary["rows"]) == sorted(QUICK_SCRIPTS)
-    assert all(r["returncode"] == 0 for r in summary["rows"])
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("script", QUICK_SCRIPTS)
-def test_every_script_wrote_finite_rows(quick_run, script):
-    out, _ = quick_run
-    path = out / OUTPUTS[script]
-    assert path.exists(), f"{script} wrote no {path.name}"
-    results = json.loads(path.read_text())
-    assert results["command"].startswith(f"python benchmarks/{script}.py")
-    rows = results["rows"]
-    assert rows, f"{path.name} has no rows"
-    for row in rows:
-        assert row, f"{path.name} has an empty row"
-        values = list(numbers(row))
-        assert values, f"{path.name}: a row without numbers: {row}"
-        assert all(math.isfinite(v) for v in values), f"{path.name}: non-finite value in {row}"
-
-
-@pytest.mark.slow
-def test_a_distribution_log_prob_loop_trains_like_fit(quick_run):
-    """train_step.py's `digits-td-loop` (a TFP user's tape over `dist.log_prob`) takes the same
-    steps as `FlowModel.train_on_batch`: the same seeded model and data give the same losses."""
-    out, _ = quick_run
-    rows = json.loads((out / OUTPUTS["train_step"]).read_text())["rows"]
-    losses = {r["configuration"]: r["losses"] for r in rows}
-    assert losses["digits-td-loop"] == pytest.approx(losses["digits"], abs=2e-3)
-
-
-@pytest.mark.slow
-def test_quick_results_are_complete(quick_run):
-    out, _ = quick_run
-    compare = json.loads((out / "compare_flows.json").read_text())
-    assert {(r["dataset"], r["model"]) for r in compare["rows"]} == {
-        ("8gaussians", "resflow-lipswish"),
-        ("8gaussians", "realnvp"),
-        ("8gaussians", "maf"),
-        ("digits", "resflow-lipswish"),
-        ("digits", "glow"),
-    }
-    assert all(s["parameters_within_tolerance"] for s in compare["summary"])
-    assert all(r["samples_finite"] for r in compare["rows"])
-    ablations = json.loads((out / "ablations.json").read_text())
-    assert {r["variant"] for r in ablations["rows"] if r["kind"] == "toy"} == {
-        "default",
-        "truncated",
-        "backprop",
-        "gaussian probes",
-        "lipswish",
-        "elu",
-        "gram",
-    }
-    estimators = json.loads((out / "estimators.json").read_text())
-    assert (out / estimators["plot"]).stat().st_size > 10_000
-    truncated = [r for r in estimators["rows"] if r["estimator"] == "truncated"]
-    assert truncated
-    assert all(r["finite"] for r in estimators["rows"])
-    budget = json.loads((out / "lipschitz_budget.json").read_text())
-    assert {(r["kind"], r["activation"], r["initialiser"]) for r in budget["rows"]} == {
-        ("toy", "clipswish", "peak")
-    }
-    for row in budget["rows"]:
-        for block in row["init"] + row["trained"]:
-            # The gain decomposition is exact (a telescoping product per example) ...
-            parts = (block["bound"], block["norm_use"], block["direction"])
-            assert math.prod(parts) * block["activation_gain"] == pytest.approx(
-                block["realised_rms_gain"], rel=1e-4
-            )
-            # ... the tangents reproduce the exact Jacobian, and no layer exceeds its bound.
-            assert block["jacobian_check"] < 1e-5
-            linear = [layer for layer in block["layers"] if layer["type"] == "linear"]
-            assert all(layer["norm_over_bound"] < 1.01 for layer in linear)
-        # The `peak` initialiser starts blocks far from the identity (glorot: ~0.005).
-        assert all(block["jacobian_norm_median"] > 0.1 for block in row["init"])
-
-
-@pytest.mark.slow
-def test_quick_time_budget_results(quick_run):
-    out, _ = quick_run
-    compare = json.loads((out / "compare_flows.json").read_text())
-    rows = compare["time_rows"]
-    assert {(r["dataset"], r["model"]) for r in rows} == {
-        ("8gaussians", "resflow-lipswish"),
-        ("8gaussians", "realnvp"),
-        ("digits", "resflow-lipswish"),
-        ("digits", "glow"),
-    }
-    for row in rows:
-        assert all(math.isfinite(v) for v in numbers(row)), row
-        assert row["budget_seconds"] == compare["settings"]["toy_time_budget"]["seconds"] == 3.0
-        assert row["train_seconds"] >= row["budget_seconds"]  # stopped by the budget
-        assert row["steps"] >= 1
-        curve = row["curve"]
-        assert curve, row
-        assert {"checkpoint", "seconds", "steps", "test_loss"} <= set(curve[-1])
-        # The last point is the budget's: the model fit returned, scored after training.
-        assert curve[-1]["checkpoint"] == row["budget_seconds"]
-        assert curve[-1]["test_loss"] == row["test_loss"]
-        assert curve[-1]["steps"] == row["steps"]
-        assert [p["seconds"] for p in curve] == sorted(p["seconds"] for p in curve)
-    summary = compare["time_summary"]
-    assert {(s["dataset"], s["model"]) for s in summary} == {
-        (r["dataset"], r["model"]) for r in rows
-    }
-    for entry in summary:
-        assert entry["curve"], entry
-        assert {"seconds", "test_loss_mean", "test_loss_min", "test_loss_max"} <= set(
-            entry["curve"][0]
-        )
-        assert entry["steps"]["mean"] >= 1
-    assert set(compare["plots"]) == {"8gaussians", "digits"}
-    for name in compare["plots"].values():
-        assert (out / name).stat().st_size > 10_000
-
-
-@pytest.mark.slow
-def test_hybrid_benchmark_quick(quick_run):
-    # benchmarks/hybrid.py (issue 14's table) is not in run_all's full run; its quick mode (1
-    # seed, 2 steps, small flows; every flow at 1/D, the first flow at every lambda) is part of
-    # run_all's quick run, which keeps it running.
-    out, _ = quick_run
-    rows = json.loads((out / OUTPUTS["hybrid"]).read_text())["rows"]
-    import hybrid
-
-    assert {"resflow", "coupling"} <= set(hybrid.FLOWS)
-    first = next(iter(hybrid.FLOWS))
-    assert {(r["flow"], r["nll_weight"]) for r in rows} == {
-        (flow, "1/D") for flow in hybrid.FLOWS
-    } | {(first, weight) for weight in ("0", "1/D", "1")}
-    for row in rows:
-        assert all(math.isfinite(v) for v in numbers(row)), row
-        assert 0.0 <= row["test_accuracy"] <= 1.0
-
-
 def test_tune_learning_rates_picks_the_lowest_late_loss(compare_flows, monkeypatch):
     """Each model gets the rate whose run ends lowest; a non-finite run never wins."""
     late = {("a", 1e-3): 2.0, ("a", 1e-2): 1.0, ("b", 1e-3): 1.5, ("b", 1e-2): float("nan")}
@@ -447,8 +252,8 @@ def test_tuning_grows_the_grid_past_an_end_where_the_best_rate_lies(compare_flow
 
 # ------------------------------------------------------------------------------------------------
 # benchmarks/conditional.py (issue 19): its quick run (equal steps and equal time) is part of
-# run_all's quick run above; here its equal-time results, the classifier two-sample test and the
-# conditional baselines.
+# run_all's quick run (its results are checked at the end of this module); here the classifier
+# two-sample test, the conditional baselines and the learning-rate tuning.
 
 
 @pytest.fixture(scope="module")
@@ -456,36 +261,6 @@ def conditional():
     import conditional
 
     return conditional
-
-
-@pytest.mark.slow
-def test_conditional_quick_time_budget(quick_run):
-    out, _ = quick_run
-    results = json.loads((out / OUTPUTS["conditional"]).read_text())
-    assert results["command"].startswith("python benchmarks/conditional.py --quick")
-    rows = results["time_rows"]
-    assert {(r["task"], r["model"]) for r in rows} == {
-        *(
-            (task, model)
-            for task in ("rotated", "two_moons")
-            for model in ("resflow", "maf", "realnvp")
-        ),
-        ("digits", "resflow"),
-        ("digits", "resflow-unconditional"),
-    }
-    for row in rows:
-        values = list(numbers(row))
-        assert all(math.isfinite(v) for v in values), row
-        assert row["train_seconds"] >= row["budget_seconds"]
-        if row["task"] == "two_moons":
-            assert all(0.0 <= a <= 1.0 for a in row["c2st"])
-    # The baselines are sized like the residual flow.
-    assert all(s.get("parameters_within_tolerance", True) for s in results["time_summary"])
-    assert (out / results["picture"]).stat().st_size > 10_000
-    # The true densities' held-out NLL (the floors) are below every model's.
-    for row in rows:
-        if row["reference_loss"] is not None:
-            assert row["test_loss"] > row["reference_loss"]
 
 
 def test_c2st_tells_apart_only_different_samples(conditional):
@@ -649,3 +424,262 @@ def test_compare_flows_merge_combines_time_runs_unchanged(compare_flows, tmp_pat
         compare_flows.main(repeated)
     assert exit_info.value.code not in (0, None)
     assert "without repeats" in str(exit_info.value.code)
+
+
+# ------------------------------------------------------------------------------------------------
+# The quick run's outputs. These tests come last: the quick run trains while the tests above run,
+# and the tests after the wait for it only read its files. (The machine pages out what a process
+# has not touched for a minute: an in-process test that follows the wait would first read
+# TensorFlow's libraries back from disk, 20-40 s.)
+
+
+QUICK_RUN_TIMEOUT = 900  # seconds
+
+
+def python_path():
+    """PYTHONPATH with this checkout first."""
+    return os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
+
+
+class QuickRun:
+    """`run_all.py --quick` into a temporary directory, in its own process group."""
+
+    def __init__(self, out):
+        self.out = out
+        self.log = out.parent / f"{out.name}.log"
+        self.process = None
+        self.deadline = None
+
+    def start(self):
+        if self.process is not None:
+            return
+        self.deadline = time.monotonic() + QUICK_RUN_TIMEOUT
+        with open(self.log, "w") as output:  # the child keeps its own handle
+            self.process = subprocess.Popen(
+                [sys.executable, str(ROOT / "benchmarks" / "run_all.py"), "--quick"]
+                + ["--output-dir", str(self.out)],
+                cwd=ROOT,
+                stdout=output,
+                stderr=subprocess.STDOUT,
+                # This checkout's package, also where another one is installed (the scripts
+                # inherit it).
+                env={**os.environ, "PYTHONPATH": python_path(), "TF_CPP_MIN_LOG_LEVEL": "3"},
+                start_new_session=True,  # its own process group: `stop` ends the scripts too
+            )
+
+    def result(self):
+        """(output directory, `subprocess.CompletedProcess` with the output in `stdout`)."""
+        self.start()
+        try:
+            self.process.wait(timeout=max(1.0, self.deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            self.stop()
+            raise
+        output = self.log.read_text()
+        return self.out, subprocess.CompletedProcess(
+            self.process.args, self.process.returncode, output, ""
+        )
+
+    def stop(self):
+        """Ends the run if it is still going, the scripts it runs included."""
+        if self.process is not None and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+
+
+def starts_with_the_module(request, fixture):
+    """Whether a selected test of this module uses `fixture`, and this process runs the module's
+    tests (pytest-xdist's `--dist load` spreads them over workers: each would start it)."""
+    if request.config.getoption("dist", "no") not in ("no", "loadfile", "loadscope"):
+        return False
+    mine = [item for item in request.session.items if item.module is request.module]
+    return any(fixture in item.fixturenames for item in mine)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def quick_run_process(request, tmp_path_factory):
+    """The quick run, started with this module's first test if a selected test checks its
+    outputs: it runs beside the fast tests, and `quick_run` waits for it."""
+    run = QuickRun(tmp_path_factory.mktemp("benchmarks"))
+    if starts_with_the_module(request, "quick_run"):
+        run.start()
+    yield run
+    run.stop()  # if the session stopped early
+
+
+@pytest.fixture(scope="module")
+def quick_run(quick_run_process):
+    """One `run_all.py --quick` for every test of its outputs: (output directory, result)."""
+    return quick_run_process.result()
+
+
+@pytest.mark.slow
+def test_run_all_quick_succeeds(quick_run):
+    out, result = quick_run
+    assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-5000:]
+    summary = json.loads((out / "run_all.json").read_text())
+    assert summary["mode"] == "quick"
+    assert sorted(r["script"] for r in summary["rows"]) == sorted(QUICK_SCRIPTS)
+    assert all(r["returncode"] == 0 for r in summary["rows"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script", QUICK_SCRIPTS)
+def test_every_script_wrote_finite_rows(quick_run, script):
+    out, _ = quick_run
+    path = out / OUTPUTS[script]
+    assert path.exists(), f"{script} wrote no {path.name}"
+    results = json.loads(path.read_text())
+    assert results["command"].startswith(f"python benchmarks/{script}.py")
+    rows = results["rows"]
+    assert rows, f"{path.name} has no rows"
+    for row in rows:
+        assert row, f"{path.name} has an empty row"
+        values = list(numbers(row))
+        assert values, f"{path.name}: a row without numbers: {row}"
+        assert all(math.isfinite(v) for v in values), f"{path.name}: non-finite value in {row}"
+
+
+@pytest.mark.slow
+def test_a_distribution_log_prob_loop_trains_like_fit(quick_run):
+    """train_step.py's `digits-td-loop` (a TFP user's tape over `dist.log_prob`) takes the same
+    steps as `FlowModel.train_on_batch`: the same seeded model and data give the same losses."""
+    out, _ = quick_run
+    rows = json.loads((out / OUTPUTS["train_step"]).read_text())["rows"]
+    losses = {r["configuration"]: r["losses"] for r in rows}
+    assert losses["digits-td-loop"] == pytest.approx(losses["digits"], abs=2e-3)
+
+
+@pytest.mark.slow
+def test_quick_results_are_complete(quick_run):
+    out, _ = quick_run
+    compare = json.loads((out / "compare_flows.json").read_text())
+    assert {(r["dataset"], r["model"]) for r in compare["rows"]} == {
+        ("8gaussians", "resflow-lipswish"),
+        ("8gaussians", "realnvp"),
+        ("8gaussians", "maf"),
+        ("digits", "resflow-lipswish"),
+        ("digits", "glow"),
+    }
+    assert all(s["parameters_within_tolerance"] for s in compare["summary"])
+    assert all(r["samples_finite"] for r in compare["rows"])
+    ablations = json.loads((out / "ablations.json").read_text())
+    assert {r["variant"] for r in ablations["rows"] if r["kind"] == "toy"} == {
+        "default",
+        "truncated",
+        "backprop",
+        "gaussian probes",
+        "lipswish",
+        "elu",
+        "gram",
+    }
+    estimators = json.loads((out / "estimators.json").read_text())
+    assert (out / estimators["plot"]).stat().st_size > 10_000
+    truncated = [r for r in estimators["rows"] if r["estimator"] == "truncated"]
+    assert truncated
+    assert all(r["finite"] for r in estimators["rows"])
+    budget = json.loads((out / "lipschitz_budget.json").read_text())
+    assert {(r["kind"], r["activation"], r["initialiser"]) for r in budget["rows"]} == {
+        ("toy", "clipswish", "peak")
+    }
+    for row in budget["rows"]:
+        for block in row["init"] + row["trained"]:
+            # The gain decomposition is exact (a telescoping product per example) ...
+            parts = (block["bound"], block["norm_use"], block["direction"])
+            assert math.prod(parts) * block["activation_gain"] == pytest.approx(
+                block["realised_rms_gain"], rel=1e-4
+            )
+            # ... the tangents reproduce the exact Jacobian, and no layer exceeds its bound.
+            assert block["jacobian_check"] < 1e-5
+            linear = [layer for layer in block["layers"] if layer["type"] == "linear"]
+            assert all(layer["norm_over_bound"] < 1.01 for layer in linear)
+        # The `peak` initialiser starts blocks far from the identity (glorot: ~0.005).
+        assert all(block["jacobian_norm_median"] > 0.1 for block in row["init"])
+
+
+@pytest.mark.slow
+def test_quick_time_budget_results(quick_run):
+    out, _ = quick_run
+    compare = json.loads((out / "compare_flows.json").read_text())
+    rows = compare["time_rows"]
+    assert {(r["dataset"], r["model"]) for r in rows} == {
+        ("8gaussians", "resflow-lipswish"),
+        ("8gaussians", "realnvp"),
+        ("digits", "resflow-lipswish"),
+        ("digits", "glow"),
+    }
+    for row in rows:
+        assert all(math.isfinite(v) for v in numbers(row)), row
+        assert row["budget_seconds"] == compare["settings"]["toy_time_budget"]["seconds"] == 3.0
+        assert row["train_seconds"] >= row["budget_seconds"]  # stopped by the budget
+        assert row["steps"] >= 1
+        curve = row["curve"]
+        assert curve, row
+        assert {"checkpoint", "seconds", "steps", "test_loss"} <= set(curve[-1])
+        # The last point is the budget's: the model fit returned, scored after training.
+        assert curve[-1]["checkpoint"] == row["budget_seconds"]
+        assert curve[-1]["test_loss"] == row["test_loss"]
+        assert curve[-1]["steps"] == row["steps"]
+        assert [p["seconds"] for p in curve] == sorted(p["seconds"] for p in curve)
+    summary = compare["time_summary"]
+    assert {(s["dataset"], s["model"]) for s in summary} == {
+        (r["dataset"], r["model"]) for r in rows
+    }
+    for entry in summary:
+        assert entry["curve"], entry
+        assert {"seconds", "test_loss_mean", "test_loss_min", "test_loss_max"} <= set(
+            entry["curve"][0]
+        )
+        assert entry["steps"]["mean"] >= 1
+    assert set(compare["plots"]) == {"8gaussians", "digits"}
+    for name in compare["plots"].values():
+        assert (out / name).stat().st_size > 10_000
+
+
+@pytest.mark.slow
+def test_hybrid_benchmark_quick(quick_run):
+    # benchmarks/hybrid.py (issue 14's table) is not in run_all's full run; its quick mode (1
+    # seed, 2 steps, small flows; every flow at 1/D, the first flow at every lambda) is part of
+    # run_all's quick run, which keeps it running.
+    out, _ = quick_run
+    rows = json.loads((out / OUTPUTS["hybrid"]).read_text())["rows"]
+    import hybrid
+
+    assert {"resflow", "coupling"} <= set(hybrid.FLOWS)
+    first = next(iter(hybrid.FLOWS))
+    assert {(r["flow"], r["nll_weight"]) for r in rows} == {
+        (flow, "1/D") for flow in hybrid.FLOWS
+    } | {(first, weight) for weight in ("0", "1/D", "1")}
+    for row in rows:
+        assert all(math.isfinite(v) for v in numbers(row)), row
+        assert 0.0 <= row["test_accuracy"] <= 1.0
+
+
+@pytest.mark.slow
+def test_conditional_quick_time_budget(quick_run):
+    out, _ = quick_run
+    results = json.loads((out / OUTPUTS["conditional"]).read_text())
+    assert results["command"].startswith("python benchmarks/conditional.py --quick")
+    rows = results["time_rows"]
+    assert {(r["task"], r["model"]) for r in rows} == {
+        *(
+            (task, model)
+            for task in ("rotated", "two_moons")
+            for model in ("resflow", "maf", "realnvp")
+        ),
+        ("digits", "resflow"),
+        ("digits", "resflow-unconditional"),
+    }
+    for row in rows:
+        values = list(numbers(row))
+        assert all(math.isfinite(v) for v in values), row
+        assert row["train_seconds"] >= row["budget_seconds"]
+        if row["task"] == "two_moons":
+            assert all(0.0 <= a <= 1.0 for a in row["c2st"])
+    # The baselines are sized like the residual flow.
+    assert all(s.get("parameters_within_tolerance", True) for s in results["time_summary"])
+    assert (out / results["picture"]).stat().st_size > 10_000
+    # The true densities' held-out NLL (the floors) are below every model's.
+    for row in rows:
+        if row["reference_loss"] is not None:
+            assert row["test_loss"] > row["reference_loss"]

@@ -617,11 +617,14 @@ def _groups_of(item):
 
 @pytest.fixture(scope="module", autouse=True)
 def background(request, tmp_path_factory):
-    """Starts the background groups of this module's selected tests, in their order."""
+    """Starts the background groups of this module's selected tests, in their order (unless
+    pytest-xdist's `--dist load` spreads the module's tests over workers: then each group
+    starts when a test asks for it)."""
     runs = BackgroundRuns(tmp_path_factory.mktemp("background"))
-    for item in request.session.items:
-        if item.module is request.module:
-            for name in _groups_of(item):
-                runs.start(name)
+    if request.config.getoption("dist", "no") in ("no", "loadfile", "loadscope"):
+        for item in request.session.items:
+            if item.module is request.module:
+                for name in _groups_of(item):
+                    runs.start(name)
     yield runs
     runs.close()
