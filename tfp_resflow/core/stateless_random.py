@@ -97,19 +97,58 @@ def fold_in(seed: tf.Tensor, stream: int) -> tf.Tensor:
     Returns:
         An int64 tensor of shape `[2]`, a sanitised seed.
     """
-    words = tf.cast(seed, tf.uint32)
-    key0 = _mix32(tf.bitwise.bitwise_xor(words[0], _u32(_mix32_int(stream & _MASK32))))
-    key1 = _mix32(tf.bitwise.bitwise_xor(words[1], (key0 + _u32(1)) * _u32(_GOLDEN)))
-    return tf.cast(tf.stack([key0, key1]), tf.int64)
+    return tf.cast(_fold_in_words(tf.cast(seed, tf.uint32), (stream,))[0], tf.int64)
 
 
-def _random_words(shape: tf.TensorShape | Sequence[int] | tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
-    """Returns independent uniform 32-bit words (uint32) of the given shape."""
+def _fold_in_words(words: tf.Tensor, streams: Sequence[int]) -> tf.Tensor:
+    """`fold_in` of the seeds `words` (uint32, `[..., 2]`) for every stream at once.
+
+    Returns uint32 keys of shape `[..., len(streams), 2]`: `(key0, key1)` with
+    `key0 = mix(word0 ^ mix(stream))` and `key1 = mix(word1 ^ (key0 + 1) * golden)`. One set of
+    ops serves every stream (and every seed of `words`): a graph holds a block's random numbers
+    in a few dozen nodes instead of a few hundred, which is most of its tracing time.
+    """
+    streams = tf.constant([_mix32_int(stream & _MASK32) for stream in streams], tf.uint32)
+    key0 = _mix32(tf.bitwise.bitwise_xor(words[..., :1], streams))
+    key1 = _mix32(tf.bitwise.bitwise_xor(words[..., 1:], (key0 + _u32(1)) * _u32(_GOLDEN)))
+    return tf.stack([key0, key1], axis=-1)
+
+
+def _random_words(shape: tf.TensorShape | Sequence[int] | tf.Tensor, keys: tf.Tensor) -> tf.Tensor:
+    """Independent uniform 32-bit words (uint32), one stream per key.
+
+    Element `i` of the stream with key `(key0, key1)` is `mix(mix(i * golden + key0) ^ key1)`.
+
+    Args:
+        shape: the shape of each stream's words.
+        keys: uint32, one seed's words `[2]` (returns `shape`), or `[k, 2]` with a static `k`
+            for `k` streams at once (returns `[k, *shape]`).
+
+    Returns:
+        uint32 words of `shape`, or `[k, *shape]`.
+    """
     size = tf.reduce_prod(tf.cast(shape, tf.int64))
-    counter = tf.cast(tf.range(size, dtype=tf.int64), tf.uint32)
-    words = tf.cast(seed, tf.uint32)
-    mixed = _mix32(tf.bitwise.bitwise_xor(_mix32(counter * _u32(_GOLDEN) + words[0]), words[1]))
-    return tf.reshape(mixed, shape)
+    counter = tf.cast(tf.range(size, dtype=tf.int64), tf.uint32) * _u32(_GOLDEN)
+    if keys.shape.rank == 1:
+        mixed = _mix32(tf.bitwise.bitwise_xor(_mix32(counter + keys[0]), keys[1]))
+        return tf.reshape(mixed, shape)
+    mixed = _mix32(tf.bitwise.bitwise_xor(_mix32(counter + keys[:, :1]), keys[:, 1:]))
+    return tf.reshape(mixed, tf.concat([[keys.shape[0]], tf.cast(shape, tf.int32)], 0))
+
+
+def _uniform53(high: tf.Tensor, low: tf.Tensor) -> tf.Tensor:
+    """Float64 uniforms in (0, 1) from two words each.
+
+    27 bits of `high` and 26 of `low`, then the bins centred: `(k + 0.5) / 2**53` (exact).
+    """
+    high = tf.cast(tf.bitwise.right_shift(high, _u32(5)), tf.float64)
+    low = tf.cast(tf.bitwise.right_shift(low, _u32(6)), tf.float64)
+    return (high * 2.0**26 + low + 0.5) * 2.0**-53
+
+
+# The streams of a float64 uniform's two words, and of a normal's two uniforms.
+_HIGH, _LOW = 0x68, 0x6C
+_FIRST_UNIFORM, _SECOND_UNIFORM = 1, 2
 
 
 def uniform(
@@ -117,8 +156,9 @@ def uniform(
 ) -> tf.Tensor:
     """Uniform numbers in the open interval (0, 1).
 
-    Float64 values carry 53 random bits (two words), float32 values 24 bits; both exclude 0 and 1
-    exactly, so `log(u)` and `log(1 - u)` are always finite.
+    Float64 values carry 53 random bits (two words, from the streams `fold_in(seed, 0x68)` and
+    `fold_in(seed, 0x6C)`), float32 values 24 bits; both exclude 0 and 1 exactly, so `log(u)`
+    and `log(1 - u)` are always finite.
 
     Args:
         shape: output shape.
@@ -128,13 +168,11 @@ def uniform(
     Returns:
         A tensor of `shape` and `dtype`.
     """
+    words = tf.cast(seed, tf.uint32)
     if dtype == tf.float64:
-        high = tf.bitwise.right_shift(_random_words(shape, fold_in(seed, 0x68)), _u32(5))
-        low = tf.bitwise.right_shift(_random_words(shape, fold_in(seed, 0x6C)), _u32(6))
-        # 53 bits: 27 from one word, 26 from the other, then centre the bins: (k + 0.5) / 2**53.
-        bits = tf.cast(high, tf.float64) * 2.0**26 + tf.cast(low, tf.float64)  # exact
-        return (bits + 0.5) * 2.0**-53
-    words = tf.bitwise.right_shift(_random_words(shape, seed), _u32(8))  # float32's 24 bits
+        high, low = tf.unstack(_random_words(shape, _fold_in_words(words, (_HIGH, _LOW))))
+        return _uniform53(high, low)
+    words = tf.bitwise.right_shift(_random_words(shape, words), _u32(8))  # 24 bits
     return tf.cast((tf.cast(words, tf.float64) + 0.5) * 2.0**-24, dtype)
 
 
@@ -143,6 +181,9 @@ def normal(
 ) -> tf.Tensor:
     """Standard normal numbers by the Box-Muller transform of two independent uniforms.
 
+    `sqrt(-2 log u1) cos(2 pi u2)` with `u1 = uniform(shape, fold_in(seed, 1), float64)` and
+    `u2 = uniform(shape, fold_in(seed, 2), float64)`; the four streams of words are drawn at once.
+
     Args:
         shape: output shape.
         seed: a sanitised seed (`sanitize_seed`).
@@ -151,8 +192,10 @@ def normal(
     Returns:
         A tensor of `shape` and `dtype`.
     """
-    u1 = uniform(shape, fold_in(seed, 1), tf.float64)
-    u2 = uniform(shape, fold_in(seed, 2), tf.float64)
+    uniforms = _fold_in_words(tf.cast(seed, tf.uint32), (_FIRST_UNIFORM, _SECOND_UNIFORM))
+    keys = tf.reshape(_fold_in_words(uniforms, (_HIGH, _LOW)), [4, 2])  # u1 high, u1 low, u2 ...
+    high1, low1, high2, low2 = tf.unstack(_random_words(shape, keys))
+    u1, u2 = _uniform53(high1, low1), _uniform53(high2, low2)
     z = tf.sqrt(-2.0 * tf.math.log(u1)) * tf.cos(6.283185307179586 * u2)
     return tf.cast(z, dtype)
 
@@ -170,5 +213,5 @@ def rademacher(
     Returns:
         A tensor of `shape` and `dtype`.
     """
-    top_bit = tf.bitwise.right_shift(_random_words(shape, seed), _u32(31))
+    top_bit = tf.bitwise.right_shift(_random_words(shape, tf.cast(seed, tf.uint32)), _u32(31))
     return tf.cast(2.0 * tf.cast(top_bit, tf.float64) - 1.0, dtype)
