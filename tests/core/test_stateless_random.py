@@ -99,6 +99,25 @@ def test_seeded_draws_are_those_of_the_released_generator(name, dtype, mode):
     assert stateless_random.fold_in(seed, 7).numpy().tolist() == [1293698202, 42584022]
 
 
+@pytest.mark.parametrize("dtype", [tf.float16, tf.bfloat16, tf.float32, tf.float64])
+def test_the_extreme_words_stay_inside_the_open_interval(dtype):
+    # The top bin's centre rounds to 1 in float32 ((2**24 - 0.5) / 2**24) and in float64
+    # ((2**53 - 0.5) / 2**53); the bottom one to 0 in float16. A float32 draw of 50,000 numbers
+    # meets the top bin with probability 0.3%.
+    words = tf.constant([0, 2**31, 2**32 - 1], tf.uint32)
+    if dtype == tf.float64:
+        u = stateless_random._uniform53(words, words).numpy()  # noqa: SLF001
+    else:
+        u = stateless_random._uniform24(words, dtype).numpy().astype(np.float64)  # noqa: SLF001
+    assert np.all((u > 0) & (u < 1)), u
+    assert u[1] == pytest.approx(0.5, abs=1e-2)
+
+
+def test_uniform_rejects_a_dtype_that_is_not_floating():
+    with pytest.raises(ValueError, match="floating dtype"):
+        stateless_random.uniform([2], stateless_random.sanitize_seed(1), tf.int32)
+
+
 @pytest.mark.parametrize(
     ("name", "dtype", "budget"), [("normal", tf.float32, 200), ("uniform", tf.float64, 120)]
 )

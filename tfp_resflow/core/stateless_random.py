@@ -105,8 +105,9 @@ def _fold_in_words(words: tf.Tensor, streams: Sequence[int]) -> tf.Tensor:
 
     Returns uint32 keys of shape `[..., len(streams), 2]`: `(key0, key1)` with
     `key0 = mix(word0 ^ mix(stream))` and `key1 = mix(word1 ^ (key0 + 1) * golden)`. One set of
-    ops serves every stream (and every seed of `words`): a graph holds a block's random numbers
-    in a few dozen nodes instead of a few hundred, which is most of its tracing time.
+    ops serves every stream (and every seed of `words`), so a draw is one small graph: a normal
+    draw took 496 nodes with one pipeline per stream, 175 this way (the hash was about a
+    quarter of a residual block's training graph, traced and optimised once per model).
     """
     streams = tf.constant([_mix32_int(stream & _MASK32) for stream in streams], tf.uint32)
     key0 = _mix32(tf.bitwise.bitwise_xor(words[..., :1], streams))
@@ -136,14 +137,49 @@ def _random_words(shape: tf.TensorShape | Sequence[int] | tf.Tensor, keys: tf.Te
     return tf.reshape(mixed, tf.concat([[keys.shape[0]], tf.cast(shape, tf.int32)], 0))
 
 
+# Per floating dtype: p, the bits of its significand (1 - 2**-p is the largest value below 1),
+# and the exponent of its smallest positive normal number.
+_OPEN_INTERVAL = {
+    tf.float16: (11, -14),
+    tf.bfloat16: (8, -126),
+    tf.float32: (24, -126),
+    tf.float64: (53, -1022),
+}
+
+
+def _in_open_interval(u: tf.Tensor, dtype: tf.DType) -> tf.Tensor:
+    """`u` (float64 in (0, 1)) cast to `dtype`, kept inside the open interval.
+
+    Values the cast rounds to 0 or 1 move to the nearest values inside; the others are unchanged.
+    """
+    if dtype not in _OPEN_INTERVAL:
+        raise ValueError(f"dtype must be a floating dtype; got {dtype!r}.")
+    significand_bits, min_exponent = _OPEN_INTERVAL[dtype]
+    low = tf.constant(2.0**min_exponent, dtype)
+    high = tf.constant(1.0 - 2.0**-significand_bits, dtype)
+    return tf.clip_by_value(tf.cast(u, dtype), low, high)
+
+
 def _uniform53(high: tf.Tensor, low: tf.Tensor) -> tf.Tensor:
     """Float64 uniforms in (0, 1) from two words each.
 
-    27 bits of `high` and 26 of `low`, then the bins centred: `(k + 0.5) / 2**53` (exact).
+    27 bits of `high` and 26 of `low` make an integer k < 2**53 (exact in float64), then the bins
+    are centred: `(k + 0.5) / 2**53`, as float64 rounds it (to 1 for k = 2**53 - 1: see
+    `_in_open_interval`).
     """
     high = tf.cast(tf.bitwise.right_shift(high, _u32(5)), tf.float64)
     low = tf.cast(tf.bitwise.right_shift(low, _u32(6)), tf.float64)
-    return (high * 2.0**26 + low + 0.5) * 2.0**-53
+    return _in_open_interval((high * 2.0**26 + low + 0.5) * 2.0**-53, tf.float64)
+
+
+def _uniform24(words: tf.Tensor, dtype: tf.DType) -> tf.Tensor:
+    """Uniforms in (0, 1) of `dtype` from the top 24 bits k of each word.
+
+    `(k + 0.5) / 2**24`, rounded to `dtype` (in float32 the top bin's centre, 1 - 2**-25, rounds
+    to 1: see `_in_open_interval`).
+    """
+    k = tf.cast(tf.bitwise.right_shift(words, _u32(8)), tf.float64)
+    return _in_open_interval((k + 0.5) * 2.0**-24, dtype)
 
 
 # The streams of a float64 uniform's two words, and of a normal's two uniforms.
@@ -157,23 +193,26 @@ def uniform(
     """Uniform numbers in the open interval (0, 1).
 
     Float64 values carry 53 random bits (two words, from the streams `fold_in(seed, 0x68)` and
-    `fold_in(seed, 0x6C)`), float32 values 24 bits; both exclude 0 and 1 exactly, so `log(u)`
-    and `log(1 - u)` are always finite.
+    `fold_in(seed, 0x6C)`), other dtypes 24 bits rounded to the dtype; 0 and 1 are never
+    returned (a value that rounds to either is moved to the nearest one inside), so `log(u)` and
+    `log(1 - u)` are always finite.
 
     Args:
         shape: output shape.
         seed: a sanitised seed (`sanitize_seed`).
-        dtype: a floating dtype.
+        dtype: float16, bfloat16, float32 or float64.
 
     Returns:
         A tensor of `shape` and `dtype`.
+
+    Raises:
+        ValueError: for another dtype.
     """
     words = tf.cast(seed, tf.uint32)
     if dtype == tf.float64:
         high, low = tf.unstack(_random_words(shape, _fold_in_words(words, (_HIGH, _LOW))))
         return _uniform53(high, low)
-    words = tf.bitwise.right_shift(_random_words(shape, words), _u32(8))  # 24 bits
-    return tf.cast((tf.cast(words, tf.float64) + 0.5) * 2.0**-24, dtype)
+    return _uniform24(_random_words(shape, words), dtype)
 
 
 def normal(
