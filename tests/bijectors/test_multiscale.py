@@ -293,6 +293,21 @@ def test_fit_then_save_and_load_gives_the_same_log_prob(tmp_path, learnable_norm
 # Bad input and configuration
 
 
+def test_an_empty_batch_of_images_is_refused_with_a_clear_error():
+    # TensorFlow's graph optimiser breaks the traced blocks on zero-size inputs (an obscure
+    # InvalidArgumentError from inside a fused op); a static empty batch is refused up front.
+    flow = MultiscaleResidualFlow((8, 8, 1), tiny(**FAST))
+    images, latents = tf.zeros([0, 8, 8, 1]), tf.zeros([0, flow.latent_size])
+    for call, t, what in [
+        (flow.inverse, images, "images"),
+        (lambda t: flow.inverse_log_det_jacobian(t, event_ndims=3), images, "images"),
+        (flow.forward, latents, "latents"),
+    ]:
+        with pytest.raises(ValueError, match=rf"{what} must be a non-empty batch; got shape"):
+            call(t)
+    assert flow.inverse(tf.zeros([1, 8, 8, 1])).shape == (1, flow.latent_size)
+
+
 @pytest.mark.parametrize(
     ("shape", "config", "divisor"),
     [

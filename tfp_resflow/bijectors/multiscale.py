@@ -318,8 +318,14 @@ class MultiscaleResidualFlow(StackedBijector):
 
     def _prepare(self, t: tf.Tensor, what: str) -> tf.Tensor:
         if what == "y":
-            return self._check_events(t, self._image_shape, "images")
-        return self._check_events(t, [self.latent_size], "latents")
+            t, what = self._check_events(t, self._image_shape, "images"), "images"
+        else:
+            t, what = self._check_events(t, [self.latent_size], "latents"), "latents"
+        # TensorFlow's graph optimiser turns the traced blocks into an invalid graph for a
+        # zero-size batch (docs: Known limitations); a static one gets a clear error here.
+        if t.shape.num_elements() == 0:
+            raise ValueError(f"{self.name}: {what} must be a non-empty batch; got shape {t.shape}.")
+        return t
 
 
 def image_flow(
