@@ -113,9 +113,15 @@ def test_the_extreme_words_stay_inside_the_open_interval(dtype):
     assert u[1] == pytest.approx(0.5, abs=1e-2)
 
 
-def test_uniform_rejects_a_dtype_that_is_not_floating():
+def test_uniform_rejects_a_dtype_that_is_not_floating_and_takes_dtype_names():
+    seed = stateless_random.sanitize_seed(1)
     with pytest.raises(ValueError, match="floating dtype"):
-        stateless_random.uniform([2], stateless_random.sanitize_seed(1), tf.int32)
+        stateless_random.uniform([2], seed, tf.int32)
+    for name in ("float32", "float64"):
+        by_name = stateless_random.uniform([3], seed, name)
+        np.testing.assert_array_equal(
+            by_name, stateless_random.uniform([3], seed, tf.as_dtype(name))
+        )
 
 
 @pytest.mark.parametrize(

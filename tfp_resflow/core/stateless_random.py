@@ -152,6 +152,7 @@ def _in_open_interval(u: tf.Tensor, dtype: tf.DType) -> tf.Tensor:
 
     Values the cast rounds to 0 or 1 move to the nearest values inside; the others are unchanged.
     """
+    dtype = tf.as_dtype(dtype)  # also a name such as "float32", as `tf.cast` takes
     if dtype not in _OPEN_INTERVAL:
         raise ValueError(f"dtype must be a floating dtype; got {dtype!r}.")
     significand_bits, min_exponent = _OPEN_INTERVAL[dtype]
@@ -209,7 +210,7 @@ def uniform(
         ValueError: for another dtype.
     """
     words = tf.cast(seed, tf.uint32)
-    if dtype == tf.float64:
+    if tf.as_dtype(dtype) == tf.float64:
         high, low = tf.unstack(_random_words(shape, _fold_in_words(words, (_HIGH, _LOW))))
         return _uniform53(high, low)
     return _uniform24(_random_words(shape, words), dtype)
