@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from module_runs import tests_of_this_module
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -487,21 +488,12 @@ class QuickRun:
             self.process.wait()
 
 
-def starts_with_the_module(request, fixture):
-    """Whether a selected test of this module uses `fixture`, and this process runs the module's
-    tests (pytest-xdist's `--dist load` spreads them over workers: each would start it)."""
-    if request.config.getoption("dist", "no") not in ("no", "loadfile", "loadscope"):
-        return False
-    mine = [item for item in request.session.items if item.module is request.module]
-    return any(fixture in item.fixturenames for item in mine)
-
-
 @pytest.fixture(scope="module", autouse=True)
 def quick_run_process(request, tmp_path_factory):
     """The quick run, started with this module's first test if a selected test checks its
     outputs: it runs beside the fast tests, and `quick_run` waits for it."""
     run = QuickRun(tmp_path_factory.mktemp("benchmarks"))
-    if starts_with_the_module(request, "quick_run"):
+    if any("quick_run" in item.fixturenames for item in tests_of_this_module(request)):
         run.start()
     yield run
     run.stop()  # if the session stopped early

@@ -15,6 +15,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from module_runs import tests_of_this_module
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -621,10 +622,8 @@ def background(request, tmp_path_factory):
     pytest-xdist's `--dist load` spreads the module's tests over workers: then each group
     starts when a test asks for it)."""
     runs = BackgroundRuns(tmp_path_factory.mktemp("background"))
-    if request.config.getoption("dist", "no") in ("no", "loadfile", "loadscope"):
-        for item in request.session.items:
-            if item.module is request.module:
-                for name in _groups_of(item):
-                    runs.start(name)
+    for item in tests_of_this_module(request):
+        for name in _groups_of(item):
+            runs.start(name)
     yield runs
     runs.close()

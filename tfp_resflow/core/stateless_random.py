@@ -130,7 +130,7 @@ def _random_words(shape: tf.TensorShape | Sequence[int] | tf.Tensor, keys: tf.Te
     """
     size = tf.reduce_prod(tf.cast(shape, tf.int64))
     counter = tf.cast(tf.range(size, dtype=tf.int64), tf.uint32) * _u32(_GOLDEN)
-    if keys.shape.rank == 1:
+    if keys.shape.rank == 1:  # one stream: no leading axis to add and slice off again
         mixed = _mix32(tf.bitwise.bitwise_xor(_mix32(counter + keys[0]), keys[1]))
         return tf.reshape(mixed, shape)
     mixed = _mix32(tf.bitwise.bitwise_xor(_mix32(counter + keys[:, :1]), keys[:, 1:]))
